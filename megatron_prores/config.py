@@ -1,0 +1,275 @@
+"""Configuration of a ProRes/GPAS GPT model, validated before anything is built.
+
+``MethodConfig`` holds what this project adds (normalization placement, ProRes, GPAS, init);
+``ModelConfig`` holds the model shape and the parallel layout and turns into a megatron-core
+``TransformerConfig``. ``ModelConfig.validate()`` raises ``ConfigError`` with one line that names
+the bad value (by its command-line flag) and the valid choices; megatron-core's own asserts are
+never the first to see a bad configuration.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+
+from megatron_prores.schedules import SCHEDULES, needs_warmup
+
+NORM_TYPES = ("pre", "post", "sandwich", "deepnorm", "lns", "mix")
+GPAS_GATES = ("block", "sublayer")
+INIT_METHODS = ("normal", "scaled", "ds-init")
+NORMALIZATIONS = ("RMSNorm", "LayerNorm")
+TRANSFORMER_IMPLS = ("local", "transformer_engine")
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message is one line naming the value and the fix."""
+
+
+def _choice(flag: str, value, choices) -> None:
+    if value not in choices:
+        raise ConfigError(f"{flag} {value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """The stability methods of one model (flags in parentheses)."""
+
+    norm_type: str = "pre"  # --norm-type
+    prores_schedule: str = "none"  # --prores-schedule
+    prores_warmup_steps: float = 0  # --prores-warmup-steps, TOTAL warmup W
+    gpas: bool = False  # --gpas
+    gpas_gate: str = "block"  # --gpas-gate: one gate per block, or one per sublayer
+    mix_post_layers: Optional[int] = None  # --mix-post-layers, k (default floor(L/4))
+    init_method: str = "normal"  # --init-method
+
+    @property
+    def prores(self) -> bool:
+        return self.prores_schedule != "none"
+
+    def post_layers(self, num_layers: int) -> int:
+        """Number of leading Post-LN blocks of Mix-LN."""
+        if self.mix_post_layers is not None:
+            return self.mix_post_layers
+        return num_layers // 4
+
+    def block_style(self, layer: int, num_layers: int) -> str:
+        """The placement used by global 1-based block ``layer``: Mix-LN resolves to post/pre."""
+        if self.norm_type == "mix":
+            return "post" if layer <= self.post_layers(num_layers) else "pre"
+        return self.norm_type
+
+    @property
+    def has_final_norm(self) -> bool:
+        """Post-LN and DeepNorm end on a norm already; the rest get a final norm."""
+        return self.norm_type not in ("post", "deepnorm")
+
+    def validate(self, num_layers: int) -> None:
+        _choice("--norm-type", self.norm_type, NORM_TYPES)
+        _choice("--prores-schedule", self.prores_schedule, SCHEDULES)
+        _choice("--gpas-gate", self.gpas_gate, GPAS_GATES)
+        _choice("--init-method", self.init_method, INIT_METHODS)
+        w = self.prores_warmup_steps
+        if needs_warmup(self.prores_schedule):
+            if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w <= 0:
+                raise ConfigError(
+                    f"--prores-warmup-steps {w!r} is not valid for --prores-schedule "
+                    f"{self.prores_schedule}: give the total warmup as a positive number of steps"
+                )
+        if self.gpas and self.norm_type == "post":
+            raise ConfigError(
+                "--gpas with --norm-type post is not defined by the GPAS paper; "
+                "use GPAS with pre, lns, sandwich, deepnorm or mix"
+            )
+        if self.norm_type == "mix":
+            k = self.post_layers(num_layers)
+            if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_layers - 1:
+                raise ConfigError(
+                    f"--mix-post-layers {k!r} is not valid for {num_layers} layers: "
+                    f"Mix-LN needs 1 <= k <= {num_layers - 1} Post-LN blocks"
+                    + (" (the default floor(L/4) is 0: use at least 4 layers or set k)"
+                       if self.mix_post_layers is None else "")
+                )
+        elif self.mix_post_layers is not None:
+            raise ConfigError(
+                f"--mix-post-layers {self.mix_post_layers} only applies to --norm-type mix "
+                f"(got --norm-type {self.norm_type}); drop it or use --norm-type mix"
+            )
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Shape, parallel layout and methods of a Llama-style GPT (RMSNorm, SwiGLU, RoPE, no bias)."""
+
+    num_layers: int = 2
+    hidden_size: int = 64
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None
+    ffn_hidden_size: Optional[int] = None
+    vocab_size: int = 256
+    seq_length: int = 32
+    normalization: str = "RMSNorm"
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    hidden_dropout: float = 0.0
+    attention_dropout: float = 0.0
+    add_bias_linear: bool = False
+    swiglu: bool = True
+    rotary_base: int = 10000
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None
+    sequence_parallel: bool = False
+    context_parallel_size: int = 1
+    transformer_impl: str = "local"
+    params_dtype: torch.dtype = torch.float32
+    bf16: bool = False
+    method: MethodConfig = field(default_factory=MethodConfig)
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    @property
+    def ffn_size(self) -> int:
+        return self.ffn_hidden_size or 4 * self.hidden_size
+
+    @property
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
+
+    @property
+    def virtual_pipeline_size(self) -> Optional[int]:
+        if self.num_layers_per_virtual_pipeline_stage is None:
+            return None
+        return self.num_layers // (
+            self.pipeline_model_parallel_size * self.num_layers_per_virtual_pipeline_stage
+        )
+
+    def validate(self) -> None:
+        """Raise ConfigError for the first bad value; call before building any model."""
+        def positive(flag, v):
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                raise ConfigError(f"{flag} {v!r} is not valid; it must be a positive integer")
+
+        for flag, v in (
+            ("--num-layers", self.num_layers),
+            ("--hidden-size", self.hidden_size),
+            ("--num-attention-heads", self.num_attention_heads),
+            ("--num-query-groups", self.query_groups),
+            ("--ffn-hidden-size", self.ffn_size),
+            ("--vocab-size", self.vocab_size),
+            ("--seq-length", self.seq_length),
+            ("--tensor-model-parallel-size", self.tensor_model_parallel_size),
+            ("--pipeline-model-parallel-size", self.pipeline_model_parallel_size),
+            ("--context-parallel-size", self.context_parallel_size),
+        ):
+            positive(flag, v)
+        _choice("--normalization", self.normalization, NORMALIZATIONS)
+        _choice("--transformer-impl", self.transformer_impl, TRANSFORMER_IMPLS)
+        for flag, p in (("--hidden-dropout", self.hidden_dropout),
+                        ("--attention-dropout", self.attention_dropout)):
+            if not 0.0 <= p < 1.0:
+                raise ConfigError(f"{flag} {p!r} is not valid; it must be in [0, 1)")
+        self.method.validate(self.num_layers)
+
+        L, tp, pp = self.num_layers, self.tensor_model_parallel_size, self.pipeline_model_parallel_size
+        heads, groups = self.num_attention_heads, self.query_groups
+        if self.hidden_size % heads:
+            raise ConfigError(
+                f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads {heads}"
+            )
+        if heads % groups:
+            raise ConfigError(
+                f"--num-attention-heads {heads} is not divisible by --num-query-groups {groups}"
+            )
+        for flag, v in (("--num-attention-heads", heads), ("--num-query-groups", groups),
+                        ("--ffn-hidden-size", self.ffn_size)):
+            if v % tp:
+                raise ConfigError(
+                    f"{flag} {v} is not divisible by --tensor-model-parallel-size {tp}; "
+                    f"pick a tensor-parallel size that divides it"
+                )
+        if L % pp:
+            raise ConfigError(
+                f"--num-layers {L} is not divisible by --pipeline-model-parallel-size {pp}; "
+                f"use a pipeline size that divides the number of layers"
+            )
+        vl = self.num_layers_per_virtual_pipeline_stage
+        if vl is not None:
+            positive("--num-layers-per-virtual-pipeline-stage", vl)
+            if pp < 2:
+                raise ConfigError(
+                    "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size >= 2"
+                )
+            if (L // pp) % vl:
+                raise ConfigError(
+                    f"--num-layers-per-virtual-pipeline-stage {vl} does not divide the {L // pp} "
+                    f"layers of each pipeline stage (--num-layers {L} / pipeline size {pp})"
+                )
+        if self.sequence_parallel and tp < 2:
+            raise ConfigError(
+                "--sequence-parallel needs --tensor-model-parallel-size >= 2; drop the flag at TP=1"
+            )
+        cp = self.context_parallel_size
+        if self.seq_length % (tp if self.sequence_parallel else 1) or self.seq_length % (2 * cp if cp > 1 else 1):
+            raise ConfigError(
+                f"--seq-length {self.seq_length} must be divisible by the tensor-parallel size "
+                f"(with --sequence-parallel) and by 2 x --context-parallel-size"
+            )
+        if cp > 1 and self.transformer_impl != "transformer_engine":
+            raise ConfigError(
+                "--context-parallel-size > 1 needs --transformer-impl transformer_engine "
+                "(megatron-core's local attention has no context parallelism)"
+            )
+
+    def transformer_config(self):
+        """The megatron-core TransformerConfig of this model (validates first)."""
+        self.validate()
+        from megatron.core.transformer.transformer_config import TransformerConfig
+        from megatron.core.utils import init_method_normal, scaled_init_method_normal
+
+        init = init_method_normal(self.init_method_std)
+        if self.method.init_method == "scaled":
+            out_init = scaled_init_method_normal(self.init_method_std, self.num_layers)
+        else:  # normal; ds-init scales the per-layer output projections after the build
+            out_init = init_method_normal(self.init_method_std)
+        on_cpu = not torch.cuda.is_available()
+        return TransformerConfig(
+            num_layers=self.num_layers,
+            hidden_size=self.hidden_size,
+            num_attention_heads=self.num_attention_heads,
+            num_query_groups=self.query_groups,
+            ffn_hidden_size=self.ffn_size,
+            kv_channels=self.hidden_size // self.num_attention_heads,
+            normalization=self.normalization,
+            layernorm_epsilon=self.norm_epsilon,
+            init_method_std=self.init_method_std,
+            init_method=init,
+            output_layer_init_method=out_init,
+            hidden_dropout=self.hidden_dropout,
+            attention_dropout=self.attention_dropout,
+            add_bias_linear=self.add_bias_linear,
+            gated_linear_unit=self.swiglu,
+            activation_func=torch.nn.functional.silu if self.swiglu else torch.nn.functional.gelu,
+            tensor_model_parallel_size=self.tensor_model_parallel_size,
+            pipeline_model_parallel_size=self.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=self.virtual_pipeline_size,
+            sequence_parallel=self.sequence_parallel,
+            context_parallel_size=self.context_parallel_size,
+            params_dtype=torch.bfloat16 if self.bf16 else self.params_dtype,
+            bf16=self.bf16,
+            pipeline_dtype=torch.bfloat16 if self.bf16 else self.params_dtype,
+            use_cpu_initialization=on_cpu,
+            # Fusions that need CUDA kernels, off on CPU.
+            bias_activation_fusion=not on_cpu and self.swiglu,
+            bias_dropout_fusion=not on_cpu,
+            masked_softmax_fusion=False,
+            apply_rope_fusion=False,
+            gradient_accumulation_fusion=False,
+            persist_layer_norm=False,
+            # Mix-LN blocks differ (post vs pre norms): checkpoint them per block.
+            hetereogenous_dist_checkpoint=self.method.norm_type == "mix",
+        )

@@ -1,0 +1,138 @@
+"""Run megatron-core on CPU with gloo.
+
+megatron-core has no supported CPU path: it hard-codes CUDA devices, CUDA RNG states and
+CUDA tensor type names in a handful of places. This module redirects exactly those, and
+nothing else, so that the real megatron-core code (tensor/pipeline parallel layers, the
+pipeline schedules, the optimizer, dist_checkpointing) runs unchanged on CPU.
+
+Everything here is a no-op on a machine with CUDA: ``enable()`` is only ever called when
+``torch.cuda.is_available()`` is False.
+
+The redirects:
+1. a ``TorchFunctionMode`` that rewrites a CUDA ``device=`` argument (string, ``torch.device``
+   or bare integer index) to the CPU, and makes ``Tensor.cuda()``/``.to("cuda")`` stay on CPU;
+2. ``Tensor.type()`` without arguments names the CUDA type (``torch.cuda.FloatTensor``), which
+   megatron's optimizer and grad clipping assert on;
+3. ``torch.cuda.current_device``/``synchronize``/``set_device``/``empty_cache`` and RNG-state
+   helpers become CPU equivalents;
+4. megatron's CUDA RNG tracker is replaced by its inference tracker, whose ``fork()`` is a
+   no-op (dropout then draws from the CPU generator).
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_CPU = torch.device("cpu")
+_state = threading.local()
+_enabled = False
+_mode: "_CudaToCpuMode | None" = None
+
+
+def _is_cuda(dev) -> bool:
+    if isinstance(dev, torch.device):
+        return dev.type == "cuda"
+    if isinstance(dev, str):
+        return dev.startswith("cuda")
+    # A bare integer device index means a CUDA device in torch.
+    return isinstance(dev, int) and not isinstance(dev, bool)
+
+
+def _cpu_type_name(tensor: torch.Tensor) -> str:
+    name = torch.Tensor.type(tensor)
+    if name.startswith("torch.") and not name.startswith("torch.cuda."):
+        name = "torch.cuda." + name[len("torch."):]
+    return name
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Maps every request for a CUDA device to the CPU."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs) if kwargs else {}
+        if "device" in kwargs and _is_cuda(kwargs["device"]):
+            kwargs["device"] = _CPU
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):
+            args = (args[0], _CPU) + tuple(args[2:])
+        if func is torch.Tensor.type and len(args) == 1 and not kwargs:
+            return _cpu_type_name(args[0])
+        return func(*args, **kwargs)
+
+
+def is_enabled() -> bool:
+    return _enabled
+
+
+def enable() -> None:
+    """Install the CPU redirects (idempotent). Call before building any megatron module."""
+    global _enabled, _mode
+    if _enabled:
+        return
+    if torch.cuda.is_available():
+        raise RuntimeError("cpu_runtime.enable() called on a machine with CUDA; use the GPU path")
+    # torch._dynamo indexes torch.cuda's functions once, by identity: import it first, and give
+    # every replacement its own function object.
+    importlib.import_module("torch._dynamo")
+
+    def current_device():
+        return 0
+
+    def synchronize(device=None):
+        return None
+
+    def set_device(device):
+        return None
+
+    def empty_cache():
+        return None
+
+    def get_rng_state(device="cuda"):
+        return torch.get_rng_state()
+
+    def set_rng_state(new_state, device="cuda"):
+        torch.set_rng_state(new_state)
+
+    def manual_seed(seed):
+        return None
+
+    def manual_seed_all(seed):
+        return None
+
+    for fn in (current_device, synchronize, set_device, empty_cache, get_rng_state,
+               set_rng_state, manual_seed, manual_seed_all):
+        setattr(torch.cuda, fn.__name__, fn)
+
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
+    # megatron's seeding helper re-creates the tracker; keep it the CPU-safe one.
+    orig_init = mrandom.initialize_rng_tracker
+
+    def _cpu_tracker(*args, **kwargs):
+        kwargs["inference_rng_tracker"] = True
+        kwargs.pop("use_te_rng_tracker", None)
+        kwargs.pop("use_cudagraphable_rng", None)
+        return orig_init(**kwargs)
+
+    mrandom.initialize_rng_tracker = _cpu_tracker
+
+    _mode = _CudaToCpuMode()
+    _mode.__enter__()
+    _enabled = True
+    os.environ.setdefault("CUDA_DEVICE_MAX_CONNECTIONS", "1")
+
+
+def disable() -> None:
+    """Leave the TorchFunctionMode (the module-level patches stay; they are harmless on CPU)."""
+    global _enabled, _mode
+    if _mode is not None:
+        _mode.__exit__(None, None, None)
+        _mode = None
+    _enabled = False

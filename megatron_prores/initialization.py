@@ -1,0 +1,56 @@
+"""Depth-dependent initialization, applied as exact rescaling of megatron-core's normal init.
+
+Every weight starts as megatron-core initializes it (normal, std ``init_method_std``; output
+projections std/sqrt(2L) with ``--init-method scaled``). Then, per global 1-based block l:
+- ``--init-method ds-init``: output projections (attention out-proj, MLP fc2) times 1/sqrt(l),
+  i.e. std 0.02/sqrt(l);
+- DeepNorm (``--norm-type deepnorm``): the value part of the fused QKV weight, the attention
+  out-proj and both MLP matrices (fc1 = [gate; up], fc2) times b = (8L)**-0.25; q and k unscaled.
+Rescaling (instead of re-drawing) keeps the result independent of the parallel layout.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def deepnorm_shortcut(num_layers: int) -> float:
+    """DeepNorm's shortcut constant c = (2L)**0.25."""
+    return (2.0 * num_layers) ** 0.25
+
+
+def deepnorm_init_gain(num_layers: int) -> float:
+    """DeepNorm's init gain b = (8L)**-0.25."""
+    return (8.0 * num_layers) ** -0.25
+
+
+def _value_rows(qkv_weight: torch.Tensor, config) -> torch.Tensor:
+    """View of the V rows of a (tensor-parallel shard of a) fused QKV weight.
+
+    megatron-core stores QKV per query group: [q_1 .. q_{heads/groups}, k, v] x groups.
+    """
+    d = config.kv_channels
+    per_group = config.num_attention_heads // config.num_query_groups + 2
+    w = qkv_weight.view(-1, per_group, d, qkv_weight.shape[-1])
+    return w[:, -1]
+
+
+@torch.no_grad()
+def apply_depth_init(layer, method, norm_type: str) -> None:
+    """Rescale the freshly initialized weights of ``layer`` (a ProResTransformerLayer)."""
+    config = layer.config
+    if not config.perform_initialization:
+        return
+    attn, mlp = layer.self_attention, layer.mlp
+    if method.init_method == "ds-init":
+        s = 1.0 / math.sqrt(layer.layer_number)
+        attn.linear_proj.weight.mul_(s)
+        mlp.linear_fc2.weight.mul_(s)
+    if norm_type == "deepnorm":
+        b = deepnorm_init_gain(config.num_layers)
+        _value_rows(attn.linear_qkv.weight, config).mul_(b)
+        attn.linear_proj.weight.mul_(b)
+        mlp.linear_fc1.weight.mul_(b)
+        mlp.linear_fc2.weight.mul_(b)

@@ -1,0 +1,198 @@
+"""ProResTransformerLayer: megatron-core's TransformerLayer with ProRes, GPAS and norm placement.
+
+The layer reuses megatron-core's forward unchanged. It only replaces the two residual adds
+(the ``self_attn_bda`` / ``mlp_bda`` calls, megatron's bias-dropout-add seam) with the residual
+op of its block style. With F the sublayer output (bias added, dropout applied), a the ProRes
+value of the block and G the GPAS op of the block:
+
+| style     | input norm | residual op                         |
+|-----------|------------|-------------------------------------|
+| pre, lns  | yes        | G(x + a F)                          |
+| sandwich  | yes        | G(x + a Norm(F))                    |
+| post      | no         | Norm(G(x) + a F)   (G only in Mix-LN)|
+| deepnorm  | no         | Norm(c G(x) + a F), c = (2L)**0.25  |
+
+LNS additionally scales both pre-norm outputs by 1/sqrt(l) (see norms.scale_output). Mix-LN
+blocks are built as ``post`` (first k) or ``pre`` (the rest) by the spec.
+
+ProRes: ``prores_scale`` is a 0-d fp32 buffer written in place by ``set_prores_step`` once per
+step, before the forward/backward call; it is derived from the step (not checkpointed). Once
+the block's value is 1 for good, the multiply is skipped. With a pre style, GPAS off and ProRes
+off or finished, the residual op is megatron-core's own bias-dropout-add.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Optional, Union
+
+import torch
+
+from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
+from megatron.core.transformer.identity_op import IdentityOp
+from megatron.core.transformer.spec_utils import ModuleSpec, build_module
+from megatron.core.transformer.transformer_layer import (
+    TransformerLayer,
+    TransformerLayerSubmodules,
+)
+
+from megatron_prores import schedules
+from megatron_prores.config import MethodConfig
+from megatron_prores.gpas import gpas
+from megatron_prores.initialization import apply_depth_init, deepnorm_shortcut
+from megatron_prores.norms import scale_output
+
+PRE_STYLES = ("pre", "lns", "sandwich")
+POST_STYLES = ("post", "deepnorm")
+
+
+@dataclass
+class ProResLayerSubmodules(TransformerLayerSubmodules):
+    """megatron-core's layer submodules plus the norms that follow each sublayer
+    (Sandwich-LN: on the branch; Post-LN/DeepNorm: on the sum)."""
+
+    post_self_attn_layernorm: Union[ModuleSpec, type] = IdentityOp
+    post_mlp_layernorm: Union[ModuleSpec, type] = IdentityOp
+
+
+class ProResTransformerLayer(TransformerLayer):
+    def __init__(
+        self,
+        config,
+        submodules: ProResLayerSubmodules,
+        layer_number: int = 1,
+        hidden_dropout: Optional[float] = None,
+        pg_collection=None,
+        vp_stage: Optional[int] = None,
+        *,
+        method: MethodConfig,
+        style: str,
+    ):
+        super().__init__(
+            config=config,
+            submodules=submodules,
+            layer_number=layer_number,
+            hidden_dropout=hidden_dropout,
+            pg_collection=pg_collection,
+            vp_stage=vp_stage,
+        )
+        assert style in PRE_STYLES + POST_STYLES, style
+        self.method = method
+        self.style = style
+        L, l = config.num_layers, self.layer_number
+
+        norm_args = dict(config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
+        self.post_self_attn_layernorm = build_module(submodules.post_self_attn_layernorm, **norm_args)
+        self.post_mlp_layernorm = build_module(submodules.post_mlp_layernorm, **norm_args)
+        needs_post_norm = style != "pre" and style != "lns"
+        assert needs_post_norm == (not isinstance(self.post_mlp_layernorm, IdentityOp)), (
+            f"spec of block {l} does not match its style {style}"
+        )
+
+        if style == "lns":
+            for norm in (self.input_layernorm, self.pre_mlp_layernorm):
+                scale_output(norm, l ** -0.5)
+        self.shortcut_scale = deepnorm_shortcut(L) if style == "deepnorm" else None
+
+        # GPAS gates: shape [1] (one per block) or [2] (attention, MLP). 1-D, so megatron-core's
+        # optimizer gives them no weight decay. Under sequence parallelism each TP rank sees a
+        # slice of the stream: the attribute makes finalize_model_grads all-reduce the gradient.
+        if method.gpas:
+            n = 2 if method.gpas_gate == "sublayer" else 1
+            self.gpas_gate = torch.nn.Parameter(torch.zeros(n, dtype=config.params_dtype))
+            setattr(self.gpas_gate, "sequence_parallel", config.sequence_parallel)
+        else:
+            self.register_parameter("gpas_gate", None)
+
+        # ProRes value a(l, t): fp32 0-d device buffer, written in place each step.
+        self.prores_active = method.prores
+        if method.prores:
+            start = schedules.prores_value(method.prores_schedule, 0, l, L, method.prores_warmup_steps)
+            self.register_buffer(
+                "prores_scale", torch.tensor(start, dtype=torch.float32), persistent=False
+            )
+        else:
+            self.register_buffer("prores_scale", None, persistent=False)
+
+        self.self_attn_bda = functools.partial(self._residual_op, 0)
+        self.mlp_bda = functools.partial(self._residual_op, 1)
+        apply_depth_init(self, method, method.norm_type)
+
+    # ---- ProRes -------------------------------------------------------------------------
+    def set_prores_step(self, step: int) -> None:
+        """Write a(l, step) into the buffer (no host sync) and drop the multiply once it is 1."""
+        if self.prores_scale is None:
+            return
+        m, L, l = self.method, self.config.num_layers, self.layer_number
+        self.prores_scale.fill_(
+            schedules.prores_value(m.prores_schedule, step, l, L, m.prores_warmup_steps)
+        )
+        done = schedules.final_step(m.prores_schedule, l, L, m.prores_warmup_steps)
+        self.prores_active = done is None or step < done
+
+    def _apply(self, fn, *args, **kwargs):
+        # Float16Module casts every buffer to bf16/fp16: keep the schedule value fp32.
+        super()._apply(fn, *args, **kwargs)
+        if self.prores_scale is not None and self.prores_scale.dtype != torch.float32:
+            self.prores_scale = self.prores_scale.float()
+        return self
+
+    # ---- residual op --------------------------------------------------------------------
+    def _gate(self, sublayer: int) -> Optional[torch.Tensor]:
+        if self.gpas_gate is None:
+            return None
+        return self.gpas_gate[sublayer:sublayer + 1] if self.gpas_gate.numel() == 2 else self.gpas_gate
+
+    def _residual_op(self, sublayer: int, training: bool, fused: bool):
+        """Factory with the signature of megatron's get_bias_dropout_add(training, fused)."""
+        bda = get_bias_dropout_add(training, fused)
+        gate = self._gate(sublayer)
+        scale = self.prores_scale if self.prores_active else None
+        post_norm = self.post_self_attn_layernorm if sublayer == 0 else self.post_mlp_layernorm
+        style = self.style
+        if style in ("pre", "lns") and gate is None and scale is None:
+            return bda  # exactly megatron-core's residual add
+
+        def residual_op(x_with_bias, residual, prob):
+            x, bias = x_with_bias
+            if style == "sandwich":
+                x = post_norm(x if bias is None else x + bias)
+                bias = None
+            if style in POST_STYLES:
+                if gate is not None:
+                    residual = gpas(residual, gate)
+                if self.shortcut_scale is not None:
+                    residual = residual * self.shortcut_scale
+            if scale is not None:
+                # residual + a * dropout(x + bias) == residual + dropout(a*x + a*bias)
+                if bias is None and (prob == 0.0 or not training):
+                    out = torch.addcmul(residual, scale, x)
+                else:
+                    out = bda((x * scale, None if bias is None else bias * scale), residual, prob)
+            else:
+                out = bda((x, bias), residual, prob)
+            if style in POST_STYLES:
+                return post_norm(out)
+            return out if gate is None else gpas(out, gate)
+
+        return residual_op
+
+
+def prores_layers(model):
+    """Every ProResTransformerLayer in ``model`` (a module or a list of model chunks)."""
+    chunks = model if isinstance(model, (list, tuple)) else [model]
+    for chunk in chunks:
+        for module in chunk.modules():
+            if isinstance(module, ProResTransformerLayer):
+                yield module
+
+
+def set_prores_step(model, step: int) -> None:
+    """Set every block's ProRes value for optimizer step ``step``.
+
+    Call once per step, before the forward/backward call (never inside forward_step_func): the
+    value then stays constant over all microbatches of the step (1F1B, recompute, CUDA graphs).
+    """
+    for layer in prores_layers(model):
+        layer.set_prores_step(step)

@@ -1,0 +1,40 @@
+"""Build the GPT model chunks of this rank (one per virtual pipeline stage)."""
+
+from __future__ import annotations
+
+from typing import List
+
+from megatron.core import parallel_state
+from megatron.core.models.gpt import GPTModel
+
+from megatron_prores.config import ModelConfig
+from megatron_prores.specs import block_spec
+
+
+def build_model(cfg: ModelConfig) -> List[GPTModel]:
+    """The model chunks of this rank, on its device, unwrapped (no DDP, no Float16Module).
+
+    Needs ``parallel.initialize`` (torch.distributed + megatron parallel state) first. The
+    configuration is validated before anything is built.
+    """
+    tcfg = cfg.transformer_config()
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    pp_size = parallel_state.get_pipeline_model_parallel_world_size()
+    vpp = cfg.virtual_pipeline_size
+    chunks = []
+    for vp_stage in range(vpp or 1):
+        stage = None if vpp is None else vp_stage
+        chunk = GPTModel(
+            config=tcfg,
+            transformer_layer_spec=block_spec(cfg.method, tcfg, cfg.transformer_impl, stage),
+            vocab_size=cfg.vocab_size,
+            max_sequence_length=cfg.seq_length,
+            pre_process=pp_rank == 0 and vp_stage == 0,
+            post_process=pp_rank == pp_size - 1 and vp_stage == (vpp or 1) - 1,
+            share_embeddings_and_output_weights=False,
+            position_embedding_type="rope",
+            rotary_base=cfg.rotary_base,
+            vp_stage=stage,
+        )
+        chunks.append(chunk)
+    return chunks

@@ -1,0 +1,74 @@
+"""Process-group setup: torch.distributed (NCCL on GPUs, gloo on CPU) and megatron's groups.
+
+Rank and world size come from torchrun (RANK/WORLD_SIZE/LOCAL_RANK) or, when those are absent,
+from SLURM (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID). Without CUDA the CPU runtime is enabled.
+"""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron_prores import cpu_runtime
+
+
+def _env_int(*names: str, default: int) -> int:
+    for name in names:
+        if os.environ.get(name):
+            return int(os.environ[name])
+    return default
+
+
+def rank_and_world():
+    rank = _env_int("RANK", "SLURM_PROCID", default=0)
+    world = _env_int("WORLD_SIZE", "SLURM_NTASKS", default=1)
+    local = _env_int("LOCAL_RANK", "SLURM_LOCALID", default=0)
+    return rank, world, local
+
+
+def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1,
+               virtual_pipeline: int | None = None, context_parallel: int = 1,
+               seed: int = 1234, timeout_minutes: int = 30) -> None:
+    """Start torch.distributed (if not yet) and megatron's model-parallel groups; seed RNGs."""
+    use_cuda = torch.cuda.is_available()
+    if not use_cuda:
+        cpu_runtime.enable()
+    if not dist.is_initialized():
+        rank, world, local = rank_and_world()
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ.setdefault("MASTER_PORT", "29500")
+        if use_cuda:
+            torch.cuda.set_device(local % torch.cuda.device_count())
+        dist.init_process_group(
+            backend="nccl" if use_cuda else "gloo",
+            rank=rank,
+            world_size=world,
+            timeout=timedelta(minutes=timeout_minutes),
+        )
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tensor_parallel,
+        pipeline_model_parallel_size=pipeline_parallel,
+        virtual_pipeline_model_parallel_size=virtual_pipeline,
+        context_parallel_size=context_parallel,
+    )
+    seed_everything(seed)
+
+
+def seed_everything(seed: int) -> None:
+    import random
+
+    import numpy as np
+    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)

@@ -1,0 +1,107 @@
+"""ProRes schedules: the residual-branch scale a(l, t) of block l at optimizer step t.
+
+Pure functions of (step, global 1-based block index, number of blocks, total warmup); no state.
+The user gives the TOTAL warmup W (``--prores-warmup-steps``, the reference code's
+``prores_warmup_steps``): the number of steps after which every block has its final value.
+The per-block warmup T of the paper's formulas follows from W:
+
+| schedule           | a(l, t)                                       | T from W | block l is final at |
+|--------------------|-----------------------------------------------|----------|---------------------|
+| linear             | min(t / (T l), 1)                             | W / L    | T l                 |
+| linear-sqrt        | min(t / (T l), 1) ** 0.5                      | W / L    | T l                 |
+| linear-square      | min(t / (T l), 1) ** 2                        | W / L    | T l                 |
+| equal              | min(t / T, 1)                                 | W        | T                   |
+| reverse            | min(t / (T (L - l + 1)), 1)                   | W / L    | T (L - l + 1)       |
+| stagewise-0        | clip((t - T (l-1)) / T, 0, 1)                 | W / L    | T l                 |
+| stagewise-L        | clip((t - T (l-1)) / T, 0, 1) (1 - 1/L) + 1/L | W / L    | T l                 |
+| stagewise-sqrt-l   | clip(...) (1 - 1/sqrt(l)) + 1/sqrt(l)         | W / L    | T l                 |
+| fix-L              | 1 / L                                         | (none)   | never (constant)    |
+| fix-sqrt-L         | 1 / sqrt(L)                                   | (none)   | never (constant)    |
+| fix-sqrt-l         | 1 / sqrt(l)                                   | (none)   | never (constant)    |
+| none               | 1 (ProRes off)                                | (none)   | always              |
+
+T may be fractional (W not a multiple of L); the formulas are evaluated in float64.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+SCHEDULES = (
+    "none",
+    "linear",
+    "linear-sqrt",
+    "linear-square",
+    "equal",
+    "reverse",
+    "stagewise-0",
+    "stagewise-L",
+    "stagewise-sqrt-l",
+    "fix-L",
+    "fix-sqrt-L",
+    "fix-sqrt-l",
+)
+
+#: Schedules whose value never changes, and therefore take no warmup.
+CONSTANT_SCHEDULES = ("none", "fix-L", "fix-sqrt-L", "fix-sqrt-l")
+
+
+def needs_warmup(schedule: str) -> bool:
+    return schedule not in CONSTANT_SCHEDULES
+
+
+def per_block_warmup(schedule: str, num_layers: int, warmup: float) -> float:
+    """T, the warmup of one block, from the total warmup W (see the module table)."""
+    if not needs_warmup(schedule):
+        return 0.0
+    return float(warmup) if schedule == "equal" else float(warmup) / num_layers
+
+
+def _ramp(x: float) -> float:
+    return min(max(x, 0.0), 1.0)
+
+
+def prores_value(schedule: str, step: int, layer: int, num_layers: int, warmup: float) -> float:
+    """a(l, t) for global 1-based block ``layer`` of ``num_layers`` at optimizer step ``step``."""
+    t, l, L = float(step), layer, num_layers
+    if schedule == "none":
+        return 1.0
+    if schedule == "fix-L":
+        return 1.0 / L
+    if schedule == "fix-sqrt-L":
+        return 1.0 / math.sqrt(L)
+    if schedule == "fix-sqrt-l":
+        return 1.0 / math.sqrt(l)
+    T = per_block_warmup(schedule, L, warmup)
+    if schedule in ("linear", "linear-sqrt", "linear-square"):
+        r = min(t / (T * l), 1.0)
+        return {"linear": r, "linear-sqrt": math.sqrt(r), "linear-square": r * r}[schedule]
+    if schedule == "equal":
+        return min(t / T, 1.0)
+    if schedule == "reverse":
+        return min(t / (T * (L - l + 1)), 1.0)
+    stage = _ramp((t - T * (l - 1)) / T)
+    if schedule == "stagewise-0":
+        return stage
+    if schedule == "stagewise-L":
+        return stage * (1.0 - 1.0 / L) + 1.0 / L
+    if schedule == "stagewise-sqrt-l":
+        floor = 1.0 / math.sqrt(l)
+        return stage * (1.0 - floor) + floor
+    raise ValueError(f"unknown ProRes schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+
+
+def final_step(schedule: str, layer: int, num_layers: int, warmup: float) -> Optional[float]:
+    """First step from which block ``layer`` has a == 1 for good (its multiply can be dropped).
+
+    None when that never happens (the fix-* schedules keep a constant below 1).
+    """
+    if not needs_warmup(schedule):
+        return 0.0 if prores_value(schedule, 0, layer, num_layers, warmup) == 1.0 else None
+    T = per_block_warmup(schedule, num_layers, warmup)
+    if schedule == "equal":
+        return T
+    if schedule == "reverse":
+        return T * (num_layers - layer + 1)
+    return T * layer
