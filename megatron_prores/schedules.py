@@ -97,8 +97,10 @@ def final_step(schedule: str, layer: int, num_layers: int, warmup: float) -> Opt
 
     None when that never happens (the fix-* schedules keep a constant below 1).
     """
+    if prores_value(schedule, 0, layer, num_layers, warmup) == 1.0:
+        return 0.0  # 'none', fix-sqrt-l at l=1, stagewise-sqrt-l at l=1
     if not needs_warmup(schedule):
-        return 0.0 if prores_value(schedule, 0, layer, num_layers, warmup) == 1.0 else None
+        return None
     T = per_block_warmup(schedule, num_layers, warmup)
     if schedule == "equal":
         return T

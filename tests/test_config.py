@@ -1,0 +1,57 @@
+"""Bad configurations fail before any model is built, with one line naming value and fix."""
+
+import pytest
+
+from megatron_prores.config import ConfigError, MethodConfig, ModelConfig
+from megatron_prores.model import build_model
+
+
+def model(**kw):
+    method = kw.pop("method", MethodConfig())
+    base = dict(num_layers=8, hidden_size=64, num_attention_heads=4, vocab_size=128, seq_length=16)
+    base.update(kw)
+    return ModelConfig(method=method, **base)
+
+
+BAD = [
+    (model(method=MethodConfig(norm_type="rms")), "--norm-type 'rms' is not valid; choose one of: pre, post, sandwich, deepnorm, lns, mix"),
+    (model(method=MethodConfig(prores_schedule="cosine", prores_warmup_steps=10)), "--prores-schedule 'cosine' is not valid; choose one of: none, linear"),
+    (model(method=MethodConfig(prores_schedule="linear", prores_warmup_steps=0)), "--prores-warmup-steps 0 is not valid for --prores-schedule linear"),
+    (model(method=MethodConfig(prores_schedule="equal", prores_warmup_steps=-5)), "--prores-warmup-steps -5 is not valid for --prores-schedule equal"),
+    (model(method=MethodConfig(norm_type="mix", mix_post_layers=8)), "--mix-post-layers 8 is not valid for 8 layers: Mix-LN needs 1 <= k <= 7"),
+    (model(method=MethodConfig(norm_type="mix", mix_post_layers=0)), "--mix-post-layers 0 is not valid for 8 layers"),
+    (model(num_layers=3, method=MethodConfig(norm_type="mix")), "--mix-post-layers 0 is not valid for 3 layers"),
+    (model(method=MethodConfig(norm_type="pre", mix_post_layers=2)), "--mix-post-layers 2 only applies to --norm-type mix"),
+    (model(method=MethodConfig(norm_type="post", gpas=True)), "--gpas with --norm-type post is not defined by the GPAS paper"),
+    (model(method=MethodConfig(gpas=True, gpas_gate="layer")), "--gpas-gate 'layer' is not valid; choose one of: block, sublayer"),
+    (model(method=MethodConfig(init_method="xavier")), "--init-method 'xavier' is not valid; choose one of: normal, scaled, ds-init"),
+    (model(pipeline_model_parallel_size=3), "--num-layers 8 is not divisible by --pipeline-model-parallel-size 3"),
+    (model(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=3), "--num-layers-per-virtual-pipeline-stage 3 does not divide the 4 layers"),
+    (model(num_layers_per_virtual_pipeline_stage=2), "--num-layers-per-virtual-pipeline-stage needs --pipeline-model-parallel-size >= 2"),
+    (model(tensor_model_parallel_size=3), "--num-attention-heads 4 is not divisible by --tensor-model-parallel-size 3"),
+    (model(hidden_size=66), "--hidden-size 66 is not divisible by --num-attention-heads 4"),
+    (model(num_query_groups=3), "--num-attention-heads 4 is not divisible by --num-query-groups 3"),
+    (model(sequence_parallel=True), "--sequence-parallel needs --tensor-model-parallel-size >= 2"),
+    (model(num_layers=0), "--num-layers 0 is not valid; it must be a positive integer"),
+    (model(normalization="BatchNorm"), "--normalization 'BatchNorm' is not valid; choose one of: RMSNorm, LayerNorm"),
+    (model(transformer_impl="apex"), "--transformer-impl 'apex' is not valid; choose one of: local, transformer_engine"),
+    (model(context_parallel_size=2), "--context-parallel-size > 1 needs --transformer-impl transformer_engine"),
+    (model(hidden_dropout=1.5), "--hidden-dropout 1.5 is not valid; it must be in [0, 1)"),
+]
+
+
+@pytest.mark.parametrize("cfg,message", BAD, ids=[m[:40] for _, m in BAD])
+def test_bad_config_fails_with_one_clear_line(single_process, cfg, message):
+    with pytest.raises(ConfigError) as info:
+        build_model(cfg)  # validation runs before any module is constructed
+    text = str(info.value)
+    assert message in text
+    assert "\n" not in text
+
+
+def test_valid_configs_pass():
+    model(method=MethodConfig(norm_type="mix")).validate()  # k = floor(8/4) = 2
+    model(method=MethodConfig(prores_schedule="fix-L")).validate()  # fix-* need no warmup
+    model(method=MethodConfig(norm_type="deepnorm", gpas=True, prores_schedule="linear",
+                              prores_warmup_steps=800)).validate()
+    model(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2).validate()
