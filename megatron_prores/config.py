@@ -270,6 +270,9 @@ class ModelConfig:
             apply_rope_fusion=False,
             gradient_accumulation_fusion=False,
             persist_layer_norm=False,
+            # gloo mismatches batched isend/irecv pairs that go both ways to one peer
+            # (interleaved 1F1B at PP=2): use the unbatched p2p path on CPU.
+            batch_p2p_comm=not on_cpu,
             # Mix-LN blocks differ (post vs pre norms): checkpoint them per block.
             hetereogenous_dist_checkpoint=self.method.norm_type == "mix",
         )

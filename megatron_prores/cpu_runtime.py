@@ -23,13 +23,11 @@ from __future__ import annotations
 
 import importlib
 import os
-import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
 
 _CPU = torch.device("cpu")
-_state = threading.local()
 _enabled = False
 _mode: "_CudaToCpuMode | None" = None
 
@@ -50,6 +48,31 @@ def _cpu_type_name(tensor: torch.Tensor) -> str:
     return name
 
 
+def _run_backward(tensors, grad_tensors=None, retain_graph=None, create_graph=False, inputs=None):
+    """torch.autograd.backward with the redirect active while the engine runs.
+
+    torch switches a mode off while its handler runs, and torch.autograd.backward dispatches to
+    the mode; but backward runs megatron's autograd Functions, whose TP/SP backward allocates on
+    "cuda". So the handler runs the engine itself, under a fresh mode (same steps as
+    torch.autograd.backward after its dispatch check).
+    """
+    from torch.autograd import _make_grads, _tensor_or_tensors_to_tuple
+    from torch.autograd.graph import _engine_run_backward
+
+    tensors = (tensors,) if isinstance(tensors, torch.Tensor) else tuple(tensors)
+    if inputs is None:
+        inputs = ()
+    elif isinstance(inputs, torch.Tensor):
+        inputs = (inputs,)
+    else:
+        inputs = tuple(inputs)
+    grads = _make_grads(tensors, _tensor_or_tensors_to_tuple(grad_tensors, len(tensors)),
+                        is_grads_batched=False)
+    with _CudaToCpuMode():
+        _engine_run_backward(tensors, grads, create_graph if retain_graph is None else retain_graph,
+                             create_graph, inputs, allow_unreachable=True, accumulate_grad=True)
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Maps every request for a CUDA device to the CPU."""
 
@@ -63,6 +86,8 @@ class _CudaToCpuMode(TorchFunctionMode):
             args = (args[0], _CPU) + tuple(args[2:])
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             return _cpu_type_name(args[0])
+        if func is torch.autograd.backward or func is torch.Tensor.backward:
+            return _run_backward(*args, **kwargs)
         return func(*args, **kwargs)
 
 

@@ -11,11 +11,12 @@ from megatron_prores.config import ModelConfig
 from megatron_prores.specs import block_spec
 
 
-def build_model(cfg: ModelConfig) -> List[GPTModel]:
+def build_model(cfg: ModelConfig, parallel_output: bool = True) -> List[GPTModel]:
     """The model chunks of this rank, on its device, unwrapped (no DDP, no Float16Module).
 
     Needs ``parallel.initialize`` (torch.distributed + megatron parallel state) first. The
-    configuration is validated before anything is built.
+    configuration is validated before anything is built. ``parallel_output=False`` gathers the
+    vocabulary-parallel logits on every tensor-parallel rank.
     """
     tcfg = cfg.transformer_config()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -31,6 +32,7 @@ def build_model(cfg: ModelConfig) -> List[GPTModel]:
             max_sequence_length=cfg.seq_length,
             pre_process=pp_rank == 0 and vp_stage == 0,
             post_process=pp_rank == pp_size - 1 and vp_stage == (vpp or 1) - 1,
+            parallel_output=parallel_output,
             share_embeddings_and_output_weights=False,
             position_embedding_type="rope",
             rotary_base=cfg.rotary_base,

@@ -1,0 +1,142 @@
+"""Run one model configuration under a parallel layout and return loss and full gradients.
+
+Used in-process (TP=PP=1, the baseline) and in real multi-process gloo groups. Weights come
+from a dist checkpoint saved by the baseline; gradients go back through dist_checkpointing
+(the gradient of every parameter written in place of its weight), so a sharded layout's
+gradients are compared in the full, layout-independent form.
+"""
+
+from __future__ import annotations
+
+import os
+import traceback
+
+import torch
+
+from megatron_prores.config import MethodConfig, ModelConfig
+
+SEQ, MBS, MICROBATCHES, VOCAB = 8, 1, 4, 64
+STEP = 37
+
+LAYOUTS = {
+    "tp1": dict(),
+    "tp2": dict(tensor_model_parallel_size=2),
+    "pp2": dict(pipeline_model_parallel_size=2),
+    "pp2-vpp2": dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1),
+    "tp2-sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
+    "tp2-pp2": dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
+}
+
+
+def model_config(method: MethodConfig, layout: str) -> ModelConfig:
+    return ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, num_query_groups=2,
+                       ffn_hidden_size=48, vocab_size=VOCAB, seq_length=SEQ,
+                       params_dtype=torch.float64, method=method, **LAYOUTS[layout])
+
+
+def batches():
+    g = torch.Generator().manual_seed(5)
+    tokens = torch.randint(0, VOCAB, (MICROBATCHES, MBS, SEQ), generator=g)
+    probe = torch.randn(MICROBATCHES, MBS, SEQ, VOCAB, generator=g, dtype=torch.float64)
+    return [(tokens[i], probe[i]) for i in range(MICROBATCHES)]
+
+
+def build(cfg, parallel_output=False):
+    from megatron_prores import parallel
+    from megatron_prores.model import build_model
+
+    parallel.initialize(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
+                        cfg.virtual_pipeline_size, seed=7)
+    return build_model(cfg, parallel_output=parallel_output)
+
+
+def make_baseline_weights(method: MethodConfig, directory: str) -> None:
+    """TP=PP=1 model with non-zero GPAS gates and perturbed norm gains, saved to ``directory``."""
+    from megatron_prores.checkpointing import save_model
+
+    chunks = build(model_config(method, "tp1"))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for name, p in chunks[0].named_parameters():
+            if "gpas_gate" in name:
+                p.copy_(torch.rand(p.shape, generator=g, dtype=p.dtype) * 2 - 1)
+            elif "layernorm" in name:
+                p.add_(torch.rand(p.shape, generator=g, dtype=p.dtype) * 0.5)
+    save_model(chunks, directory)
+
+
+def loss_and_grads(method: MethodConfig, layout: str, weights: str, grads_out: str) -> float:
+    """Forward/backward of all microbatches under ``layout``; writes full grads to ``grads_out``."""
+    from megatron.core import parallel_state
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+    from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    from megatron_prores.checkpointing import load_model, save_model
+    from megatron_prores.layer import set_prores_step
+
+    cfg = model_config(method, layout)
+    chunks = build(cfg)
+    load_model(chunks, weights)
+    tcfg = chunks[0].config
+    ddp_config = DistributedDataParallelConfig(overlap_grad_reduce=False, use_distributed_optimizer=False)
+    model = [DistributedDataParallel(tcfg, ddp_config, c, disable_bucketing=i > 0)
+             for i, c in enumerate(chunks)]
+    set_prores_step(model, STEP)
+
+    def forward_step(data_iterator, chunk):
+        tokens, probe = next(data_iterator)
+        positions = torch.arange(SEQ)[None].expand(MBS, SEQ)
+        logits = chunk(tokens, positions, None)
+
+        def loss_func(output):
+            loss = (output * probe).sum()
+            return loss, {"loss": loss.detach()}
+
+        return logits, loss_func
+
+    data = batches()
+    iters = [iter(data) for _ in model] if len(model) > 1 else iter(data)
+    for m in model:
+        m.zero_grad_buffer()
+    losses = get_forward_backward_func()(
+        forward_step_func=forward_step, data_iterator=iters, model=model,
+        num_microbatches=MICROBATCHES, seq_length=SEQ, micro_batch_size=MBS,
+        decoder_seq_length=SEQ, forward_only=False,
+    )
+    finalize_model_grads(model)
+    total = sum(x["loss"].item() for x in losses) if losses else 0.0
+    # The last pipeline stage has the loss: share it with every rank.
+    t = torch.tensor([total], dtype=torch.float64)
+    torch.distributed.all_reduce(t, group=parallel_state.get_pipeline_model_parallel_group())
+    with torch.no_grad():
+        for m in model:
+            for p in m.module.parameters():
+                p.copy_(p.main_grad)
+    save_model(chunks, grads_out)
+    return t.item()
+
+
+def read_full(method: MethodConfig, directory: str) -> dict:
+    """Load a checkpoint into a TP=PP=1 model and return its parameters by name."""
+    from megatron_prores.checkpointing import load_model
+
+    chunks = build(model_config(method, "tp1"))
+    load_model(chunks, directory)
+    return {n: p.detach().clone() for n, p in chunks[0].named_parameters()}
+
+
+def worker(rank: int, world: int, port: int, jobs: list, result_dir: str) -> None:
+    """Entry of a spawned rank: runs every (method, layout) job and records the losses."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    losses = {}
+    try:
+        for key, method, layout, weights in jobs:
+            losses[key] = loss_and_grads(method, layout, weights, os.path.join(result_dir, key))
+    except Exception:
+        with open(os.path.join(result_dir, f"error-{rank}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+    if rank == 0:
+        torch.save(losses, os.path.join(result_dir, "losses.pt"))
