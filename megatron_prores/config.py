@@ -25,6 +25,12 @@ NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 
 
+def _have_te() -> bool:
+    import importlib.util
+
+    return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
+
+
 class ConfigError(ValueError):
     """A configuration value is invalid; the message is one line naming the value and the fix."""
 
@@ -169,6 +175,11 @@ class ModelConfig:
             positive(flag, v)
         _choice("--normalization", self.normalization, NORMALIZATIONS)
         _choice("--transformer-impl", self.transformer_impl, TRANSFORMER_IMPLS)
+        if self.transformer_impl == "transformer_engine" and not _have_te():
+            raise ConfigError(
+                "--transformer-impl transformer_engine needs Transformer Engine, which is not "
+                "installed; install the [te] extra on a CUDA machine or use --transformer-impl local"
+            )
         for flag, p in (("--hidden-dropout", self.hidden_dropout),
                         ("--attention-dropout", self.attention_dropout)):
             if not 0.0 <= p < 1.0:

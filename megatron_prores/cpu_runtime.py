@@ -86,7 +86,11 @@ class _CudaToCpuMode(TorchFunctionMode):
             args = (args[0], _CPU) + tuple(args[2:])
         if func is torch.Tensor.type and len(args) == 1 and not kwargs:
             return _cpu_type_name(args[0])
-        if func is torch.autograd.backward or func is torch.Tensor.backward:
+        if func is torch.autograd.backward:
+            return _run_backward(*args, **kwargs)
+        if func is torch.Tensor.backward:  # (self, gradient, retain_graph, create_graph, inputs)
+            if "gradient" in kwargs:
+                kwargs["grad_tensors"] = kwargs.pop("gradient")
             return _run_backward(*args, **kwargs)
         return func(*args, **kwargs)
 

@@ -29,6 +29,9 @@ def rank_and_world():
     return rank, world, local
 
 
+_layout = None
+
+
 def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1,
                virtual_pipeline: int | None = None, context_parallel: int = 1,
                seed: int = 1234, timeout_minutes: int = 30) -> None:
@@ -36,6 +39,10 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1,
     use_cuda = torch.cuda.is_available()
     if not use_cuda:
         cpu_runtime.enable()
+        # ranks of one machine share its cores: no oversubscription of torch's thread pool
+        local_world = _env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=0)
+        if local_world > 0:
+            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
     if not dist.is_initialized():
         rank, world, local = rank_and_world()
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -49,16 +56,23 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1,
             timeout=timedelta(minutes=timeout_minutes),
         )
     from megatron.core import parallel_state
-    from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    if parallel_state.model_parallel_is_initialized():
+    layout = (tensor_parallel, pipeline_parallel, virtual_pipeline, context_parallel)
+    global _layout
+    if parallel_state.model_parallel_is_initialized() and _layout != layout:
+        # Process groups are not freed by megatron (their threads stay): re-create them only
+        # when the layout really changes.
         parallel_state.destroy_model_parallel()
-    parallel_state.initialize_model_parallel(
-        tensor_model_parallel_size=tensor_parallel,
-        pipeline_model_parallel_size=pipeline_parallel,
-        virtual_pipeline_model_parallel_size=virtual_pipeline,
-        context_parallel_size=context_parallel,
-    )
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=tensor_parallel,
+            pipeline_model_parallel_size=pipeline_parallel,
+            virtual_pipeline_model_parallel_size=virtual_pipeline,
+            context_parallel_size=context_parallel,
+            # the default backend is gloo already on CPU: no second set of gloo groups
+            create_gloo_process_groups=use_cuda,
+        )
+        _layout = layout
     seed_everything(seed)
 
 

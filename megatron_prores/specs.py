@@ -50,24 +50,22 @@ class _Modules:
             self.attention = DotProductAttention
             self.norm_column = None  # no fused norm+linear: separate norm, keys mapped
         elif impl == "transformer_engine":
-            try:
-                from megatron.core.extensions.transformer_engine import (
-                    TEColumnParallelLinear,
-                    TEDotProductAttention,
-                    TELayerNormColumnParallelLinear,
-                    TENorm,
-                    TERowParallelLinear,
-                )
-            except ImportError as e:  # pragma: no cover - depends on the machine
+            from megatron.core.extensions import transformer_engine as te_ext
+
+            if not getattr(te_ext, "HAVE_TE", False):  # megatron defines stubs without TE
                 raise ConfigError(
-                    f"--transformer-impl transformer_engine needs Transformer Engine ({e}); "
-                    f"install the [te] extra on a CUDA machine or use --transformer-impl local"
-                ) from None
-            if TENorm is None or TELayerNormColumnParallelLinear is None:
-                raise ConfigError(
-                    "--transformer-impl transformer_engine: Transformer Engine is not importable; "
-                    "install the [te] extra on a CUDA machine or use --transformer-impl local"
+                    "--transformer-impl transformer_engine needs Transformer Engine, which is not "
+                    "importable here; install the [te] extra on a CUDA machine or use "
+                    "--transformer-impl local"
                 )
+            from megatron.core.extensions.transformer_engine import (
+                TEColumnParallelLinear,
+                TEDotProductAttention,
+                TELayerNormColumnParallelLinear,
+                TENorm,
+                TERowParallelLinear,
+            )
+
             self.norm = TENorm
             self.column = TEColumnParallelLinear
             self.row = TERowParallelLinear

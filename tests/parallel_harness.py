@@ -129,7 +129,7 @@ def read_full(method: MethodConfig, directory: str) -> dict:
 def worker(rank: int, world: int, port: int, jobs: list, result_dir: str) -> None:
     """Entry of a spawned rank: runs every (method, layout) job and records the losses."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
-                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+                      WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     losses = {}
     try:
         for key, method, layout, weights in jobs:

@@ -36,11 +36,14 @@ BAD = [
     (model(normalization="BatchNorm"), "--normalization 'BatchNorm' is not valid; choose one of: RMSNorm, LayerNorm"),
     (model(transformer_impl="apex"), "--transformer-impl 'apex' is not valid; choose one of: local, transformer_engine"),
     (model(context_parallel_size=2), "--context-parallel-size > 1 needs --transformer-impl transformer_engine"),
+    pytest.param(model(transformer_impl="transformer_engine"),
+                 "--transformer-impl transformer_engine needs Transformer Engine, which is not installed",
+                 marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU-only check")),
     (model(hidden_dropout=1.5), "--hidden-dropout 1.5 is not valid; it must be in [0, 1)"),
 ]
 
 
-@pytest.mark.parametrize("cfg,message", BAD, ids=[m[:40] for _, m in BAD])
+@pytest.mark.parametrize("cfg,message", BAD, ids=[(b.values if hasattr(b, "values") else b)[1][:40] for b in BAD])
 def test_bad_config_fails_with_one_clear_line(single_process, cfg, message):
     with pytest.raises(ConfigError) as info:
         build_model(cfg)  # validation runs before any module is constructed
@@ -55,3 +58,11 @@ def test_valid_configs_pass():
     model(method=MethodConfig(norm_type="deepnorm", gpas=True, prores_schedule="linear",
                               prores_warmup_steps=800)).validate()
     model(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=2).validate()
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU-only check")
+def test_te_spec_without_te_is_a_clear_error():
+    from megatron_prores.specs import layer_spec
+
+    with pytest.raises(ConfigError, match="needs Transformer Engine, which is not importable here"):
+        layer_spec(MethodConfig(), "pre", "transformer_engine")

@@ -44,6 +44,7 @@ def run_matrix(tmp_path, methods, layouts, world):
         loss = H.loss_and_grads(m, "tp1", weights, str(tmp_path / f"grads-{name}-tp1"))
         baselines[name] = (loss, H.read_full(m, str(tmp_path / f"grads-{name}-tp1")))
         jobs += [(f"grads-{name}-{layout}", m, layout, weights) for layout in layouts]
+    jobs.sort(key=lambda job: layouts.index(job[2]))  # re-create process groups once per layout
     result_dir = str(tmp_path)
     try:
         mp.spawn(H.worker, args=(world, free_port(), jobs, result_dir), nprocs=world, join=True)

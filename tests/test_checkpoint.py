@@ -1,0 +1,49 @@
+"""A model saved mid-warmup and reloaded continues with the same ProRes values and outputs."""
+
+import torch
+
+from megatron_prores.checkpointing import load_model, save_model
+from megatron_prores.config import MethodConfig, ModelConfig
+from megatron_prores.layer import prores_layers, set_prores_step
+from megatron_prores.model import build_model
+from megatron_prores.parallel import seed_everything
+
+
+def make(seed):
+    method = MethodConfig(norm_type="mix", prores_schedule="linear", prores_warmup_steps=400,
+                          gpas=True, gpas_gate="sublayer")
+    cfg = ModelConfig(num_layers=4, hidden_size=32, num_attention_heads=4, ffn_hidden_size=48,
+                      vocab_size=64, seq_length=8, method=method)
+    seed_everything(seed)
+    return build_model(cfg)
+
+
+def logits(chunks):
+    tokens = torch.arange(16).remainder(64).view(2, 8)
+    return chunks[0](tokens, torch.arange(8)[None].expand(2, 8), None)
+
+
+def test_reload_mid_warmup_continues_with_same_values(single_process, tmp_path):
+    step = 150  # mid-warmup: T = 100, blocks 1 done, 2-4 ramping
+    original = make(seed=1)
+    with torch.no_grad():  # trained-looking gates
+        for layer in prores_layers(original):
+            layer.gpas_gate.copy_(torch.tensor([0.3, -0.2]) * layer.layer_number)
+    set_prores_step(original, step)
+    before = [l.prores_scale.item() for l in prores_layers(original)]
+    save_model(original, str(tmp_path / "ckpt"))
+
+    restored = make(seed=2)  # different init: everything must come from the checkpoint
+    assert not torch.equal(logits(restored), logits(original))
+    load_model(restored, str(tmp_path / "ckpt"))
+    set_prores_step(restored, step)  # the value is derived from the iteration alone
+    after = [l.prores_scale.item() for l in prores_layers(restored)]
+    assert after == before
+    assert [l.prores_active for l in prores_layers(restored)] == [False, True, True, True]
+    assert torch.equal(logits(restored), logits(original))
+    for a, b in zip(prores_layers(original), prores_layers(restored)):
+        assert torch.equal(a.gpas_gate, b.gpas_gate)
+    # continuing: the next step's values agree too
+    set_prores_step(original, step + 1)
+    set_prores_step(restored, step + 1)
+    assert torch.equal(logits(restored), logits(original))
