@@ -156,6 +156,7 @@ class ProResTransformerLayer(TransformerLayer):
 
         def residual_op(x_with_bias, residual, prob):
             x, bias = x_with_bias
+            residual = residual.to(x.dtype)  # as megatron's bda (fp32 residual under AMP)
             if style == "sandwich":
                 x = post_norm(x if bias is None else x + bias)
                 bias = None
