@@ -55,6 +55,19 @@ def corpus_bytes(limit: int = 4_000_000) -> torch.Tensor:
     return torch.frombuffer(bytes(data[:limit]), dtype=torch.uint8).long()
 
 
+def model_config(args):
+    from megatron_prores.config import MethodConfig, ModelConfig
+
+    return ModelConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads, vocab_size=256, seq_length=args.seq_length,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        method=MethodConfig(norm_type=args.norm_type, prores_schedule=args.prores_schedule,
+                            prores_warmup_steps=args.prores_warmup_steps, gpas=args.gpas),
+    )
+
+
 def train(rank: int, world: int, port: int, args) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
@@ -65,25 +78,12 @@ def train(rank: int, world: int, port: int, args) -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_prores import parallel
-    from megatron_prores.config import ConfigError, MethodConfig, ModelConfig
     from megatron_prores.gpas import gpas_scale
     from megatron_prores.layer import prores_layers, set_prores_step
     from megatron_prores.model import build_model
 
     tp, pp = args.tensor_model_parallel_size, args.pipeline_model_parallel_size
-    cfg = ModelConfig(
-        num_layers=args.num_layers, hidden_size=args.hidden_size,
-        num_attention_heads=args.num_attention_heads, vocab_size=256, seq_length=args.seq_length,
-        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
-        method=MethodConfig(norm_type=args.norm_type, prores_schedule=args.prores_schedule,
-                            prores_warmup_steps=args.prores_warmup_steps, gpas=args.gpas),
-    )
-    try:
-        cfg.validate()
-    except ConfigError as e:
-        if rank == 0:
-            print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cfg = model_config(args)
     parallel.initialize(tp, pp, seed=args.seed)
     chunks = build_model(cfg)
     ddp = DistributedDataParallelConfig(overlap_grad_reduce=False, use_distributed_optimizer=False)
@@ -147,6 +147,12 @@ def train(rank: int, world: int, port: int, args) -> None:
 
 def main(argv=None):
     args = parse_args(argv)
+    from megatron_prores.config import ConfigError
+
+    try:
+        model_config(args).validate()  # before any process starts
+    except ConfigError as e:
+        sys.exit(f"error: {e}")
     world = args.tensor_model_parallel_size * args.pipeline_model_parallel_size
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
