@@ -224,11 +224,16 @@ class ModelConfig:
             raise ConfigError(
                 "--sequence-parallel needs --tensor-model-parallel-size >= 2; drop the flag at TP=1"
             )
-        cp = self.context_parallel_size
-        if self.seq_length % (tp if self.sequence_parallel else 1) or self.seq_length % (2 * cp if cp > 1 else 1):
+        if self.sequence_parallel and self.seq_length % tp:
             raise ConfigError(
-                f"--seq-length {self.seq_length} must be divisible by the tensor-parallel size "
-                f"(with --sequence-parallel) and by 2 x --context-parallel-size"
+                f"--seq-length {self.seq_length} is not divisible by --tensor-model-parallel-size "
+                f"{tp}, which --sequence-parallel needs"
+            )
+        cp = self.context_parallel_size
+        if cp > 1 and self.seq_length % (2 * cp):
+            raise ConfigError(
+                f"--seq-length {self.seq_length} is not divisible by 2 x --context-parallel-size "
+                f"{cp}, which context parallelism needs"
             )
         if cp > 1 and self.transformer_impl != "transformer_engine":
             raise ConfigError(

@@ -38,7 +38,7 @@ def _value_rows(qkv_weight: torch.Tensor, config) -> torch.Tensor:
 
 
 @torch.no_grad()
-def apply_depth_init(layer, method, norm_type: str) -> None:
+def apply_depth_init(layer, method) -> None:
     """Rescale the freshly initialized weights of ``layer`` (a ProResTransformerLayer)."""
     config = layer.config
     if not config.perform_initialization:
@@ -48,7 +48,7 @@ def apply_depth_init(layer, method, norm_type: str) -> None:
         s = 1.0 / math.sqrt(layer.layer_number)
         attn.linear_proj.weight.mul_(s)
         mlp.linear_fc2.weight.mul_(s)
-    if norm_type == "deepnorm":
+    if method.norm_type == "deepnorm":
         b = deepnorm_init_gain(config.num_layers)
         _value_rows(attn.linear_qkv.weight, config).mul_(b)
         attn.linear_proj.weight.mul_(b)

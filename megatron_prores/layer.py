@@ -117,7 +117,7 @@ class ProResTransformerLayer(TransformerLayer):
 
         self.self_attn_bda = functools.partial(self._residual_op, 0)
         self.mlp_bda = functools.partial(self._residual_op, 1)
-        apply_depth_init(self, method, method.norm_type)
+        apply_depth_init(self, method)
 
     # ---- ProRes -------------------------------------------------------------------------
     def set_prores_step(self, step: int) -> None:

@@ -39,6 +39,8 @@ BAD = [
     pytest.param(model(transformer_impl="transformer_engine"),
                  "--transformer-impl transformer_engine needs Transformer Engine, which is not installed",
                  marks=pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="CPU-only check")),
+    (model(tensor_model_parallel_size=2, sequence_parallel=True, seq_length=15),
+     "--seq-length 15 is not divisible by --tensor-model-parallel-size 2, which --sequence-parallel needs"),
     (model(hidden_dropout=1.5), "--hidden-dropout 1.5 is not valid; it must be in [0, 1)"),
 ]
 
