@@ -1,0 +1,15 @@
+"""Command-line tools (also installed as console scripts; thin wrappers live in tools/)."""
+
+import sys
+
+from megatron_prores.config import ConfigError
+
+
+def run(main, argv=None) -> int:
+    """Run a tool's main; bad input ends with one line on stderr and exit code 2."""
+    try:
+        main(argv)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0

@@ -1,0 +1,71 @@
+"""Corpus -> tokenizer -> .bin/.idx, read back with megatron-core's IndexedDataset."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tool(name, *args):
+    return subprocess.run([sys.executable, os.path.join(ROOT, "tools", f"{name}.py"), *map(str, args)],
+                          capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PYTHONWARNINGS": "ignore"})
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    out = tool("build_corpus", "--output", d / "corpus.jsonl", "--max-bytes", 400_000)
+    assert out.returncode == 0, out.stderr
+    out = tool("train_tokenizer", "--input", d / "corpus.jsonl", "--model-prefix", d / "tok", "--vocab-size", 500)
+    assert out.returncode == 0, out.stderr
+    return d
+
+
+def test_pipeline_round_trips_every_document(corpus):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_prores.tokenizer import build_tokenizer
+
+    out = tool("preprocess_data", "--input", corpus / "corpus.jsonl", "--tokenizer-model", corpus / "tok.model",
+               "--output-prefix", corpus / "std", "--workers", 2)
+    assert out.returncode == 0, out.stderr
+    assert "tokens/s" in out.stdout
+    docs = [json.loads(l)["text"] for l in open(corpus / "corpus.jsonl")]
+    assert len(docs) > 5
+    tok = build_tokenizer("SentencePieceTokenizer", str(corpus / "tok.model"))
+    assert tok.vocab_size == 500
+    ds = IndexedDataset(str(corpus / "std_text_document"))
+    assert len(ds.document_indices) - 1 == len(docs)
+    for i in (0, len(docs) // 2, len(docs) - 1):
+        expect = tok.tokenize(docs[i]) + [tok.eod]
+        assert ds[i].tolist() == expect
+        assert tok.detokenize(expect[:-1]) == docs[i]  # byte fallback: lossless
+    assert ds[0].dtype == np.uint16  # vocab below 65500
+
+
+def test_bad_inputs_give_one_line_and_no_output(corpus, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": broken}\n')
+    cases = [
+        (["--input", tmp_path / "missing.jsonl"], "--input"),
+        (["--input", bad], "bad.jsonl:2: not valid JSON"),
+        (["--input", corpus / "corpus.jsonl", "--json-keys", "body"], ":1: no key 'body'"),
+        (["--input", corpus / "corpus.jsonl", "--tokenizer-model", tmp_path / "none.model"],
+         "--tokenizer-model"),
+        (["--input", corpus / "corpus.jsonl", "--tokenizer-type", "GPT2BPE"], "--tokenizer-type 'GPT2BPE' is not valid"),
+    ]
+    for extra, message in cases:
+        args = ["--tokenizer-model", corpus / "tok.model", "--output-prefix", tmp_path / "out", "--workers", 1] + extra
+        out = tool("preprocess_data", *args)
+        assert out.returncode == 2, (extra, out.stderr)
+        assert message in out.stderr and "Traceback" not in out.stderr, out.stderr
+        assert out.stderr.strip().count("\n") == 0, out.stderr
+        assert not [p for p in os.listdir(tmp_path) if p.startswith("out")], "partial output left behind"
+    out = tool("train_tokenizer", "--input", tmp_path / "missing.txt", "--model-prefix", tmp_path / "t")
+    assert out.returncode == 2 and "does not exist" in out.stderr
