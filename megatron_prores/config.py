@@ -131,6 +131,8 @@ class ModelConfig:
     sequence_parallel: bool = False
     context_parallel_size: int = 1
     transformer_impl: str = "local"
+    recompute_granularity: Optional[str] = None  # full | selective
+    fp8_format: Optional[str] = None  # hybrid | e4m3 (Transformer Engine)
     params_dtype: torch.dtype = torch.float32
     bf16: bool = False
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -289,6 +291,10 @@ class ModelConfig:
             # gloo mismatches batched isend/irecv pairs that go both ways to one peer
             # (interleaved 1F1B at PP=2): use the unbatched p2p path on CPU.
             batch_p2p_comm=not on_cpu,
+            recompute_granularity=self.recompute_granularity,
+            recompute_method="uniform" if self.recompute_granularity == "full" else None,
+            recompute_num_layers=1 if self.recompute_granularity == "full" else None,
+            fp8=self.fp8_format,
             # Mix-LN blocks differ (post vs pre norms): checkpoint them per block.
             hetereogenous_dist_checkpoint=self.method.norm_type == "mix",
         )

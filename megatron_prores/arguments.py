@@ -1,0 +1,208 @@
+"""Command-line flags of the training driver, with Megatron-LM's names where the concept exists.
+
+A recipe can be kept in a file of flags and passed as ``@recipe.txt`` (one or more flags per line;
+lines starting with # are comments). Bad values end in one line naming the flag and the fix.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+import torch
+
+from megatron_prores.config import (
+    GPAS_GATES,
+    INIT_METHODS,
+    NORM_TYPES,
+    ConfigError,
+    MethodConfig,
+    ModelConfig,
+)
+from megatron_prores.schedules import SCHEDULES
+from megatron_prores.tokenizer import TOKENIZER_TYPES
+
+
+class _Parser(argparse.ArgumentParser):
+    def convert_arg_line_to_args(self, line):
+        line = line.split("#", 1)[0] if line.lstrip().startswith("#") else line
+        return shlex.split(line)
+
+    def error(self, message):  # one line, exit 2 (argparse's own usage dump is long)
+        raise ConfigError(message)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = _Parser(prog="megatron-prores-train", fromfile_prefix_chars="@",
+                description="Pretrain a GPT with ProRes/GPAS on megatron-core. Flags may come "
+                            "from a file: megatron-prores-train @recipe.txt")
+    g = p.add_argument_group("model")
+    g.add_argument("--num-layers", type=int, required=True)
+    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default 4 x hidden")
+    g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--num-query-groups", type=int, default=None, help="GQA groups (default: heads)")
+    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--max-position-embeddings", type=int, default=None,
+                   help="accepted for Megatron compatibility; RoPE needs none (must be >= seq length)")
+    g.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="RMSNorm")
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--hidden-dropout", type=float, default=0.0)
+    g.add_argument("--attention-dropout", type=float, default=0.0)
+
+    g = p.add_argument_group("ProRes / GPAS (this project)")
+    g.add_argument("--norm-type", choices=NORM_TYPES, default="pre")
+    g.add_argument("--prores-schedule", choices=SCHEDULES, default="none")
+    g.add_argument("--prores-warmup-steps", type=float, default=0,
+                   help="TOTAL warmup: steps until every block reaches its final value")
+    g.add_argument("--gpas", action="store_true", help="gradient-preserving activation scaling")
+    g.add_argument("--gpas-gate", choices=GPAS_GATES, default="block")
+    g.add_argument("--clip-gate-grad", type=float, default=0.0,
+                   help="separate gradient-norm clip over all GPAS gates (0: off)")
+    g.add_argument("--mix-post-layers", type=int, default=None, help="Mix-LN: Post-LN blocks (default L/4)")
+    g.add_argument("--init-method", choices=INIT_METHODS, default="normal")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--global-batch-size", type=int, required=True)
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--lr", type=float, required=True)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "WSD"], default="cosine")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--lr-wsd-decay-iters", type=int, default=None, help="WSD: final decay length")
+    g.add_argument("--lr-wsd-decay-style", choices=["linear", "cosine", "exponential", "minus_sqrt"],
+                   default="linear")
+    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--max-nonfinite-iters", type=int, default=10,
+                   help="stop after this many consecutive steps with a non-finite loss or grad norm")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--context-parallel-size", type=int, default=1)
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
+    g.add_argument("--fp8-format", choices=["hybrid", "e4m3"], default=None)
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", default=None,
+                   help="PREFIX or WEIGHT PREFIX [WEIGHT PREFIX ...] (a weighted blend)")
+    g.add_argument("--split", default="969,30,1", help="train,valid,test weights")
+    g.add_argument("--mock-data", action="store_true", help="synthetic tokens (benchmarks)")
+    g.add_argument("--tokenizer-type", choices=TOKENIZER_TYPES, default="SentencePieceTokenizer")
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--vocab-size", type=int, default=None,
+                   help="model vocabulary (default: the tokenizer's); NullTokenizer's size")
+    g.add_argument("--data-cache-path", default=None)
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save", default=None)
+    g.add_argument("--load", default=None)
+    g.add_argument("--save-interval", type=int, default=None)
+    g.add_argument("--keep-last-n", type=int, default=None, help="delete older checkpoints")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="SIGTERM/SIGUSR1: save at the next step boundary and exit 0")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None)
+
+    g = p.add_argument_group("logging and evaluation")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--eval-interval", type=int, default=None)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--tensorboard-dir", default=None)
+    return p
+
+
+def parse_args(argv=None):
+    args = build_parser().parse_args(argv)
+    check_args(args)
+    return args
+
+
+def check_args(args) -> None:
+    """Cross-flag checks that need no model and no process group."""
+    def need(cond, message):
+        if not cond:
+            raise ConfigError(message)
+
+    for flag in ("micro_batch_size", "global_batch_size", "train_iters", "seq_length", "log_interval"):
+        v = getattr(args, flag)
+        need(v > 0, f"--{flag.replace('_', '-')} {v} is not valid; it must be positive")
+    need(args.lr > 0, f"--lr {args.lr} is not valid; it must be positive")
+    need(0 <= args.min_lr <= args.lr, f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}]")
+    need(args.mock_data or args.data_path,
+         "no training data: give --data-path PREFIX (from tools/preprocess_data.py) or --mock-data")
+    need(not (args.mock_data and args.data_path), "give either --data-path or --mock-data, not both")
+    if args.tokenizer_type == "NullTokenizer" or args.mock_data:
+        need(args.vocab_size or args.tokenizer_model,
+             "--mock-data/--tokenizer-type NullTokenizer need --vocab-size")
+    else:
+        need(args.tokenizer_model, "--tokenizer-type SentencePieceTokenizer needs --tokenizer-model")
+    if args.max_position_embeddings is not None:
+        need(args.max_position_embeddings >= args.seq_length,
+             f"--max-position-embeddings {args.max_position_embeddings} is below --seq-length {args.seq_length}")
+    if args.lr_decay_style == "WSD":
+        need(args.lr_wsd_decay_iters, "--lr-decay-style WSD needs --lr-wsd-decay-iters")
+    need(args.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
+    if args.save_interval is not None:
+        need(args.save, "--save-interval needs --save DIR")
+        need(args.save_interval > 0, "--save-interval must be positive")
+    if args.eval_interval is not None:
+        need(args.eval_interval > 0, "--eval-interval must be positive")
+    need(args.clip_gate_grad >= 0, "--clip-gate-grad must be >= 0")
+    if args.clip_gate_grad > 0:
+        need(args.gpas, "--clip-gate-grad needs --gpas")
+        need(not args.use_distributed_optimizer,
+             "--clip-gate-grad is not supported with --use-distributed-optimizer yet; drop one")
+    if args.recompute_granularity is not None:
+        need(torch.cuda.is_available(),
+             "--recompute-granularity needs CUDA (megatron's recompute saves CUDA RNG states)")
+    if args.fp8_format is not None:
+        need(args.transformer_impl == "transformer_engine", "--fp8-format needs --transformer-impl transformer_engine")
+    if args.bf16:
+        need(torch.cuda.is_available(), "--bf16 needs a GPU; the CPU path trains in fp32 (drop --bf16)")
+
+
+def parse_data_path(data_path):
+    """['p'] or ['w1', 'p1', 'w2', 'p2'] -> (prefixes, weights or None)."""
+    if len(data_path) == 1:
+        return [data_path[0]], None
+    if len(data_path) % 2:
+        raise ConfigError("--data-path takes PREFIX or pairs WEIGHT PREFIX [WEIGHT PREFIX ...]")
+    try:
+        weights = [float(w) for w in data_path[0::2]]
+    except ValueError:
+        raise ConfigError("--data-path with several prefixes takes pairs WEIGHT PREFIX") from None
+    if any(w <= 0 for w in weights):
+        raise ConfigError("--data-path weights must be positive")
+    return list(data_path[1::2]), weights
+
+
+def model_config(args, vocab_size: int) -> ModelConfig:
+    method = MethodConfig(norm_type=args.norm_type, prores_schedule=args.prores_schedule,
+                          prores_warmup_steps=args.prores_warmup_steps, gpas=args.gpas,
+                          gpas_gate=args.gpas_gate, mix_post_layers=args.mix_post_layers,
+                          init_method=args.init_method)
+    return ModelConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size,
+        num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
+        ffn_hidden_size=args.ffn_hidden_size, vocab_size=vocab_size, seq_length=args.seq_length,
+        normalization=args.normalization, init_method_std=args.init_method_std,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        tensor_model_parallel_size=args.tensor_model_parallel_size,
+        pipeline_model_parallel_size=args.pipeline_model_parallel_size,
+        num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
+        sequence_parallel=args.sequence_parallel, context_parallel_size=args.context_parallel_size,
+        transformer_impl=args.transformer_impl, bf16=args.bf16, method=method,
+        recompute_granularity=args.recompute_granularity, fp8_format=args.fp8_format,
+    )

@@ -1,0 +1,140 @@
+"""The training driver: exact resume after SIGKILL, SIGTERM save-and-exit, and bad input."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.conftest import free_port
+
+BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+        "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "3e-3", "--mock-data",
+        "--vocab-size", "256", "--norm-type", "mix", "--prores-schedule", "linear",
+        "--prores-warmup-steps", "12", "--gpas", "--log-interval", "1", "--eval-iters", "1",
+        "--lr-warmup-iters", "2"]
+
+
+def launch(args, nproc=2, **popen):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if nproc == 1:  # a plain process: its exit code is the driver's own
+        cmd = [sys.executable, "-m", "megatron_prores.train", *map(str, args)]
+        env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={nproc}",
+               f"--master-port={free_port()}", "-m", "megatron_prores.train", *map(str, args)]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                            start_new_session=True, **popen)
+
+
+def run(args, nproc=2):
+    p = launch(args, nproc)
+    out, _ = p.communicate(timeout=600)
+    return p.returncode, out
+
+
+def train_state(ckpt):
+    from megatron.core import dist_checkpointing
+
+    it = int(open(os.path.join(ckpt, "latest_checkpointed_iteration.txt")).read())
+    return it, dist_checkpointing.load_common_state_dict(os.path.join(ckpt, f"iter_{it:07d}"))
+
+
+def final_weights(ckpt):
+    it, _ = train_state(ckpt)
+    files = sorted(f for f in os.listdir(os.path.join(ckpt, f"iter_{it:07d}")) if f.endswith(".distcp"))
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+
+    return _load_state_dict_from_keys(storage_reader=FileSystemReader(os.path.join(ckpt, f"iter_{it:07d}")))
+
+
+def kill_tree(p, sig, launcher=True):
+    """Signal every rank torchrun started (ranks may sit in sessions of their own), and torchrun."""
+    import psutil
+
+    procs = ([psutil.Process(p.pid)] if launcher else []) + psutil.Process(p.pid).children(recursive=True)
+    for proc in reversed(procs):
+        try:
+            proc.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+
+
+def wait_for(p, text, timeout=300):
+    seen, t0 = [], time.time()
+    while time.time() - t0 < timeout:
+        line = p.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if text in line:
+            return "".join(seen)
+    raise AssertionError(f"never saw {text!r}:\n" + "".join(seen[-30:]))
+
+
+def test_resume_after_sigkill_is_bitwise(tmp_path):
+    iters = 40
+    common = BASE + ["--train-iters", iters, "--tensor-model-parallel-size", "2", "--save-interval", "4"]
+    code, out = run(common + ["--save", tmp_path / "full"])
+    assert code == 0, out[-3000:]
+
+    p = launch(common + ["--save", tmp_path / "killed"])
+    wait_for(p, "saved checkpoint at iteration 8")
+    kill_tree(p, signal.SIGKILL)  # every process at once, no clean-up
+    p.wait()
+    time.sleep(1)
+    killed_at = train_state(tmp_path / "killed")[0]
+    assert 8 <= killed_at < iters  # killed mid-run, after at least two checkpoints
+
+    code, out = run(common + ["--save", tmp_path / "killed", "--load", tmp_path / "killed"])
+    assert code == 0, out[-3000:]
+    assert "resumed from" in out and f"at iteration {killed_at}" in out
+    it_a, a = train_state(tmp_path / "full")
+    it_b, b = train_state(tmp_path / "killed")
+    assert it_a == it_b == iters
+    assert a["train_state"]["consumed_samples"] == b["train_state"]["consumed_samples"] == 8 * iters
+    assert a["train_state"]["losses"] == b["train_state"]["losses"]  # bitwise, every step
+    wa, wb = final_weights(tmp_path / "full"), final_weights(tmp_path / "killed")
+    assert wa.keys() == wb.keys() and len(wa) > 10
+    for k in wa:
+        if isinstance(wa[k], torch.Tensor):
+            assert torch.equal(wa[k], wb[k]), k
+
+
+def test_sigterm_saves_at_step_boundary_and_exits_0(tmp_path):
+    args = BASE + ["--train-iters", "200", "--save", tmp_path / "c", "--exit-signal-handler"]
+    p = launch(args)
+    wait_for(p, "iteration        3/")
+    kill_tree(p, signal.SIGTERM, launcher=False)  # as srun delivers --signal to every task
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 0, out[-3000:]
+    assert "exiting at iteration" in out
+    it, state = train_state(tmp_path / "c")
+    assert 3 <= it < 200 and state["train_state"]["consumed_samples"] == 8 * it
+    assert len(state["train_state"]["losses"]) == it
+
+
+def test_resume_into_another_layout(tmp_path):
+    code, out = run(BASE + ["--train-iters", "4", "--tensor-model-parallel-size", "2", "--save", tmp_path / "c"])
+    assert code == 0, out[-2000:]
+    code, out = run(BASE + ["--train-iters", "6", "--pipeline-model-parallel-size", "2",
+                            "--load", tmp_path / "c", "--save", tmp_path / "c"])
+    assert code == 0, out[-3000:]
+    assert "at iteration 4" in out
+    assert train_state(tmp_path / "c")[0] == 6
+
+
+def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
+    args = BASE + ["--train-iters", "20", "--lr", "1e30", "--lr-warmup-iters", "0", "--clip-grad", "0",
+                   "--max-nonfinite-iters", "2", "--save", tmp_path / "c", "--save-interval", "1"]
+    code, out = run(args, nproc=1)
+    assert code == 3, out[-3000:]
+    assert "non-finite loss or gradient, step skipped" in out
+    assert "consecutive non-finite steps" in out
+    it, state = train_state(tmp_path / "c")
+    assert it >= 1 and os.path.isdir(tmp_path / "c" / f"iter_{it:07d}")
+    assert not [d for d in os.listdir(tmp_path / "c") if d.endswith(".tmp")]
