@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import dist_checkpointing
+from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from megatron_prores.config import ConfigError
 
@@ -128,7 +129,7 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, trai
         dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy())
         torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank:05d}.pt"))
         ok = torch.ones(1)
-    except Exception as e:  # disk full, quota, I/O error
+    except (Exception, CheckpointException) as e:  # disk full, quota, I/O error
         print(f"error: saving checkpoint {iteration} failed on rank {rank} ({type(e).__name__}: {e}); "
               f"the previous checkpoint stays the latest", flush=True)
         ok = torch.zeros(1)

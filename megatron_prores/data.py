@@ -51,6 +51,24 @@ def check_prefix(prefix: str) -> None:
         )
 
 
+def _check_splits(prefixes, split_matrix, num_samples, split) -> None:
+    """A split that must yield samples needs documents (megatron-core would loop forever)."""
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    names = ("training", "validation", "test")
+    for prefix in prefixes:
+        docs = len(IndexedDataset(prefix, mmap=True).document_indices) - 1
+        for name, want, bounds in zip(names, num_samples, split_matrix):
+            if not want:
+                continue
+            got = 0 if bounds is None else int(round(bounds[1] * docs)) - int(round(bounds[0] * docs))
+            if got <= 0:
+                raise ConfigError(
+                    f"--split {split} leaves the {name} split of {prefix!r} ({docs} documents) with no "
+                    f"document; give more data or that split a larger share (e.g. --split 90,10,0)"
+                )
+
+
 def build_datasets(args, tokenizer, dp_size: int, num_samples: List[int]):
     """(train, valid, test) megatron-core datasets of at least ``num_samples`` samples each."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -75,6 +93,8 @@ def build_datasets(args, tokenizer, dp_size: int, num_samples: List[int]):
         create_attention_mask=False,
         mmap_bin_files=True,
     )
+    if blend is not None:
+        _check_splits(blend[0], config.split_matrix, num_samples, args.split)
     cls = MockGPTDataset if args.mock_data else GPTDataset
     builder = BlendedMegatronDatasetBuilder(cls, num_samples, lambda: True, config)
     try:

@@ -183,7 +183,7 @@ def train(args) -> int:
     dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
     eval_runs = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 1
     sizes = [args.train_iters * args.global_batch_size,
-             eval_runs * args.eval_iters * args.global_batch_size, 0]
+             eval_runs * args.eval_iters * args.global_batch_size if args.eval_iters else 0, 0]
     train_ds, valid_ds, _ = data.build_datasets(args, tokenizer, dp_size, sizes)
     mbs, s = args.micro_batch_size, args.seq_length
     train_iter = data.batches(train_ds, state["consumed_samples"], mbs, dp_rank, dp_size, args.global_batch_size)
@@ -222,6 +222,8 @@ def train(args) -> int:
         return loss.item() / dp_size
 
     def evaluate(iteration):
+        if not args.eval_iters:
+            return None
         for m in model:
             m.eval()
         it = data.batches(valid_ds, 0, mbs, dp_rank, dp_size, args.global_batch_size)

@@ -28,6 +28,11 @@ def rms_norm(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
+def layer_norm(x, w, b, eps):
+    mu = x.mean(-1, keepdim=True)
+    return (x - mu) * torch.rsqrt((x - mu).pow(2).mean(-1, keepdim=True) + eps) * w + b
+
+
 def rope_tables(seq: int, dim: int, base: float, dtype):
     # megatron-core computes its rotary table (angles, cos, sin) in float32 and casts it to the
     # activation dtype; the reference uses the same float32 table so that the comparison isolates
@@ -45,7 +50,8 @@ def rotate_half(x):
 
 class Reference:
     def __init__(self, params: dict, *, num_layers, hidden, heads, groups, ffn, norm_type,
-                 gpas, gpas_gate="block", prores_values=None, mix_k=None, eps=1e-5):
+                 gpas, gpas_gate="block", prores_values=None, mix_k=None, eps=1e-5,
+                 normalization="RMSNorm"):
         self.p = {k: v.detach().to(torch.float64).clone().requires_grad_(True) for k, v in params.items()}
         self.L, self.h, self.heads, self.groups, self.ffn = num_layers, hidden, heads, groups, ffn
         self.d = hidden // heads
@@ -53,9 +59,15 @@ class Reference:
         self.a = prores_values or [1.0] * num_layers
         self.mix_k = mix_k if mix_k is not None else num_layers // 4
         self.eps = eps
+        self.normalization = normalization
 
     def w(self, name):
         return self.p[name]
+
+    def norm(self, x, prefix):
+        if self.normalization == "LayerNorm":
+            return layer_norm(x, self.w(prefix + ".weight"), self.w(prefix + ".bias"), self.eps)
+        return rms_norm(x, self.w(prefix + ".weight"), self.eps)
 
     def attention(self, i, x):
         b, s, _ = x.shape
@@ -98,18 +110,18 @@ class Reference:
         for sub, (fn, pre_norm, post_norm) in enumerate(sublayers):
             G = (lambda t: gpas_ref(t, self.gate(i, sub))) if self.gpas else (lambda t: t)
             if style == "pre":  # x + a F(Norm(x)), GPAS after the add
-                x = G(x + a * fn(i, rms_norm(x, self.w(pfx + pre_norm + ".weight"), self.eps)))
+                x = G(x + a * fn(i, self.norm(x, pfx + pre_norm)))
             elif style == "lns":  # x + a F(Norm(x) / sqrt(l))
-                n = rms_norm(x, self.w(pfx + pre_norm + ".weight"), self.eps) / math.sqrt(l)
+                n = self.norm(x, pfx + pre_norm) / math.sqrt(l)
                 x = G(x + a * fn(i, n))
             elif style == "sandwich":  # x + a Norm2(F(Norm1(x)))
-                n = rms_norm(x, self.w(pfx + pre_norm + ".weight"), self.eps)
-                x = G(x + a * rms_norm(fn(i, n), self.w(pfx + post_norm + ".weight"), self.eps))
+                n = self.norm(x, pfx + pre_norm)
+                x = G(x + a * self.norm(fn(i, n), pfx + post_norm))
             elif style == "post":  # Norm(G(x) + a F(x)); G only in Mix-LN
-                x = rms_norm(G(x) + a * fn(i, x), self.w(pfx + post_norm + ".weight"), self.eps)
+                x = self.norm(G(x) + a * fn(i, x), pfx + post_norm)
             elif style == "deepnorm":  # Norm(c G(x) + a F(x)), c = (2L)^(1/4)
                 c = (2 * L) ** 0.25
-                x = rms_norm(c * G(x) + a * fn(i, x), self.w(pfx + post_norm + ".weight"), self.eps)
+                x = self.norm(c * G(x) + a * fn(i, x), pfx + post_norm)
             else:
                 raise ValueError(style)
         return x
@@ -119,5 +131,5 @@ class Reference:
         for i in range(self.L):
             x = self.block(i, x)
         if self.norm_type not in ("post", "deepnorm"):
-            x = rms_norm(x, self.w("decoder.final_layernorm.weight"), self.eps)
+            x = self.norm(x, "decoder.final_layernorm")
         return x @ self.w("output_layer.weight").T

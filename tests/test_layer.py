@@ -19,7 +19,7 @@ def build(norm_type="pre", schedule="linear", warmup=100, gpas=True, init="norma
     method = MethodConfig(norm_type=norm_type, prores_schedule=schedule,
                           prores_warmup_steps=warmup if schedule not in ("none",) else 0,
                           gpas=gpas, init_method=init)
-    cfg = ModelConfig(num_layers=L, hidden_size=H, num_attention_heads=4, ffn_hidden_size=48,
+    cfg = ModelConfig(num_layers=L, hidden_size=H, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
                       vocab_size=64, seq_length=SEQ, params_dtype=dtype, method=method, **kw)
     seed_everything(11)
     return build_model(cfg)[0]
@@ -134,9 +134,9 @@ def test_init_methods_rescale_the_normal_init_exactly(single_process):
         assert std == pytest.approx(0.02 / math.sqrt(2 * L), rel=0.15)
         # DeepNorm: v rows, out-proj, fc1, fc2 times (8L)^-1/4; q and k unchanged
         bgain = (8 * L) ** -0.25
-        q0 = w(b0, "self_attention.linear_qkv.weight").view(4, 3, 8, H)  # 4 groups of [q, k, v]
-        qn = w(n0, "self_attention.linear_qkv.weight").view(4, 3, 8, H)
-        assert torch.equal(qn[:, :2], q0[:, :2])
-        torch.testing.assert_close(qn[:, 2], q0[:, 2] * bgain, rtol=1e-15, atol=0)
+        q0 = w(b0, "self_attention.linear_qkv.weight").view(2, 4, 8, H)  # 2 groups of [q, q, k, v]
+        qn = w(n0, "self_attention.linear_qkv.weight").view(2, 4, 8, H)
+        assert torch.equal(qn[:, :3], q0[:, :3])
+        torch.testing.assert_close(qn[:, 3], q0[:, 3] * bgain, rtol=1e-15, atol=0)
         for name in ("self_attention.linear_proj.weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"):
             torch.testing.assert_close(w(n0, name), w(b0, name) * bgain, rtol=1e-15, atol=0)

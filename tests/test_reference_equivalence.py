@@ -30,7 +30,7 @@ def rel_err(a, b):
     return ((a - b).norm() / b.norm().clamp_min(1e-300)).item()
 
 
-def run_case(norm_type, prores, gpas, gpas_gate="block", init_method="normal"):
+def run_case(norm_type, prores, gpas, gpas_gate="block", init_method="normal", normalization="RMSNorm"):
     method = MethodConfig(
         norm_type=norm_type,
         prores_schedule="linear" if prores else "none",
@@ -41,7 +41,7 @@ def run_case(norm_type, prores, gpas, gpas_gate="block", init_method="normal"):
     )
     cfg = ModelConfig(num_layers=L, hidden_size=H, num_attention_heads=HEADS, num_query_groups=GROUPS,
                       ffn_hidden_size=FFN, vocab_size=VOCAB, seq_length=SEQ,
-                      params_dtype=torch.float64, method=method)
+                      params_dtype=torch.float64, normalization=normalization, method=method)
     seed_everything(7)
     [model] = build_model(cfg)
     gen = torch.Generator().manual_seed(3)
@@ -49,9 +49,9 @@ def run_case(norm_type, prores, gpas, gpas_gate="block", init_method="normal"):
         for layer in model.decoder.layers:
             if layer.gpas_gate is not None:  # non-zero gates, both signs
                 layer.gpas_gate.copy_(torch.rand(layer.gpas_gate.shape, generator=gen, dtype=torch.float64) * 2 - 1)
-            for n in (layer.post_self_attn_layernorm, layer.post_mlp_layernorm, layer.input_layernorm):
-                if hasattr(n, "weight"):  # non-trivial norm gains
-                    n.weight.add_(torch.rand(n.weight.shape, generator=gen, dtype=torch.float64) * 0.5)
+        for name, p in model.named_parameters():
+            if "layernorm" in name:  # non-trivial norm gains (and LayerNorm biases)
+                p.add_(torch.rand(p.shape, generator=gen, dtype=torch.float64) * 0.5)
     set_prores_step(model, STEP)
     tokens = torch.randint(0, VOCAB, (BATCH, SEQ), generator=gen)
     positions = torch.arange(SEQ)[None].expand(BATCH, SEQ)
@@ -63,7 +63,8 @@ def run_case(norm_type, prores, gpas, gpas_gate="block", init_method="normal"):
 
     a = [prores_linear(STEP, l, L, WARMUP) for l in range(1, L + 1)] if prores else None
     ref = Reference(params, num_layers=L, hidden=H, heads=HEADS, groups=GROUPS, ffn=FFN,
-                    norm_type=norm_type, gpas=gpas, gpas_gate=gpas_gate, prores_values=a)
+                    norm_type=norm_type, gpas=gpas, gpas_gate=gpas_gate, prores_values=a,
+                    normalization=normalization)
     ref_logits = ref.logits(tokens)
     (ref_logits * probe).sum().backward()
     return model, logits.detach(), ref_logits.detach(), params, ref.p
@@ -89,5 +90,14 @@ def test_sublayer_gates_match_reference(single_process):
     assert rel_err(logits, ref_logits) < 1e-9
     gate = params["decoder.layers.1.gpas_gate"]
     assert gate.shape == (2,)
+    for name, p in params.items():
+        assert rel_err(p.grad, ref_params[name].grad) < 1e-9, name
+
+
+@pytest.mark.parametrize("norm_type", ["pre", "sandwich", "deepnorm", "mix"])
+def test_layernorm_models_match_reference(single_process, norm_type):
+    _, logits, ref_logits, params, ref_params = run_case(norm_type, True, True, normalization="LayerNorm")
+    assert any(n.endswith("layernorm.bias") for n in params)
+    assert rel_err(logits, ref_logits) < 1e-9
     for name, p in params.items():
         assert rel_err(p.grad, ref_params[name].grad) < 1e-9, name

@@ -74,3 +74,16 @@ def test_fix_schedules_never_finish():
     assert final_step("fix-sqrt-l", 1, L, 0) == 0.0  # 1/sqrt(1) == 1
     assert final_step("fix-sqrt-l", 2, L, 0) is None
     assert final_step("none", 3, L, 0) == 0.0
+
+
+def test_fractional_per_block_warmup():
+    # W = 90 over L = 4 blocks: T = 22.5, block 3 final at 67.5, reached at step 68
+    assert prores_value("linear", 45, 3, 4, 90) == pytest.approx(45 / 67.5)
+    assert final_step("linear", 3, 4, 90) == 67.5
+    assert prores_value("linear", 68, 3, 4, 90) == 1.0
+    assert prores_value("stagewise-L", 50, 3, 4, 90) == pytest.approx((50 - 45) / 22.5 * 0.75 + 0.25)
+    for s in SCHEDULES:
+        for l in range(1, 5):
+            done = final_step(s, l, 4, 90)
+            if done is not None:  # exactly 1 from the final step on, also with fractional T
+                assert prores_value(s, math.ceil(done), l, 4, 90) == 1.0

@@ -138,3 +138,86 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
     it, state = train_state(tmp_path / "c")
     assert it >= 1 and os.path.isdir(tmp_path / "c" / f"iter_{it:07d}")
     assert not [d for d in os.listdir(tmp_path / "c") if d.endswith(".tmp")]
+
+
+# ---- bad input: one clear line, nothing lost -------------------------------------------------
+SMALL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+         "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--train-iters", "2",
+         "--log-interval", "1", "--eval-iters", "1"]
+
+
+def one_line_error(code, out, message):
+    assert code == 2, out[-3000:]
+    errors = [l for l in out.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], out[-3000:]
+    assert "Traceback" not in out
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ds")
+    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for cmd in (["build_corpus.py", "--output", d / "c.jsonl", "--max-bytes", "200000"],
+                ["train_tokenizer.py", "--input", d / "c.jsonl", "--model-prefix", d / "tok", "--vocab-size", "600"],
+                ["preprocess_data.py", "--input", d / "c.jsonl", "--tokenizer-model", d / "tok.model",
+                 "--output-prefix", d / "c", "--workers", "1"]):
+        subprocess.run([sys.executable, os.path.join(tools, cmd[0]), *map(str, cmd[1:])], check=True,
+                       capture_output=True, env=env, timeout=600)
+    return d
+
+
+def test_bad_data_and_tokenizer_inputs(dataset, tmp_path):
+    data = ["--tokenizer-model", dataset / "tok.model"]
+    one_line_error(*run(SMALL + data + ["--data-path", tmp_path / "nope"], 1), "nope.bin does not exist")
+    # truncated .bin: its .idx describes more bytes
+    for ext in (".bin", ".idx"):
+        with open(dataset / f"c_text_document{ext}", "rb") as src, open(tmp_path / f"t{ext}", "wb") as dst:
+            blob = src.read()
+            dst.write(blob[: len(blob) // 2] if ext == ".bin" else blob)
+    one_line_error(*run(SMALL + data + ["--data-path", tmp_path / "t"], 1), "truncated or mismatched pair")
+    one_line_error(*run(SMALL + data + ["--data-path", dataset / "c_text_document", "--vocab-size", "100"], 1),
+                   "the tokenizer has 600 tokens but --vocab-size is 100")
+    one_line_error(*run(SMALL + ["--data-path", dataset / "c_text_document"], 1),
+                   "--tokenizer-type SentencePieceTokenizer needs --tokenizer-model")
+    one_line_error(*run(SMALL + data + ["--data-path", dataset / "c_text_document", "--split", "999,1,0"], 1),
+                   "leaves the validation split")
+    code, out = run(SMALL + data + ["--data-path", dataset / "c_text_document", "--split", "70,30,0"], 1)
+    assert code == 0, out[-3000:]  # the same data, valid: trains
+    assert "validation loss at iteration 2" in out
+
+
+def test_bad_run_configuration(tmp_path):
+    mock = SMALL + ["--mock-data", "--vocab-size", "128"]
+    one_line_error(*run(mock + ["--global-batch-size", "5"], 1),
+                   "--global-batch-size 5 is not divisible by --micro-batch-size 2 x data-parallel size 1")
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    one_line_error(*run(mock + ["--save", blocker / "sub"], 1), "is not writable")
+    one_line_error(*run(mock + ["--norm-type", "post", "--gpas"], 1), "--gpas with --norm-type post")
+    one_line_error(*run(mock + ["--prores-schedule", "linear"], 1), "--prores-warmup-steps 0 is not valid")
+    # --load of a different architecture
+    code, out = run(mock + ["--save", tmp_path / "c"], 1)
+    assert code == 0, out[-3000:]
+    one_line_error(*run(mock + ["--hidden-size", "64", "--load", tmp_path / "c"], 1),
+                   "holds a different model: hidden_size is 32 there but 64 now")
+    one_line_error(*run(mock + ["--norm-type", "sandwich", "--load", tmp_path / "c"], 1),
+                   "norm_type is 'pre' there but 'sandwich' now")
+
+
+def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
+    mnt = tmp_path / "small"
+    mnt.mkdir()
+    # room for one checkpoint of this model (about 3.9 MB), not two
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)]).returncode != 0:
+        pytest.skip("cannot mount a small tmpfs here (needs root) to fill the disk")
+    try:
+        args = BASE + ["--train-iters", "4", "--save", mnt / "c", "--save-interval", "2"]
+        code, out = run(args, 1)
+        assert code == 2, out[-3000:]
+        assert "saving checkpoint 4" in out and "the previous checkpoint stays the latest" in out
+        it, state = train_state(mnt / "c")
+        assert it == 2 and len(state["train_state"]["losses"]) == 2
+        assert not [d for d in os.listdir(mnt / "c") if d.endswith(".tmp")]
+    finally:
+        subprocess.run(["umount", str(mnt)])

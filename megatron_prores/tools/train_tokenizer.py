@@ -51,7 +51,7 @@ def main(argv=None):
         )
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"SentencePiece could not train: {msg} (a smaller --vocab-size or more text)") from None
+        raise ConfigError(f"SentencePiece could not train: {msg} (adjust --vocab-size or give more text)") from None
     tmp = args.model_prefix + ".model.tmp"
     with open(tmp, "wb") as f:
         f.write(model.getvalue())
