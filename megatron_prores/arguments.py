@@ -104,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tokenizer-model", default=None)
     g.add_argument("--vocab-size", type=int, default=None,
                    help="model vocabulary (default: the tokenizer's); NullTokenizer's size")
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the model vocabulary to a multiple of this x TP (Megatron-LM's rule)")
     g.add_argument("--data-cache-path", default=None)
 
     g = p.add_argument_group("checkpointing")
@@ -197,6 +199,7 @@ def model_config(args, vocab_size: int) -> ModelConfig:
         num_layers=args.num_layers, hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
         ffn_hidden_size=args.ffn_hidden_size, vocab_size=vocab_size, seq_length=args.seq_length,
+        make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         normalization=args.normalization, init_method_std=args.init_method_std,
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         tensor_model_parallel_size=args.tensor_model_parallel_size,

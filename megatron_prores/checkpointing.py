@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 
 from megatron.core import dist_checkpointing
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from megatron_prores.config import ConfigError
@@ -56,10 +57,25 @@ def save_model(chunks: List[torch.nn.Module], directory: str) -> None:
     dist_checkpointing.save(model_sharded_state_dict(chunks), directory, sharded_strategy=_save_strategy())
 
 
-def load_model(chunks: List[torch.nn.Module], directory: str) -> None:
-    state = dist_checkpointing.load(model_sharded_state_dict(chunks), directory)
+def _load(sharded: dict, directory: str) -> dict:
+    # LOG_ALL: keys the checkpoint lacks are left out instead of failing here; _load_model then
+    # accepts only Transformer Engine's _extra_state (FP8 metadata) among them, so a local-spec
+    # checkpoint loads into a TE model.
+    return dist_checkpointing.load(sharded, directory, strict=StrictHandling.LOG_ALL)
+
+
+def _load_model(chunks, state: dict, where: str) -> None:
     for i, chunk in enumerate(chunks):
-        _unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
+        missing, unexpected = _unwrap(chunk).load_state_dict(state[f"model{i}"], strict=False)
+        bad = [k for k in missing if not k.endswith("_extra_state")] + list(unexpected)
+        if bad:
+            raise ConfigError(f"checkpoint {where!r} does not match the model ({bad[0]} "
+                              f"{'missing' if bad[0] in missing else 'unexpected'}); load a checkpoint "
+                              f"of this architecture")
+
+
+def load_model(chunks: List[torch.nn.Module], directory: str) -> None:
+    _load_model(chunks, _load(model_sharded_state_dict(chunks), directory), directory)
 
 
 def iteration_dir(root: str, iteration: int) -> str:
@@ -185,9 +201,8 @@ def load_checkpoint(root: str, model, optimizer, scheduler, model_args: dict) ->
                           f"{directory} is missing")
     common = dist_checkpointing.load_common_state_dict(directory)
     check_model_args(common.get("model_args", {}), model_args, root)
-    state = dist_checkpointing.load(_training_state(model, optimizer, is_loading=True), directory)
-    for i, chunk in enumerate(model):
-        _unwrap(chunk).load_state_dict(state[f"model{i}"], strict=True)
+    state = _load(_training_state(model, optimizer, is_loading=True), directory)
+    _load_model(model, state, directory)
     if optimizer is not None:
         optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and common.get("scheduler") is not None:

@@ -79,6 +79,11 @@ class MethodConfig:
         _choice("--gpas-gate", self.gpas_gate, GPAS_GATES)
         _choice("--init-method", self.init_method, INIT_METHODS)
         w = self.prores_warmup_steps
+        if not needs_warmup(self.prores_schedule) and w:
+            raise ConfigError(
+                f"--prores-warmup-steps {w!r} has no effect with --prores-schedule "
+                f"{self.prores_schedule}; choose a warming schedule (e.g. linear) or drop the warmup"
+            )
         if needs_warmup(self.prores_schedule):
             if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w <= 0:
                 raise ConfigError(
@@ -116,6 +121,7 @@ class ModelConfig:
     num_query_groups: Optional[int] = None
     ffn_hidden_size: Optional[int] = None
     vocab_size: int = 256
+    make_vocab_size_divisible_by: int = 1  # the driver uses Megatron's 128
     seq_length: int = 32
     normalization: str = "RMSNorm"
     norm_epsilon: float = 1e-5
@@ -142,11 +148,18 @@ class ModelConfig:
 
     @property
     def ffn_size(self) -> int:
-        return self.ffn_hidden_size or 4 * self.hidden_size
+        return 4 * self.hidden_size if self.ffn_hidden_size is None else self.ffn_hidden_size
 
     @property
     def query_groups(self) -> int:
-        return self.num_query_groups or self.num_attention_heads
+        return self.num_attention_heads if self.num_query_groups is None else self.num_query_groups
+
+    @property
+    def padded_vocab_size(self) -> int:
+        """Vocabulary rounded up to a multiple of make_vocab_size_divisible_by x TP (Megatron-LM's
+        rule), so the vocabulary-parallel embedding splits evenly; padded rows are never targets."""
+        m = self.make_vocab_size_divisible_by * self.tensor_model_parallel_size
+        return -(-self.vocab_size // m) * m
 
     @property
     def virtual_pipeline_size(self) -> Optional[int]:
@@ -169,6 +182,7 @@ class ModelConfig:
             ("--num-query-groups", self.query_groups),
             ("--ffn-hidden-size", self.ffn_size),
             ("--vocab-size", self.vocab_size),
+            ("--make-vocab-size-divisible-by", self.make_vocab_size_divisible_by),
             ("--seq-length", self.seq_length),
             ("--tensor-model-parallel-size", self.tensor_model_parallel_size),
             ("--pipeline-model-parallel-size", self.pipeline_model_parallel_size),

@@ -8,6 +8,12 @@ pipeline schedules, the optimizer, dist_checkpointing) runs unchanged on CPU.
 Everything here is a no-op on a machine with CUDA: ``enable()`` is only ever called when
 ``torch.cuda.is_available()`` is False.
 
+Limits (CPU only, by design): the function mode is per thread, so code that asks for CUDA from a
+thread of its own (async checkpoint writers, data-loader threads) is not redirected: the CPU path
+saves synchronously and loads data in the main thread. The ``torch.cuda`` replacements stay for
+the life of the process. Megatron's RNG tracker forks nothing here, so dropout masks are drawn from
+the one CPU generator (identical across tensor-parallel ranks).
+
 The redirects:
 1. a ``TorchFunctionMode`` that rewrites a CUDA ``device=`` argument (string, ``torch.device``
    or bare integer index) to the CPU, and makes ``Tensor.cuda()``/``.to("cuda")`` stay on CPU;

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from typing import List
 
+import torch
+
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
@@ -28,7 +30,7 @@ def build_model(cfg: ModelConfig, parallel_output: bool = True) -> List[GPTModel
         chunk = GPTModel(
             config=tcfg,
             transformer_layer_spec=block_spec(cfg.method, tcfg, cfg.transformer_impl, stage),
-            vocab_size=cfg.vocab_size,
+            vocab_size=cfg.padded_vocab_size,
             max_sequence_length=cfg.seq_length,
             pre_process=pp_rank == 0 and vp_stage == 0,
             post_process=pp_rank == pp_size - 1 and vp_stage == (vpp or 1) - 1,
@@ -38,5 +40,7 @@ def build_model(cfg: ModelConfig, parallel_output: bool = True) -> List[GPTModel
             rotary_base=cfg.rotary_base,
             vp_stage=stage,
         )
+        if torch.cuda.is_available():
+            chunk = chunk.cuda()  # norms, gates and schedule buffers too, not only megatron's linears
         chunks.append(chunk)
     return chunks

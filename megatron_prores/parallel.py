@@ -73,7 +73,8 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1,
             create_gloo_process_groups=use_cuda,
         )
         _layout = layout
-    seed_everything(seed)
+    # Megatron-LM's rule: each pipeline stage draws from its own stream
+    seed_everything(seed + 100 * parallel_state.get_pipeline_model_parallel_rank())
 
 
 def seed_everything(seed: int) -> None:

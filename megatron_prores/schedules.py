@@ -64,7 +64,12 @@ def _ramp(x: float) -> float:
 
 def prores_value(schedule: str, step: int, layer: int, num_layers: int, warmup: float) -> float:
     """a(l, t) for global 1-based block ``layer`` of ``num_layers`` at optimizer step ``step``."""
+    if schedule not in SCHEDULES:
+        raise ValueError(f"unknown ProRes schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     t, l, L = float(step), layer, num_layers
+    done = final_step(schedule, layer, num_layers, warmup) if needs_warmup(schedule) else None
+    if done is not None and t >= done:
+        return 1.0  # exactly, also where a fractional T rounds to 0.999...
     if schedule == "none":
         return 1.0
     if schedule == "fix-L":
@@ -97,10 +102,12 @@ def final_step(schedule: str, layer: int, num_layers: int, warmup: float) -> Opt
 
     None when that never happens (the fix-* schedules keep a constant below 1).
     """
-    if prores_value(schedule, 0, layer, num_layers, warmup) == 1.0:
-        return 0.0  # 'none', fix-sqrt-l at l=1, stagewise-sqrt-l at l=1
     if not needs_warmup(schedule):
-        return None
+        return 0.0 if prores_value(schedule, 0, layer, num_layers, warmup) == 1.0 else None
+    if schedule == "stagewise-sqrt-l" and layer == 1:
+        return 0.0  # its floor 1/sqrt(1) is already 1
+    if schedule == "stagewise-L" and num_layers == 1:
+        return 0.0
     T = per_block_warmup(schedule, num_layers, warmup)
     if schedule == "equal":
         return T

@@ -18,6 +18,8 @@ BAD = [
     (model(method=MethodConfig(prores_schedule="cosine", prores_warmup_steps=10)), "--prores-schedule 'cosine' is not valid; choose one of: none, linear"),
     (model(method=MethodConfig(prores_schedule="linear", prores_warmup_steps=0)), "--prores-warmup-steps 0 is not valid for --prores-schedule linear"),
     (model(method=MethodConfig(prores_schedule="equal", prores_warmup_steps=-5)), "--prores-warmup-steps -5 is not valid for --prores-schedule equal"),
+    (model(method=MethodConfig(prores_warmup_steps=12000)), "--prores-warmup-steps 12000 has no effect with --prores-schedule none"),
+    (model(method=MethodConfig(prores_schedule="fix-L", prores_warmup_steps=-1)), "has no effect with --prores-schedule fix-L"),
     (model(method=MethodConfig(norm_type="mix", mix_post_layers=8)), "--mix-post-layers 8 is not valid for 8 layers: Mix-LN needs 1 <= k <= 7"),
     (model(method=MethodConfig(norm_type="mix", mix_post_layers=0)), "--mix-post-layers 0 is not valid for 8 layers"),
     (model(num_layers=3, method=MethodConfig(norm_type="mix")), "--mix-post-layers 0 is not valid for 3 layers"),
@@ -68,3 +70,9 @@ def test_te_spec_without_te_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="needs Transformer Engine, which is not importable here"):
         layer_spec(MethodConfig(), "pre", "transformer_engine")
+
+
+def test_vocab_is_padded_for_tensor_parallelism():
+    cfg = model(vocab_size=50257, tensor_model_parallel_size=2, make_vocab_size_divisible_by=128)
+    assert cfg.padded_vocab_size == 50432 and cfg.padded_vocab_size % 256 == 0
+    assert model(vocab_size=64).padded_vocab_size == 64
