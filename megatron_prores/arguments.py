@@ -115,7 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--keep-last-n", type=int, default=None, help="delete older checkpoints")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="SIGTERM/SIGUSR1: save at the next step boundary and exit 0")
-    g.add_argument("--exit-duration-in-mins", type=float, default=None)
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save and exit 0 once the run has lasted this long")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save and exit 0 after the iteration that is a multiple of this")
 
     g = p.add_argument_group("logging and evaluation")
     g.add_argument("--log-interval", type=int, default=10)

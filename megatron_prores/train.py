@@ -205,11 +205,14 @@ def train(args) -> int:
     fwd_bwd = get_forward_backward_func()
     is_last = ps.is_pipeline_last_stage(ignore_virtual=True)
     log_rank = is_last and ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0
-    writer = None
-    if args.tensorboard_dir and log_rank:
+    # One TensorBoard writer per pipeline stage (its TP rank 0 of data-parallel replica 0): the
+    # per-block series come from the stage holding the block; run-level scalars from the last.
+    tb = None
+    if args.tensorboard_dir and ps.get_tensor_model_parallel_rank() == 0 and dp_rank == 0:
         from torch.utils.tensorboard import SummaryWriter
 
-        writer = SummaryWriter(args.tensorboard_dir)
+        tb = SummaryWriter(args.tensorboard_dir, filename_suffix=f".stage{ps.get_pipeline_model_parallel_rank()}")
+    writer = tb if is_last else None
 
     def run(iterator, forward_only):
         iters = [iterator] * len(model) if len(model) > 1 else iterator
@@ -249,6 +252,8 @@ def train(args) -> int:
                   flush=True)
 
     exit_request = ExitRequest(args.exit_signal_handler)
+    stream_rms = StreamRMS(model)
+    peak = peak_tflops()
     gates = [l.gpas_gate for l in prores_layers(model)] if args.gpas else []
     tokens_per_iter = args.global_batch_size * s
     fpt = flops_per_token(cfg)
@@ -264,17 +269,21 @@ def train(args) -> int:
         iteration = state["iteration"]
         t0 = time.time()
         set_prores_step(model, iteration)  # once per step, before forward/backward
+        logging_step = (iteration + 1) % args.log_interval == 0
+        if logging_step and args.tensorboard_dir:  # same decision on every rank (collective below)
+            stream_rms.start()
         for m in model:
             m.zero_grad_buffer()
         optimizer.zero_grad()
         loss = run(train_iter, False)
+        rms = stream_rms.stop() if stream_rms.handles else {}
         # one flag for the loss and every gradient buffer: a single host sync per step
         flags = [torch.isfinite(b.grad_data).all() for m in model for b in m.buffers]
         finite = torch.tensor([float(math.isfinite(loss) and bool(torch.stack(flags).all()))])
         dist.all_reduce(finite, op=dist.ReduceOp.MIN)
         gate_norm = None
         if finite.item():
-            if gates and (args.clip_gate_grad > 0 or (iteration + 1) % args.log_interval == 0):
+            if gates and (args.clip_gate_grad > 0 or logging_step):
                 gate_norm = _gate_grad_norm(gates, args.clip_gate_grad)
             _, grad_norm, _ = optimizer.step()
             scheduler.step(increment=args.global_batch_size)
@@ -303,6 +312,7 @@ def train(args) -> int:
         if iteration % args.log_interval == 0 or iteration == args.train_iters:
             avg_t = window["time"] / window["n"]
             tps = tokens_per_iter / avg_t
+            tflops = fpt * tps / world / 1e12
             lr = scheduler.get_lr(optimizer.param_groups[0])
             if log_rank:
                 line = (f" iteration {iteration:8d}/{args.train_iters:8d} | consumed samples: "
@@ -310,7 +320,7 @@ def train(args) -> int:
                         f"learning rate: {lr:.6E} | global batch size: {args.global_batch_size:5d} | "
                         f"lm loss: {window['loss'] / window['n']:.6E} | grad norm: {grad_norm:.3f} | "
                         f"skipped iterations: {state['skipped_iters']:3d} | tokens/s: {tps:.0f} | "
-                        f"TFLOP/s per device: {fpt * tps / world / 1e12:.3f}")
+                        f"TFLOP/s per device: {tflops:.3f}" + (f" | MFU: {100 * tflops / peak:.1f}%" if peak else ""))
                 print(line, flush=True)
             if writer:
                 writer.add_scalar("lm-loss-training/lm loss", window["loss"] / window["n"], iteration)
@@ -319,8 +329,13 @@ def train(args) -> int:
                 writer.add_scalar("throughput/tokens per second", tps, iteration)
                 if gate_norm is not None:
                     writer.add_scalar("gpas/gate grad norm", gate_norm, iteration)
-            if writer:
-                _log_blocks(writer, model, iteration, gpas_scale)
+                if peak:
+                    writer.add_scalar("throughput/MFU", tflops / peak, iteration)
+
+            if tb:
+                _log_blocks(tb, model, iteration, gpas_scale)
+                for block, value in rms.items():
+                    tb.add_scalar(f"stream-rms/block {block:03d}", value, iteration)
             window = {"loss": 0.0, "n": 0, "time": 0.0}
         if args.eval_interval and iteration % args.eval_interval == 0:
             evaluate(iteration)
@@ -329,24 +344,77 @@ def train(args) -> int:
             over = torch.tensor([1.0 if (time.time() - start_time) / 60 > args.exit_duration_in_mins else 0.0])
             dist.all_reduce(over, op=dist.ReduceOp.MAX)
             stop = stop or bool(over.item())
+        if args.exit_interval and iteration % args.exit_interval == 0 and iteration < args.train_iters:
+            stop = True
         if args.save and (stop or (args.save_interval and iteration % args.save_interval == 0)):
             save(iteration)
         if stop:
             if rank == 0:
-                print(f"exiting at iteration {iteration} (signal or time limit); checkpoint saved", flush=True)
+                print(f"exiting at iteration {iteration} (signal, time limit or --exit-interval)"
+                      + ("; checkpoint saved" if args.save else ""), flush=True)
             return 0
 
     if not (args.eval_interval and state["iteration"] % args.eval_interval == 0):
         evaluate(state["iteration"])
     if args.save and not (args.save_interval and state["iteration"] % args.save_interval == 0):
         save(state["iteration"])
+    score = spike_score(state["losses"])
     if rank == 0:
-        print(f"loss-spike score: {spike_score(state['losses']):.4f}", flush=True)
-        if writer:
-            writer.add_scalar("loss-spike-score", spike_score(state["losses"]), state["iteration"])
+        print(f"loss-spike score: {score:.4f}", flush=True)
     if writer:
-        writer.close()
+        writer.add_scalar("loss-spike-score", score, state["iteration"])
+    if tb:
+        tb.close()
     return 0
+
+
+class StreamRMS:
+    """RMS of the residual stream after each block, measured on logging iterations only (forward
+    hooks added for that step; values stay on the device until the log line)."""
+
+    def __init__(self, model):
+        from megatron_prores.layer import prores_layers
+
+        self.layers = list(prores_layers(model))
+        self.handles, self.sums = [], {}
+
+    def start(self):
+        def hook(layer):
+            def fn(module, args, output):
+                out = output[0] if isinstance(output, tuple) else output
+                ms = out.detach().float().pow(2).mean()
+                s, n = self.sums.get(layer.layer_number, (0.0, 0))
+                self.sums[layer.layer_number] = (s + ms, n + 1)
+            return fn
+
+        self.sums = {}
+        self.handles = [l.register_forward_hook(hook(l)) for l in self.layers]
+
+    def stop(self) -> dict:
+        """{global block: RMS}, averaged over microbatches and tensor-parallel ranks (SP shards)."""
+        from megatron.core import parallel_state as ps
+
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        if not self.sums:
+            return {}
+        blocks = sorted(self.sums)
+        ms = torch.stack([torch.as_tensor(self.sums[b][0]) / self.sums[b][1] for b in blocks]).float()
+        dist.all_reduce(ms, group=ps.get_tensor_model_parallel_group())
+        ms /= ps.get_tensor_model_parallel_world_size()
+        return {b: v for b, v in zip(blocks, ms.sqrt().tolist())}
+
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+def peak_tflops() -> float | None:
+    """Dense bf16 peak of this GPU, for MFU (None on CPU or an unknown device)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
 def _gate_grad_norm(gates, clip: float) -> float:
