@@ -107,10 +107,36 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+@torch.no_grad()
+def _prime_distributed_optimizer(optimizer) -> None:
+    """Give a fresh DistributedOptimizer its Adam state before loading into it.
+
+    Without apex/TE, megatron-core's DistributedOptimizer.state_dict() reads the Adam 'step' of
+    existing state (and asserts on a fresh optimizer). One step at lr 0 with zero gradients creates
+    the state and leaves every parameter bit-identical; loading then overwrites the state.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if type(opt).__name__ != "DistributedOptimizer" or inner is None or inner.state:
+            continue
+        lrs = [g["lr"] for g in inner.param_groups]
+        for g in inner.param_groups:
+            g["lr"] = 0.0
+            for p in g["params"]:
+                p.grad = torch.zeros_like(p)
+        inner.step()
+        for g, lr in zip(inner.param_groups, lrs):
+            g["lr"] = lr
+            for p in g["params"]:
+                p.grad = None
+
+
 def _training_state(model, optimizer, is_loading: bool) -> dict:
     model_sd = model_sharded_state_dict(model)
     state = dict(model_sd)
     if optimizer is not None:
+        if is_loading:
+            _prime_distributed_optimizer(optimizer)
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
                                                           metadata=DISTRIB_OPTIM_METADATA)
     return state
@@ -204,7 +230,8 @@ def load_checkpoint(root: str, model, optimizer, scheduler, model_args: dict) ->
     state = _load(_training_state(model, optimizer, is_loading=True), directory)
     _load_model(model, state, directory)
     if optimizer is not None:
-        optimizer.load_state_dict(state["optimizer"])
+        with torch.no_grad():  # the distributed optimizer copies into views of the parameters
+            optimizer.load_state_dict(state["optimizer"])
     if scheduler is not None and common.get("scheduler") is not None:
         scheduler.load_state_dict(common["scheduler"])
     rng = os.path.join(directory, f"rng_rank{dist.get_rank():05d}.pt")

@@ -221,3 +221,24 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
         assert not [d for d in os.listdir(mnt / "c") if d.endswith(".tmp")]
     finally:
         subprocess.run(["umount", str(mnt)])
+
+
+@pytest.mark.xfail(strict=True, reason="known bug: with --use-distributed-optimizer (DP=2, torch AdamW, "
+                   "no apex/TE) the resumed run matches at the first step after the resume and drifts "
+                   "from the second on (optimizer state restore); the plain optimizer resumes bitwise")
+def test_distributed_optimizer_resume_is_bitwise(tmp_path):
+    """DP=2 with megatron's distributed optimizer: stop at 4 (--exit-interval), resume to 8."""
+    args = BASE + ["--train-iters", "8", "--use-distributed-optimizer", "--save-interval", "2",
+                   "--keep-last-n", "2"]
+    code, out = run(args + ["--save", tmp_path / "full"])
+    assert code == 0, out[-3000:]
+    code, out = run(args + ["--save", tmp_path / "two", "--exit-interval", "4"])
+    assert code == 0 and "exiting at iteration 4" in out, out[-3000:]
+    code, out = run(args + ["--save", tmp_path / "two", "--load", tmp_path / "two"])
+    assert code == 0 and "at iteration 4" in out, out[-3000:]
+    _, a = train_state(tmp_path / "full")
+    _, b = train_state(tmp_path / "two")
+    assert len(a["train_state"]["losses"]) == 8
+    assert a["train_state"]["losses"] == b["train_state"]["losses"]
+    assert sorted(d for d in os.listdir(tmp_path / "full") if d.startswith("iter_")) == \
+        ["iter_0000006", "iter_0000008"]  # --keep-last-n 2
