@@ -76,3 +76,19 @@ def test_vocab_is_padded_for_tensor_parallelism():
     cfg = model(vocab_size=50257, tensor_model_parallel_size=2, make_vocab_size_divisible_by=128)
     assert cfg.padded_vocab_size == 50432 and cfg.padded_vocab_size % 256 == 0
     assert model(vocab_size=64).padded_vocab_size == 64
+
+
+def test_driver_flags_from_a_recipe_file(tmp_path):
+    from megatron_prores.arguments import parse_args
+
+    recipe = tmp_path / "recipe.txt"
+    recipe.write_text("# a 4-layer recipe\n--num-layers 4 --hidden-size 64\n--num-attention-heads 4\n"
+                      "--seq-length 32 --micro-batch-size 2 --global-batch-size 8\n--train-iters 10 --lr 1e-3\n"
+                      "--mock-data --vocab-size 128 --norm-type deepnorm --gpas\n")
+    args = parse_args([f"@{recipe}", "--lr", "2e-3"])  # later flags override the file
+    assert (args.num_layers, args.norm_type, args.gpas, args.lr) == (4, "deepnorm", True, 2e-3)
+    with pytest.raises(ConfigError, match="--norm-type"):
+        parse_args([f"@{recipe}", "--norm-type", "rms"])
+    with pytest.raises(ConfigError, match="no training data"):
+        parse_args(["--num-layers", "2", "--hidden-size", "8", "--num-attention-heads", "2", "--seq-length", "8",
+                    "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1", "--lr", "1e-3"])
