@@ -219,7 +219,9 @@ def train(args) -> int:
         losses = fwd_bwd(forward_step_func=forward_step, data_iterator=iters, model=model,
                          num_microbatches=num_micro, seq_length=s, micro_batch_size=mbs,
                          decoder_seq_length=s, forward_only=forward_only)
-        loss = torch.tensor([sum(x["lm loss"].item() for x in losses) / num_micro if losses else 0.0])
+        # one host sync for all microbatch losses, after the step's forward/backward
+        loss = (torch.stack([x["lm loss"].float() for x in losses]).sum().cpu().view(1) / num_micro
+                if losses else torch.zeros(1))
         dist.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())  # only the last stage has it
         dist.all_reduce(loss, group=ps.get_data_parallel_group())
         return loss.item() / dp_size
