@@ -131,6 +131,22 @@ def _prime_distributed_optimizer(optimizer) -> None:
                 p.grad = None
 
 
+def _restore_adam_step(optimizer, steps: int) -> None:
+    """Set Adam's step count (bias correction) of a DistributedOptimizer after loading.
+
+    megatron-core's dp_reshardable optimizer format, without apex/TE, does not bring back torch
+    Adam's per-parameter 'step' (it stays what the fresh optimizer had). It is derivable: the number
+    of optimizer steps taken, i.e. iterations minus skipped (non-finite) iterations.
+    """
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if type(opt).__name__ != "DistributedOptimizer" or inner is None:
+            continue
+        for state in inner.state.values():
+            if "step" in state:
+                state["step"] = torch.tensor(float(steps), dtype=torch.float32)
+
+
 def _training_state(model, optimizer, is_loading: bool) -> dict:
     model_sd = model_sharded_state_dict(model)
     state = dict(model_sd)
@@ -232,6 +248,8 @@ def load_checkpoint(root: str, model, optimizer, scheduler, model_args: dict) ->
     if optimizer is not None:
         with torch.no_grad():  # the distributed optimizer copies into views of the parameters
             optimizer.load_state_dict(state["optimizer"])
+        train_state = common["train_state"]
+        _restore_adam_step(optimizer, train_state["iteration"] - train_state.get("skipped_iters", 0))
     if scheduler is not None and common.get("scheduler") is not None:
         scheduler.load_state_dict(common["scheduler"])
     rng = os.path.join(directory, f"rng_rank{dist.get_rank():05d}.pt")

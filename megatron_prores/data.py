@@ -69,7 +69,7 @@ def _check_splits(prefixes, split_matrix, num_samples, split) -> None:
                 )
 
 
-def build_datasets(args, tokenizer, dp_size: int, num_samples: List[int]):
+def build_datasets(args, tokenizer, num_samples: List[int]):
     """(train, valid, test) megatron-core datasets of at least ``num_samples`` samples each."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
@@ -103,8 +103,8 @@ def build_datasets(args, tokenizer, dp_size: int, num_samples: List[int]):
         raise ConfigError(f"cannot build the datasets from --data-path/--split: {e}") from None
 
 
-def batches(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int, dp_size: int,
-            global_batch_size: int) -> Iterator[dict]:
+def batches(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
+            dp_size: int) -> Iterator[dict]:
     """Micro batches of this data-parallel rank, from ``consumed_samples`` on, forever (wraps)."""
     n = len(dataset)
     k = consumed_samples

@@ -184,9 +184,9 @@ def train(args) -> int:
     eval_runs = (args.train_iters // args.eval_interval + 1) if args.eval_interval else 1
     sizes = [args.train_iters * args.global_batch_size,
              eval_runs * args.eval_iters * args.global_batch_size if args.eval_iters else 0, 0]
-    train_ds, valid_ds, _ = data.build_datasets(args, tokenizer, dp_size, sizes)
+    train_ds, valid_ds, _ = data.build_datasets(args, tokenizer, sizes)
     mbs, s = args.micro_batch_size, args.seq_length
-    train_iter = data.batches(train_ds, state["consumed_samples"], mbs, dp_rank, dp_size, args.global_batch_size)
+    train_iter = data.batches(train_ds, state["consumed_samples"], mbs, dp_rank, dp_size)
 
     def forward_step(data_iterator, chunk):
         batch = next(data_iterator)
@@ -231,7 +231,7 @@ def train(args) -> int:
             return None
         for m in model:
             m.eval()
-        it = data.batches(valid_ds, 0, mbs, dp_rank, dp_size, args.global_batch_size)
+        it = data.batches(valid_ds, 0, mbs, dp_rank, dp_size)
         with torch.no_grad():
             loss = sum(run(it, True) for _ in range(args.eval_iters)) / args.eval_iters
         for m in model:
@@ -330,7 +330,7 @@ def train(args) -> int:
                 writer.add_scalar("grad-norm", grad_norm, iteration)
                 writer.add_scalar("throughput/tokens per second", tps, iteration)
                 if gate_norm is not None:
-                    writer.add_scalar("gpas/gate grad norm", gate_norm, iteration)
+                    writer.add_scalar("gpas/gate grad norm", gate_norm.item(), iteration)
                 if peak:
                     writer.add_scalar("throughput/MFU", tflops / peak, iteration)
 
@@ -419,18 +419,18 @@ def peak_tflops() -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def _gate_grad_norm(gates, clip: float) -> float:
-    """L2 norm of all GPAS gate gradients (summed over pipeline stages); clipped to ``clip``."""
+def _gate_grad_norm(gates, clip: float) -> torch.Tensor:
+    """L2 norm of all GPAS gate gradients (summed over pipeline stages), clipped to ``clip`` > 0
+    on the device (no host sync; read the returned tensor only when logging)."""
     from megatron.core import parallel_state as ps
 
-    sq = torch.zeros(1, dtype=torch.float64)
-    for g in gates:
-        sq += g.main_grad.double().pow(2).sum().cpu()
+    sq = torch.stack([g.main_grad.float().pow(2).sum() for g in gates]).sum().view(1)
     dist.all_reduce(sq, group=ps.get_pipeline_model_parallel_group())
-    norm = sq.sqrt().item()
-    if clip > 0 and norm > clip:
+    norm = sq.sqrt()
+    if clip > 0:
+        scale = (clip / (norm + 1e-6)).clamp(max=1.0)
         for g in gates:
-            g.main_grad.mul_(clip / (norm + 1e-6))
+            g.main_grad.mul_(scale.to(g.main_grad.dtype))
     return norm
 
 
