@@ -113,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
     g.add_argument("--keep-last-n", type=int, default=None, help="delete older checkpoints")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in a background process while training goes on; a checkpoint "
+                        "becomes the latest only once every rank has finished writing it")
     g.add_argument("--exit-signal-handler", action="store_true",
                    help="SIGTERM/SIGUSR1: save at the next step boundary and exit 0")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,

@@ -8,7 +8,8 @@ Layout, like Megatron-LM's:
 
 A checkpoint is written into ``iter_XXXXXXX.tmp``, renamed when every rank has finished, and
 only then named in the latest file: a crash or a full disk mid-save leaves the previous
-checkpoint the latest. ProRes values are not stored: they are derived from the iteration.
+checkpoint the latest. With --async-save the same holds for the background writer: the rename
+and the marker happen only after every rank's writer has finished. ProRes values are not stored: they are derived from the iteration.
 """
 
 from __future__ import annotations
@@ -158,49 +159,41 @@ def _training_state(model, optimizer, is_loading: bool) -> dict:
     return state
 
 
-def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, train_state: dict,
-                    model_args: dict, keep_last_n: Optional[int] = None) -> str:
-    """Save everything needed to resume exactly; returns the checkpoint directory."""
-    rank = dist.get_rank()
-    final, tmp = iteration_dir(root, iteration), iteration_dir(root, iteration) + ".tmp"
-    if rank == 0:
+def _prepare(root: str, iteration: int) -> str:
+    """Rank 0 makes a fresh ``iter_XXXXXXX.tmp``; every rank learns whether that worked."""
+    tmp = iteration_dir(root, iteration) + ".tmp"
+    ok = torch.ones(1)
+    if dist.get_rank() == 0:
         try:
             os.makedirs(root, exist_ok=True)
             if os.path.isdir(tmp):
                 shutil.rmtree(tmp)  # left by an interrupted save
             os.makedirs(tmp)
-            ok = torch.ones(1)
         except OSError as e:
             print(f"error: --save {root!r} is not writable ({e.strerror}); the previous checkpoint "
                   f"stays the latest", flush=True)
             ok = torch.zeros(1)
-    else:
-        ok = torch.ones(1)
-    ok = _all_min(ok)
-    if not ok:
-        raise ConfigError(f"--save {root!r} is not writable; the previous checkpoint stays the latest")
-    state = _training_state(model, optimizer, is_loading=False)
-    state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
-    state["train_state"] = dict(train_state, iteration=iteration)
-    state["model_args"] = model_args
-    try:
-        dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy())
-        torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{rank:05d}.pt"))
-        ok = torch.ones(1)
-    except (Exception, CheckpointException) as e:  # disk full, quota, I/O error
-        print(f"error: saving checkpoint {iteration} failed on rank {rank} ({type(e).__name__}: {e}); "
-              f"the previous checkpoint stays the latest", flush=True)
-        ok = torch.zeros(1)
     if not _all_min(ok):
-        if rank == 0:
-            shutil.rmtree(tmp, ignore_errors=True)
-        dist.barrier()
-        raise ConfigError(f"saving checkpoint {iteration} to {root!r} failed (see the line above); "
-                          f"the previous checkpoint stays the latest")
-    if rank == 0:
+        raise ConfigError(f"--save {root!r} is not writable; the previous checkpoint stays the latest")
+    return tmp
+
+
+def _abandon(root: str, iteration: int) -> None:
+    if dist.get_rank() == 0:
+        shutil.rmtree(iteration_dir(root, iteration) + ".tmp", ignore_errors=True)
+    dist.barrier()
+    raise ConfigError(f"saving checkpoint {iteration} to {root!r} failed (see the line above); "
+                      f"the previous checkpoint stays the latest: free space on that disk (or point --save "
+                      f"elsewhere) and resume with --load")
+
+
+def _publish(root: str, iteration: int, keep_last_n: Optional[int]) -> None:
+    """Every rank has written its part: rename the .tmp, then (and only then) name it the latest."""
+    if dist.get_rank() == 0:
+        final = iteration_dir(root, iteration)
         if os.path.isdir(final):
             shutil.rmtree(final)
-        os.replace(tmp, final)
+        os.replace(final + ".tmp", final)
         marker = os.path.join(root, LATEST + ".tmp")
         with open(marker, "w") as f:
             f.write(str(iteration))
@@ -212,7 +205,91 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, trai
             for d in old[:-keep_last_n]:
                 shutil.rmtree(os.path.join(root, d), ignore_errors=True)
     dist.barrier()
-    return final
+
+
+class CheckpointSaver:
+    """Saves everything needed to resume exactly, synchronously or in the background.
+
+    With ``async_save`` the state is handed to a writer process (megatron-core's async
+    dist_checkpointing) and training goes on; ``poll()`` at each step boundary publishes a finished
+    checkpoint (rename + latest marker), and a new save or ``wait()`` first finishes the one in
+    flight. Until it is published, the previous checkpoint stays the latest: a crash during a
+    background write loses nothing that was complete.
+    """
+
+    def __init__(self, root: str, keep_last_n: Optional[int] = None, async_save: bool = False):
+        self.root, self.keep_last_n = root, keep_last_n
+        self.queue = None
+        if async_save:
+            from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
+            self.queue = AsyncCallsQueue()
+        self.in_flight: Optional[int] = None
+
+    def save(self, iteration: int, model, optimizer, scheduler, train_state: dict, model_args: dict) -> bool:
+        """Write checkpoint ``iteration``; True when it is already complete (always, unless async)."""
+        self.wait()
+        tmp = _prepare(self.root, iteration)
+        state = _training_state(model, optimizer, is_loading=False)
+        state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
+        state["train_state"] = dict(train_state, iteration=iteration)
+        state["model_args"] = model_args
+        request = None
+        try:
+            request = dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy(),
+                                              async_sharded_save=self.queue is not None)
+            torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{dist.get_rank():05d}.pt"))
+            ok = torch.ones(1)
+        except (Exception, CheckpointException) as e:  # disk full, quota, I/O error
+            _report(iteration, e)
+            ok = torch.zeros(1)
+        if not _all_min(ok):
+            _abandon(self.root, iteration)
+        if request is None:
+            _publish(self.root, iteration, self.keep_last_n)
+            return True
+        request.add_finalize_fn(lambda: _publish(self.root, iteration, self.keep_last_n))
+        self.queue.schedule_async_request(request)
+        self.in_flight = iteration
+        return False
+
+    def poll(self, blocking: bool = False) -> Optional[int]:
+        """Publish the background checkpoint if every rank has written it (collective; call on
+        every rank). Returns its iteration when it was published by this call."""
+        if self.in_flight is None:
+            return None
+        iteration = self.in_flight
+        try:
+            done = self.queue.maybe_finalize_async_calls(blocking=blocking)
+        except (Exception, CheckpointException) as e:
+            self.in_flight = None
+            _report(iteration, e)
+            _abandon(self.root, iteration)
+        if not done:
+            return None
+        self.in_flight = None
+        return iteration
+
+    def wait(self) -> Optional[int]:
+        return self.poll(blocking=True)
+
+    def close(self) -> None:
+        if self.queue is not None:
+            self.queue.close()
+
+
+def _report(iteration: int, error: BaseException) -> None:
+    # CheckpointException's text carries the remote traceback: keep its last line (the cause)
+    lines = [l.strip() for l in str(error).splitlines() if l.strip()] or [type(error).__name__]
+    print(f"error: saving checkpoint {iteration} failed on rank {dist.get_rank()} ({lines[-1][:200]}); "
+          f"the previous checkpoint stays the latest", flush=True)
+
+
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, train_state: dict,
+                    model_args: dict, keep_last_n: Optional[int] = None) -> str:
+    """Save synchronously; returns the checkpoint directory."""
+    CheckpointSaver(root, keep_last_n).save(iteration, model, optimizer, scheduler, train_state, model_args)
+    return iteration_dir(root, iteration)
 
 
 def _all_min(flag: torch.Tensor) -> bool:

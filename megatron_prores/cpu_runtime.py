@@ -9,8 +9,9 @@ Everything here is a no-op on a machine with CUDA: ``enable()`` is only ever cal
 ``torch.cuda.is_available()`` is False.
 
 Limits (CPU only, by design): the function mode is per thread, so code that asks for CUDA from a
-thread of its own (async checkpoint writers, data-loader threads) is not redirected: the CPU path
-saves synchronously and loads data in the main thread. The ``torch.cuda`` replacements stay for
+thread of its own (data-loader threads) is not redirected: the CPU path loads data in the main
+thread. (--async-save works: its writer is a process forked from the main thread, which keeps
+the mode, and it writes CPU tensors only.) The ``torch.cuda`` replacements stay for
 the life of the process. Megatron's RNG tracker forks nothing here, so dropout masks are drawn from
 the one CPU generator (identical across tensor-parallel ranks).
 

@@ -56,7 +56,14 @@ class NullTokenizer:
         self.eod = vocab_size - 1
 
     def tokenize(self, text: str) -> List[int]:
-        return [int(x) for x in text.split()]
+        try:
+            ids = [int(x) for x in text.split()]
+        except ValueError:
+            raise ConfigError(f"NullTokenizer reads whitespace-separated integer ids, not text "
+                              f"({text[:30]!r}...); use --tokenizer-type SentencePieceTokenizer") from None
+        if any(i < 0 or i >= self.vocab_size for i in ids):
+            raise ConfigError(f"NullTokenizer: an id is outside [0, {self.vocab_size}); raise --vocab-size")
+        return ids
 
     def detokenize(self, ids: List[int]) -> str:
         return " ".join(str(i) for i in ids)

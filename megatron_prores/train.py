@@ -244,14 +244,27 @@ def train(args) -> int:
             writer.add_scalar("lm-loss-validation/lm loss ppl", math.exp(min(loss, 50)), iteration)
         return loss
 
+    saver = checkpointing.CheckpointSaver(args.save, args.keep_last_n, args.async_save) if args.save else None
+
+    def saved(iteration, t0):
+        if rank == 0:
+            how = "in the background" if args.async_save else f"in {time.time() - t0:.2f}s"
+            print(f"saved checkpoint at iteration {iteration} to {args.save} {how}", flush=True)
+
     def save(iteration):
         t0 = time.time()
-        checkpointing.save_checkpoint(args.save, iteration, model, optimizer, scheduler,
-                                      {k: state[k] for k in ("consumed_samples", "skipped_iters", "losses")},
-                                      arch, args.keep_last_n)
-        if rank == 0:
-            print(f"saved checkpoint at iteration {iteration} to {args.save} in {time.time() - t0:.2f}s",
+        train_state = {k: state[k] for k in ("consumed_samples", "skipped_iters", "losses")}
+        if saver.save(iteration, model, optimizer, scheduler, train_state, arch):
+            saved(iteration, t0)
+        elif rank == 0:
+            print(f"writing checkpoint {iteration} in the background (training paused {time.time() - t0:.2f}s)",
                   flush=True)
+
+    def poll_saving(blocking=False):  # publish a finished background checkpoint (collective)
+        if saver is not None and saver.in_flight is not None:
+            done = saver.poll(blocking)
+            if done is not None:
+                saved(done, 0.0)
 
     exit_request = ExitRequest(args.exit_signal_handler)
     stream_rms = StreamRMS(model)
@@ -302,6 +315,7 @@ def train(args) -> int:
                     print(f"error: {nonfinite_in_a_row} consecutive non-finite steps "
                           f"(--max-nonfinite-iters {args.max_nonfinite_iters}); stopping without saving: "
                           f"the last good checkpoint stays the latest", file=sys.stderr, flush=True)
+                poll_saving(blocking=True)
                 return 3
         state["iteration"] = iteration = iteration + 1
         state["consumed_samples"] += args.global_batch_size
@@ -339,6 +353,7 @@ def train(args) -> int:
                 for block, value in rms.items():
                     tb.add_scalar(f"stream-rms/block {block:03d}", value, iteration)
             window = {"loss": 0.0, "n": 0, "time": 0.0}
+        poll_saving()
         if args.eval_interval and iteration % args.eval_interval == 0:
             evaluate(iteration)
         stop = exit_request.any_rank() if args.exit_signal_handler else False
@@ -351,6 +366,7 @@ def train(args) -> int:
         if args.save and (stop or (args.save_interval and iteration % args.save_interval == 0)):
             save(iteration)
         if stop:
+            poll_saving(blocking=True)
             if rank == 0:
                 print(f"exiting at iteration {iteration} (signal, time limit or --exit-interval)"
                       + ("; checkpoint saved" if args.save else ""), flush=True)
@@ -360,6 +376,7 @@ def train(args) -> int:
         evaluate(state["iteration"])
     if args.save and not (args.save_interval and state["iteration"] % args.save_interval == 0):
         save(state["iteration"])
+    poll_saving(blocking=True)
     score = spike_score(state["losses"])
     if rank == 0:
         print(f"loss-spike score: {score:.4f}", flush=True)

@@ -59,6 +59,8 @@ def test_bad_inputs_give_one_line_and_no_output(corpus, tmp_path):
         (["--input", corpus / "corpus.jsonl", "--tokenizer-model", tmp_path / "none.model"],
          "--tokenizer-model"),
         (["--input", corpus / "corpus.jsonl", "--tokenizer-type", "GPT2BPE"], "--tokenizer-type 'GPT2BPE' is not valid"),
+        (["--input", corpus / "corpus.jsonl", "--tokenizer-type", "NullTokenizer", "--vocab-size", 300],
+         "NullTokenizer reads whitespace-separated integer ids, not text"),
     ]
     for extra, message in cases:
         args = ["--tokenizer-model", corpus / "tok.model", "--output-prefix", tmp_path / "out", "--workers", 1] + extra
@@ -69,3 +71,34 @@ def test_bad_inputs_give_one_line_and_no_output(corpus, tmp_path):
         assert not [p for p in os.listdir(tmp_path) if p.startswith("out")], "partial output left behind"
     out = tool("train_tokenizer", "--input", tmp_path / "missing.txt", "--model-prefix", tmp_path / "t")
     assert out.returncode == 2 and "does not exist" in out.stderr
+
+
+def test_progress_bar_on_a_terminal(corpus, tmp_path):
+    """On a terminal (a pty of 120 columns) preprocess_data draws a progress bar over the input bytes."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+
+    pid, fd = pty.fork()
+    if pid == 0:  # child: a 120x40 terminal, then the tool
+        fcntl.ioctl(1, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
+        os.environ["PYTHONWARNINGS"] = "ignore"
+        os.execv(sys.executable, [sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"),
+                                  "--input", str(corpus / "corpus.jsonl"), "--tokenizer-model",
+                                  str(corpus / "tok.model"), "--output-prefix", str(tmp_path / "bar"),
+                                  "--workers", "1"])
+    out = b""
+    while True:
+        try:
+            chunk = os.read(fd, 4096)
+        except OSError:  # the child closed the terminal
+            break
+        if not chunk:
+            break
+        out += chunk
+    _, status = os.waitpid(pid, 0)
+    text = out.decode(errors="replace")
+    assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
+    assert "tokenizing: 100%" in text and "B/s" in text, text[-2000:]
+    assert "tokens/s" in text

@@ -105,17 +105,51 @@ def test_resume_after_sigkill_is_bitwise(tmp_path):
             assert torch.equal(wa[k], wb[k]), k
 
 
-def test_sigterm_saves_at_step_boundary_and_exits_0(tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+def test_signal_saves_at_step_boundary_and_exits_0(tmp_path, sig):
     args = BASE + ["--train-iters", "200", "--save", tmp_path / "c", "--exit-signal-handler"]
     p = launch(args)
     wait_for(p, "iteration        3/")
-    kill_tree(p, signal.SIGTERM, launcher=False)  # as srun delivers --signal to every task
+    kill_tree(p, sig, launcher=False)  # as srun delivers --signal to every task
     out = p.communicate(timeout=300)[0]
     assert p.returncode == 0, out[-3000:]
     assert "exiting at iteration" in out
     it, state = train_state(tmp_path / "c")
     assert 3 <= it < 200 and state["train_state"]["consumed_samples"] == 8 * it
     assert len(state["train_state"]["losses"]) == it
+
+
+def test_exit_duration_saves_and_exits_0(tmp_path):
+    args = BASE + ["--train-iters", "100000", "--save", tmp_path / "c", "--exit-duration-in-mins", "0.05"]
+    t0 = time.time()
+    code, out = run(args, 1)
+    assert code == 0 and "exiting at iteration" in out, out[-3000:]
+    assert time.time() - t0 < 120
+    it, state = train_state(tmp_path / "c")
+    assert 1 <= it < 100000 and len(state["train_state"]["losses"]) == it
+
+
+def test_async_save_checkpoints_equal_sync_ones_and_resume_bitwise(tmp_path):
+    """--async-save: stop at 4 (written in the background), resume to 8; every loss and the final
+    weights equal a run that saved synchronously."""
+    args = BASE + ["--train-iters", "8", "--save-interval", "2"]
+    code, out = run(args + ["--save", tmp_path / "sync"])
+    assert code == 0, out[-3000:]
+    code, out = run(args + ["--save", tmp_path / "async", "--async-save", "--exit-interval", "4"])
+    assert code == 0 and "writing checkpoint 4 in the background" in out, out[-3000:]
+    assert "saved checkpoint at iteration 4" in out.split("writing checkpoint 4")[1]
+    assert train_state(tmp_path / "async")[0] == 4
+    code, out = run(args + ["--save", tmp_path / "async", "--load", tmp_path / "async", "--async-save"])
+    assert code == 0 and "at iteration 4" in out, out[-3000:]
+    _, a = train_state(tmp_path / "sync")
+    _, b = train_state(tmp_path / "async")
+    assert len(a["train_state"]["losses"]) == 8 and a["train_state"]["losses"] == b["train_state"]["losses"]
+    wa, wb = final_weights(tmp_path / "sync"), final_weights(tmp_path / "async")
+    assert wa.keys() == wb.keys() and len(wa) > 10
+    for k in wa:
+        if isinstance(wa[k], torch.Tensor):
+            assert torch.equal(wa[k], wb[k]), k
+    assert not [d for d in os.listdir(tmp_path / "async") if d.endswith(".tmp")]
 
 
 def test_resume_into_another_layout(tmp_path):
@@ -205,14 +239,15 @@ def test_bad_run_configuration(tmp_path):
                    "norm_type is 'pre' there but 'sandwich' now")
 
 
-def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path):
+@pytest.mark.parametrize("mode", [[], ["--async-save"]], ids=["sync", "async"])
+def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, mode):
     mnt = tmp_path / "small"
     mnt.mkdir()
     # room for one checkpoint of this model (about 3.9 MB), not two
     if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=6m", "tmpfs", str(mnt)]).returncode != 0:
         pytest.skip("cannot mount a small tmpfs here (needs root) to fill the disk")
     try:
-        args = BASE + ["--train-iters", "4", "--save", mnt / "c", "--save-interval", "2"]
+        args = BASE + ["--train-iters", "4", "--save", mnt / "c", "--save-interval", "2"] + mode
         code, out = run(args, 1)
         assert code == 2, out[-3000:]
         assert "saving checkpoint 4" in out and "the previous checkpoint stays the latest" in out

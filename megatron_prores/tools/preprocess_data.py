@@ -30,7 +30,9 @@ def parse(argv=None):
     p.add_argument("--vocab-size", type=int, default=None, help="for NullTokenizer")
     p.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
-    p.add_argument("--log-interval", type=int, default=1000, help="documents between progress lines")
+    p.add_argument("--log-interval", type=int, default=1000,
+                   help="documents between progress lines (when stderr is not a terminal; a terminal "
+                        "gets a progress bar)")
     return p.parse_args(argv)
 
 
@@ -77,6 +79,10 @@ def main(argv=None):
     paths = {k: f"{args.output_prefix}_{k}_document" for k in args.json_keys}
     builders = {k: IndexedDatasetBuilder(p + ".bin.tmp", dtype=dtype) for k, p in paths.items()}
 
+    from tqdm import tqdm
+
+    bar = tqdm(total=os.path.getsize(args.input), unit="B", unit_scale=True, desc="tokenizing",
+               disable=not sys.stderr.isatty(), file=sys.stderr)
     start, docs, tokens, nbytes = time.time(), 0, 0, 0
     with open(args.input, encoding="utf-8") as f:
         lines = enumerate(f, 1)
@@ -97,7 +103,8 @@ def main(argv=None):
                     tokens += len(ids)
                 docs += 1
                 nbytes += size
-                if docs % args.log_interval == 0:
+                bar.update(size)
+                if docs % args.log_interval == 0 and bar.disable:
                     dt = time.time() - start
                     print(f"processed {docs} documents ({nbytes / 1e6 / dt:.2f} MB/s, "
                           f"{tokens / dt:,.0f} tokens/s)", file=sys.stderr, flush=True)
@@ -107,6 +114,7 @@ def main(argv=None):
                 os.remove(paths[key] + ".bin.tmp")
             raise
         finally:
+            bar.close()
             if pool is not None:
                 pool.terminate()
     if docs == 0:
