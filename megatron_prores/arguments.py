@@ -170,8 +170,6 @@ def check_args(args) -> None:
     need(args.clip_gate_grad >= 0, "--clip-gate-grad must be >= 0")
     if args.clip_gate_grad > 0:
         need(args.gpas, "--clip-gate-grad needs --gpas")
-        need(not args.use_distributed_optimizer,
-             "--clip-gate-grad is not supported with --use-distributed-optimizer yet; drop one")
     if args.recompute_granularity is not None:
         need(torch.cuda.is_available(),
              "--recompute-granularity needs CUDA (megatron's recompute saves CUDA RNG states)")

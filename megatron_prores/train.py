@@ -299,7 +299,7 @@ def train(args) -> int:
         gate_norm = None
         if finite.item():
             if gates and (args.clip_gate_grad > 0 or logging_step):
-                gate_norm = _gate_grad_norm(gates, args.clip_gate_grad)
+                gate_norm = _gate_grad_norm(gates, args.clip_gate_grad, optimizer)
             _, grad_norm, _ = optimizer.step()
             scheduler.step(increment=args.global_batch_size)
             nonfinite_in_a_row = 0
@@ -336,7 +336,8 @@ def train(args) -> int:
                         f"learning rate: {lr:.6E} | global batch size: {args.global_batch_size:5d} | "
                         f"lm loss: {window['loss'] / window['n']:.6E} | grad norm: {grad_norm:.3f} | "
                         f"skipped iterations: {state['skipped_iters']:3d} | tokens/s: {tps:.0f} | "
-                        f"TFLOP/s per device: {tflops:.3f}" + (f" | MFU: {100 * tflops / peak:.1f}%" if peak else ""))
+                        f"TFLOP/s per device: {tflops:.3f}" + (f" | MFU: {100 * tflops / peak:.1f}%" if peak else "")
+                        + (f" | gate grad norm: {gate_norm.item():.6E}" if gate_norm is not None else ""))
                 print(line, flush=True)
             if writer:
                 writer.add_scalar("lm-loss-training/lm loss", window["loss"] / window["n"], iteration)
@@ -436,12 +437,34 @@ def peak_tflops() -> float | None:
     return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
 
 
-def _gate_grad_norm(gates, clip: float) -> torch.Tensor:
-    """L2 norm of all GPAS gate gradients (summed over pipeline stages), clipped to ``clip`` > 0
-    on the device (no host sync; read the returned tensor only when logging)."""
+def _gate_grad_norm(gates, clip: float, optimizer=None) -> torch.Tensor:
+    """L2 norm of all GPAS gate gradients (over every pipeline stage), clipped to ``clip`` > 0 on
+    the device (no host sync; read the returned tensor only when logging).
+
+    With the plain optimizer every data-parallel rank holds the all-reduced gradient. With the
+    distributed optimizer the gradient buffer has been reduce-scattered: a rank holds the reduced
+    values only inside its own shard (the rest of the buffer keeps its local, unreduced gradients),
+    so each rank sums the squares of the gate elements it owns and the sum is all-reduced over the
+    data-parallel group. Scaling the whole gate gradient then scales every owned element.
+    """
     from megatron.core import parallel_state as ps
 
-    sq = torch.stack([g.main_grad.float().pow(2).sum() for g in gates]).sum().view(1)
+    owned, dp_groups = [], []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if type(opt).__name__ == "DistributedOptimizer":
+            if opt.data_parallel_group not in dp_groups:  # same order on every rank
+                dp_groups.append(opt.data_parallel_group)
+            for g in gates:
+                if g in opt.model_param_gbuf_map:  # this rank owns part of this gate
+                    r = opt._get_model_param_range_map(g)["param"]
+                    owned.append(g.main_grad.view(-1)[r.start:r.end])
+    if not dp_groups:
+        owned = [g.main_grad for g in gates]
+    sq = torch.zeros(1, dtype=torch.float32, device=gates[0].main_grad.device)
+    for o in owned:
+        sq += o.float().pow(2).sum()
+    for group in dp_groups:
+        dist.all_reduce(sq, group=group)
     dist.all_reduce(sq, group=ps.get_pipeline_model_parallel_group())
     norm = sq.sqrt()
     if clip > 0:

@@ -276,6 +276,25 @@ def test_distributed_optimizer_resume_is_bitwise(tmp_path):
         ["iter_0000006", "iter_0000008"]  # --keep-last-n 2
 
 
+def test_gate_gradient_clip_with_the_distributed_optimizer(tmp_path):
+    """DP=2: the distributed optimizer shards the reduced gate gradients over the DP ranks; the
+    gate gradient norm (logged each step, before the clip) and the whole run equal the plain
+    optimizer's, whose ranks each hold the full reduced gradient."""
+    import re
+
+    args = BASE + ["--train-iters", "6", "--save-interval", "6", "--gpas-gate", "sublayer",
+                   "--clip-gate-grad", "1e-6"]
+    norms, losses = {}, {}
+    for name, extra in {"plain": [], "distributed": ["--use-distributed-optimizer"]}.items():
+        code, out = run(args + extra + ["--save", tmp_path / name])
+        assert code == 0, out[-3000:]
+        norms[name] = [float(x) for x in re.findall(r"gate grad norm: (\S+)", out)]
+        losses[name] = train_state(tmp_path / name)[1]["train_state"]["losses"]
+    assert len(norms["plain"]) == 6 and min(norms["plain"][1:]) > 1e-5  # the clip is active (from step 2)
+    assert norms["distributed"] == pytest.approx(norms["plain"], rel=1e-5, abs=0)
+    assert losses["distributed"] == pytest.approx(losses["plain"], rel=1e-6, abs=0)
+
+
 def test_gate_gradient_clip(single_process):
     from megatron_prores.train import _gate_grad_norm
 
