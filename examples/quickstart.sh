@@ -15,6 +15,7 @@ python tools/train_tokenizer.py --input "$DATA/stdlib.jsonl" --model-prefix "$DA
 python tools/preprocess_data.py --input "$DATA/stdlib.jsonl" --tokenizer-model "$DATA/tok.model" \
     --output-prefix "$DATA/stdlib" --workers "$NPROC"
 
+# shellcheck disable=SC2054  # the commas are --split's, not array separators
 ARGS=(
     --num-layers 4 --hidden-size 128 --num-attention-heads 4 --ffn-hidden-size 352 --seq-length 128
     --micro-batch-size 8 --global-batch-size 16 --train-iters 300

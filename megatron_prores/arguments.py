@@ -137,8 +137,9 @@ def parse_args(argv=None):
     return args
 
 
-def check_args(args) -> None:
-    """Cross-flag checks that need no model and no process group."""
+def check_args(args, this_machine: bool = True) -> None:
+    """Cross-flag checks that need no model and no process group (``this_machine=False``: leave
+    out the checks that depend on this machine having a GPU, e.g. for a cluster recipe)."""
     def need(cond, message):
         if not cond:
             raise ConfigError(message)
@@ -170,12 +171,12 @@ def check_args(args) -> None:
     need(args.clip_gate_grad >= 0, "--clip-gate-grad must be >= 0")
     if args.clip_gate_grad > 0:
         need(args.gpas, "--clip-gate-grad needs --gpas")
-    if args.recompute_granularity is not None:
+    if args.recompute_granularity is not None and this_machine:
         need(torch.cuda.is_available(),
              "--recompute-granularity needs CUDA (megatron's recompute saves CUDA RNG states)")
     if args.fp8_format is not None:
         need(args.transformer_impl == "transformer_engine", "--fp8-format needs --transformer-impl transformer_engine")
-    if args.bf16:
+    if args.bf16 and this_machine:
         need(torch.cuda.is_available(), "--bf16 needs a GPU; the CPU path trains in fp32 (drop --bf16)")
 
 
@@ -213,3 +214,32 @@ def model_config(args, vocab_size: int) -> ModelConfig:
         transformer_impl=args.transformer_impl, bf16=args.bf16, method=method,
         recompute_granularity=args.recompute_granularity, fp8_format=args.fp8_format,
     )
+
+
+def check_layout(args, cfg: ModelConfig, world: int) -> tuple:
+    """World size against TP x PP x CP and the batch sizes; returns (data-parallel size,
+    microbatches per step)."""
+    model_parallel = cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size * cfg.context_parallel_size
+    if world % model_parallel:
+        raise ConfigError(f"{world} processes do not divide into TP x PP x CP = {model_parallel}")
+    dp = world // model_parallel
+    if args.global_batch_size % (args.micro_batch_size * dp):
+        raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by "
+                          f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
+    num_micro = args.global_batch_size // (args.micro_batch_size * dp)
+    if cfg.virtual_pipeline_size and num_micro % cfg.pipeline_model_parallel_size:
+        raise ConfigError(f"the interleaved pipeline needs the number of microbatches ({num_micro}) "
+                          f"to be a multiple of --pipeline-model-parallel-size")
+    return dp, num_micro
+
+
+def check_recipe(argv, world: int, vocab_size: int = 32000) -> tuple:
+    """Parse and check a recipe's flags for a cluster of ``world`` processes, on any machine
+    (no GPU or Transformer Engine needed here). Returns (args, model config, dp, microbatches)."""
+    p = build_parser()
+    args = p.parse_args(argv)
+    check_args(args, this_machine=False)
+    cfg = model_config(args, args.vocab_size or vocab_size)
+    cfg.validate(check_installed=False)
+    dp, num_micro = check_layout(args, cfg, world)
+    return args, cfg, dp, num_micro

@@ -14,9 +14,12 @@ and the marker happen only after every rank's writer has finished. ProRes values
 
 from __future__ import annotations
 
+import multiprocessing
+import multiprocessing.managers
 import os
 import random
 import shutil
+import signal
 from typing import List, Optional
 
 import numpy
@@ -44,7 +47,30 @@ def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> dict:
     return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+def _ignore_exit_signals():
+    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _signal_proof_writer_queue() -> None:
+    """Start dist_checkpointing's result queue in a manager process that ignores SIGTERM/SIGUSR1.
+
+    megatron-core's writer reports through a multiprocessing manager that it spawns at the first
+    save and keeps. SLURM signals EVERY process of a job on preemption or requeue: the manager
+    would die of that SIGTERM and the save that the same signal asked for would fail with a broken
+    pipe. Started here first, the manager ignores those signals (it still ends with the training).
+    """
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is None:
+        manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context("spawn"))
+        manager.start(_ignore_exit_signals)
+        filesystem_async._results_queue = manager.Queue()
+        filesystem_async._prores_manager = manager  # keep it alive with the module
+
+
 def _save_strategy():
+    _signal_proof_writer_queue()
     # thread_count=1: the default writer starts worker processes (slow to spawn on CPU).
     strategy = dist_checkpointing.serialization.get_default_save_sharded_strategy("torch_dist")
     if hasattr(strategy, "thread_count"):

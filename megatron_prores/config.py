@@ -169,8 +169,9 @@ class ModelConfig:
             self.pipeline_model_parallel_size * self.num_layers_per_virtual_pipeline_stage
         )
 
-    def validate(self) -> None:
-        """Raise ConfigError for the first bad value; call before building any model."""
+    def validate(self, check_installed: bool = True) -> None:
+        """Raise ConfigError for the first bad value; call before building any model.
+        ``check_installed=False`` skips what depends on this machine (Transformer Engine present)."""
         def positive(flag, v):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise ConfigError(f"{flag} {v!r} is not valid; it must be a positive integer")
@@ -191,7 +192,7 @@ class ModelConfig:
             positive(flag, v)
         _choice("--normalization", self.normalization, NORMALIZATIONS)
         _choice("--transformer-impl", self.transformer_impl, TRANSFORMER_IMPLS)
-        if self.transformer_impl == "transformer_engine" and not _have_te():
+        if check_installed and self.transformer_impl == "transformer_engine" and not _have_te():
             raise ConfigError(
                 "--transformer-impl transformer_engine needs Transformer Engine, which is not "
                 "installed; install the [te] extra on a CUDA machine or use --transformer-impl local"

@@ -7,6 +7,7 @@ from SLURM (SLURM_PROCID/SLURM_NTASKS/SLURM_LOCALID). Without CUDA the CPU runti
 from __future__ import annotations
 
 import os
+import re
 from datetime import timedelta
 
 import torch
@@ -17,8 +18,10 @@ from megatron_prores import cpu_runtime
 
 def _env_int(*names: str, default: int) -> int:
     for name in names:
-        if os.environ.get(name):
-            return int(os.environ[name])
+        value = os.environ.get(name, "")
+        digits = re.match(r"\d+", value)  # SLURM writes some counts as "8(x2)"
+        if digits:
+            return int(digits.group())
     return default
 
 
@@ -40,9 +43,12 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1,
     if not use_cuda:
         cpu_runtime.enable()
         # ranks of one machine share its cores: no oversubscription of torch's thread pool
+        per_task = _env_int("SLURM_CPUS_PER_TASK", default=0)
         local_world = _env_int("LOCAL_WORLD_SIZE", "SLURM_NTASKS_PER_NODE", default=0)
-        if local_world > 0:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_world))
+        if per_task > 0:
+            torch.set_num_threads(per_task)
+        elif local_world > 0:
+            torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
     if not dist.is_initialized():
         rank, world, local = rank_and_world()
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -16,7 +16,14 @@ import signal
 import sys
 import time
 
-import torch
+# SLURM's --signal=USR1 can arrive while the imports below still run (seconds); SIGUSR1's default
+# action would kill the process. When run as the driver, record it from the first moment; the
+# ExitRequest below turns it into a save-and-exit (or restores the default without the flag).
+_early_signals: list = []
+if __name__ == "__main__" or os.path.basename(sys.argv[0]) == "megatron-prores-train":
+    signal.signal(signal.SIGUSR1, lambda signum, frame: _early_signals.append(signum))
+
+import torch  # noqa: E402
 import torch.distributed as dist
 
 from megatron_prores.config import ConfigError
@@ -26,10 +33,12 @@ class ExitRequest:
     """SIGTERM/SIGUSR1 (SLURM preemption, --signal) -> save at the next step boundary, exit 0."""
 
     def __init__(self, enabled: bool):
-        self.received = False
+        self.received = enabled and bool(_early_signals)
         if enabled:
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._handler)
+        elif signal.getsignal(signal.SIGUSR1) is not signal.SIG_DFL:
+            signal.signal(signal.SIGUSR1, signal.SIG_DFL)
 
     def _handler(self, signum, frame):
         self.received = True
@@ -95,13 +104,14 @@ def train(args) -> int:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_prores import checkpointing, data, parallel
-    from megatron_prores.arguments import model_config
+    from megatron_prores.arguments import check_layout, model_config
     from megatron_prores.gpas import gpas_scale
     from megatron_prores.layer import prores_layers, set_prores_step
     from megatron_prores.model import build_model
     from megatron_prores.tokenizer import build_tokenizer
 
     start_time = time.time()
+    exit_request = ExitRequest(args.exit_signal_handler)  # first: a signal during set-up is kept
     # ---- configuration (fails before any process group or model exists) -------------------
     tokenizer_type = "NullTokenizer" if args.mock_data and not args.tokenizer_model else args.tokenizer_type
     tokenizer = build_tokenizer(tokenizer_type, args.tokenizer_model, args.vocab_size)
@@ -112,17 +122,7 @@ def train(args) -> int:
     cfg = model_config(args, vocab)
     cfg.validate()
     world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
-    model_parallel = cfg.tensor_model_parallel_size * cfg.pipeline_model_parallel_size * cfg.context_parallel_size
-    if world % model_parallel:
-        raise ConfigError(f"{world} processes do not divide into TP x PP x CP = {model_parallel}")
-    dp = world // model_parallel
-    if args.global_batch_size % (args.micro_batch_size * dp):
-        raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by "
-                          f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
-    num_micro = args.global_batch_size // (args.micro_batch_size * dp)
-    if cfg.virtual_pipeline_size and num_micro % cfg.pipeline_model_parallel_size:
-        raise ConfigError(f"the interleaved pipeline needs the number of microbatches ({num_micro}) "
-                          f"to be a multiple of --pipeline-model-parallel-size")
+    dp, num_micro = check_layout(args, cfg, world)
     if args.save:
         try:
             os.makedirs(args.save, exist_ok=True)
@@ -266,7 +266,6 @@ def train(args) -> int:
             if done is not None:
                 saved(done, 0.0)
 
-    exit_request = ExitRequest(args.exit_signal_handler)
     stream_rms = StreamRMS(model)
     peak = peak_tflops()
     gates = [l.gpas_gate for l in prores_layers(model)] if args.gpas else []

@@ -1,0 +1,103 @@
+"""Estimate GPU memory per device and tokens per step of a training recipe (bf16 on GPUs).
+
+    megatron-prores-estimate-memory --world-size 16 -- --num-layers 24 --hidden-size 2048 ...
+    megatron-prores-estimate-memory --world-size 16 -- @recipe.txt
+
+An ESTIMATE from the model's shapes, written out below, for the worst pipeline stage; not a
+measurement (what the allocator really holds can be 10-30% more). What the driver keeps:
+  weights bf16 (2 B/param), gradients fp32 (grad_reduce_in_fp32: 4 B/param), optimizer fp32 main
+  weights + Adam moments (12 B/param, divided over data x context parallel ranks with
+  --use-distributed-optimizer);
+  activations of one micro batch per block, in bytes (bf16, s = seq, b = micro batch, h = hidden,
+  f = ffn, kv = key/value width): s*b*(10h + 2(h + 2kv) + 6f), plus 4*s*b*h with GPAS (its two
+  inputs), plus 4*s*b*h for Sandwich-LN's branch norms, plus 2*a*s*s*b for the unfused local
+  attention (Transformer Engine's flash attention keeps none); the stream-sized parts are split
+  over TP only with sequence parallelism, everything over CP; --recompute-granularity full keeps
+  2*s*b*h per block plus one block's activations, selective drops the attention part;
+  micro batches in flight on the first pipeline stage: min(PP, microbatches), times
+  (1 + (PP-1)/(PP*VPP)) for the interleaved schedule;
+  logits and the fp32 cross entropy on the last stage: 10 bytes x s*b*vocab / (TP x CP);
+  plus 3 GiB for the CUDA context, NCCL buffers and allocator slack.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from megatron_prores.tools import run
+
+GIB = 1024 ** 3
+
+
+def estimate(args, cfg, dp: int, num_micro: int) -> dict:
+    """Bytes per GPU of the worst pipeline stage, by part, and tokens per step."""
+    L, h, f, s = cfg.num_layers, cfg.hidden_size, cfg.ffn_size, cfg.seq_length
+    tp, pp, cp = cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size, cfg.context_parallel_size
+    vp = cfg.virtual_pipeline_size or 1  # model chunks per pipeline rank
+    kv = cfg.query_groups * (h // cfg.num_attention_heads)
+    m = cfg.method
+    vocab = cfg.padded_vocab_size
+    sandwich = m.norm_type == "sandwich"
+
+    norms = (4 if sandwich else 2) * h
+    layer_params = (h * (h + 2 * kv) + h * h + 3 * h * f) / tp + norms + (2 if m.gpas else 0)
+    per_stage = L // pp
+    embedding = vocab * h / tp  # input embedding and (untied) output layer: one matrix each
+    if pp == 1:
+        params = per_stage * layer_params + 2 * embedding + h
+    else:  # the first stage holds the embedding, the last the output layer and final norm
+        params = per_stage * layer_params + embedding + h
+    shard = dp * cp if args.use_distributed_optimizer else 1
+
+    b = args.micro_batch_size
+    stream = 10 * h + (4 * h if m.gpas else 0) + (4 * h if sandwich else 0)
+    split = 2 * (h + 2 * kv) + 6 * f
+    stream_bytes = s * b * stream / ((tp if cfg.sequence_parallel else 1) * cp)
+    split_bytes = s * b * split / (tp * cp)
+    attn = 0 if cfg.transformer_impl == "transformer_engine" else 2 * cfg.num_attention_heads * s * s * b / (tp * cp)
+    block = stream_bytes + split_bytes + attn
+    if cfg.recompute_granularity == "full":
+        kept = 2 * s * b * h / ((tp if cfg.sequence_parallel else 1) * cp) * per_stage + block
+    else:
+        if cfg.recompute_granularity == "selective":
+            block -= attn
+        kept = block * per_stage
+    in_flight = min(pp, num_micro) * (1 + (pp - 1) / (pp * vp) if vp > 1 else 1)
+    parts = {
+        "weights (bf16)": 2 * params,
+        "gradients (fp32)": 4 * params,
+        "optimizer (fp32 main + Adam)": 12 * params / shard,
+        "activations": kept * in_flight,
+        "logits + loss": 10 * s * b * vocab / (tp * cp),
+        "CUDA context, NCCL, slack": 3 * GIB,
+    }
+    parts["total"] = sum(parts.values())
+    return {"bytes": parts, "tokens_per_step": args.global_batch_size * s, "params_per_gpu": params,
+            "dp": dp, "microbatches": num_micro}
+
+
+def main(argv=None):
+    from megatron_prores.arguments import check_recipe
+
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--world-size", type=int, required=True, help="GPUs of the job (nodes x GPUs per node)")
+    p.add_argument("--vocab-size", type=int, default=32000, help="tokenizer size when the flags give none")
+    p.add_argument("flags", nargs=argparse.REMAINDER, help="-- then the training flags (or @recipe.txt)")
+    a = p.parse_args(argv)
+    flags = a.flags[1:] if a.flags[:1] == ["--"] else a.flags
+    args, cfg, dp, num_micro = check_recipe(flags, a.world_size, a.vocab_size)
+    r = estimate(args, cfg, dp, num_micro)
+    for name, v in r["bytes"].items():
+        print(f"{name:32s} {v / GIB:8.1f} GiB")
+    print(f"parameters per GPU (worst stage)  {r['params_per_gpu'] / 1e9:.3f} B; data parallel {dp}, "
+          f"{num_micro} micro batches per step; tokens per step {r['tokens_per_step']:,}")
+    return r
+
+
+def cli():
+    sys.exit(run(main))
+
+
+if __name__ == "__main__":
+    cli()

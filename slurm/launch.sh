@@ -1,0 +1,138 @@
+#!/usr/bin/env bash
+# Shared launcher of the sbatch recipes in this directory (also runs without SLURM).
+#
+#   launch.sh [--dry-run] -- TRAINING FLAGS...
+#
+# Inside a SLURM job: one task per GPU through srun (ranks from SLURM_PROCID/SLURM_NTASKS/
+# SLURM_LOCALID), rendezvous at the first host of the allocation (scontrol show hostnames).
+# Outside SLURM: torchrun on this machine with NPROC processes (default: GPUs, else 2).
+#
+# Run directory (RUN_DIR, default runs/<job name> under the submit directory):
+#   RUN_DIR/checkpoints/   --save and --load: a requeued or resubmitted job resumes from here
+#   RUN_DIR/tensorboard/   --tensorboard-dir
+#   RUN_DIR/logs/<job id>-<restart>.log   the training output of each (re)start
+#
+# Environment overrides:
+#   DATA_PATH        Megatron data prefix or weighted blend "W1 P1 W2 P2" (needed unless the
+#                    recipe trains on mock data)
+#   TOKENIZER_MODEL  SentencePiece model of that data (needed with DATA_PATH)
+#   RUN_DIR          run directory (see above)
+#   EXTRA_ARGS       flags appended last (they override the recipe's: argparse keeps the last)
+#   PYTHON           interpreter (default python3); NPROC, MASTER_PORT
+#
+# Preemption and time limits: the recipes ask for `--signal=B:USR1@<s>` and `--requeue`. USR1
+# reaches this script (the batch step), which passes it to every training task (scancel
+# --signal); the tasks save at the next step boundary and exit 0, and this script requeues the
+# job if training is not finished. A requeued job resumes from the last complete checkpoint with
+# no user action. SIGTERM (scontrol requeue, preemption, scancel) goes to the tasks directly from
+# SLURM: they save and exit too, and SLURM itself requeues or ends the job. A run that ends
+# normally exits 0 and is not requeued.
+set -euo pipefail
+
+dry_run=0
+while (($#)); do
+    case "$1" in
+        --dry-run) dry_run=1; shift ;;
+        --) shift; break ;;
+        *) echo "launch.sh: unknown option $1 (usage: launch.sh [--dry-run] -- TRAINING FLAGS)" >&2; exit 2 ;;
+    esac
+done
+recipe=("$@")
+
+PYTHON=${PYTHON:-python3}
+in_slurm=0
+[[ -n "${SLURM_JOB_ID:-}" ]] && in_slurm=1
+submit_dir=${SLURM_SUBMIT_DIR:-$PWD}
+job_name=${RUN_NAME:-${SLURM_JOB_NAME:-megatron-prores}}
+RUN_DIR=${RUN_DIR:-$submit_dir/runs/$job_name}
+ckpt=$RUN_DIR/checkpoints
+
+# ---- data: DATA_PATH/TOKENIZER_MODEL, or the recipe's --mock-data -------------------------------
+data=()
+if [[ -n "${DATA_PATH:-}" ]]; then
+    if [[ -z "${TOKENIZER_MODEL:-}" ]]; then
+        echo "launch.sh: DATA_PATH is set but TOKENIZER_MODEL is not; set TOKENIZER_MODEL=/path/tokenizer.model" >&2
+        exit 2
+    fi
+    read -r -a blend <<< "$DATA_PATH"
+    data=(--data-path "${blend[@]}" --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL")
+elif [[ " ${recipe[*]} ${EXTRA_ARGS:-} " != *" --mock-data "* ]]; then
+    if ((dry_run)); then
+        data=(--data-path "<DATA_PATH>" --tokenizer-type SentencePieceTokenizer --tokenizer-model "<TOKENIZER_MODEL>")
+    else
+        echo "launch.sh: set DATA_PATH=<prefix of a .bin/.idx dataset> and TOKENIZER_MODEL=<sentencepiece model> (tools/preprocess_data.py makes them)" >&2
+        exit 2
+    fi
+fi
+
+extra=()
+[[ -n "${EXTRA_ARGS:-}" ]] && read -r -a extra <<< "$EXTRA_ARGS"
+flags=("${recipe[@]}" "${data[@]}"
+       --save "$ckpt" --load "$ckpt" --tensorboard-dir "$RUN_DIR/tensorboard" --exit-signal-handler
+       "${extra[@]}")
+
+# ---- how to start the tasks ----------------------------------------------------------------------
+if ((in_slurm)); then
+    MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)
+    MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
+    export MASTER_ADDR MASTER_PORT
+    launch=(srun --kill-on-bad-exit=1 --label "$PYTHON" -u -m megatron_prores.train)
+else
+    if [[ -z "${NPROC:-}" ]]; then
+        NPROC=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null || echo 2)
+    fi
+    MASTER_PORT=${MASTER_PORT:-29500}
+    launch=("$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC" --master-port "$MASTER_PORT"
+            -m megatron_prores.train)
+fi
+
+if ((dry_run)); then
+    printf '%q ' "${launch[@]}" "${flags[@]}"
+    echo
+    exit 0
+fi
+
+train_iters=""
+for ((i = 0; i < ${#flags[@]} - 1; i++)); do
+    [[ "${flags[i]}" == --train-iters ]] && train_iters=${flags[i + 1]}
+done
+
+mkdir -p "$RUN_DIR/logs" "$ckpt"
+log=$RUN_DIR/logs/${SLURM_JOB_ID:-local-$$}-${SLURM_RESTART_COUNT:-0}.log
+echo "launch.sh: run directory $RUN_DIR, log $log, restart ${SLURM_RESTART_COUNT:-0}"
+echo "launch.sh: $(printf '%q ' "${launch[@]}" "${flags[@]}")" | tee -a "$log"
+
+got_usr1=0
+# shellcheck disable=SC2317  # called by the trap
+on_usr1() {
+    got_usr1=1
+    echo "launch.sh: USR1 (time limit near): asking the training to save and exit" | tee -a "$log"
+    if ((in_slurm)); then
+        scancel --signal=USR1 "$SLURM_JOB_ID" || true # every task of every step, not this script
+    else
+        pkill -USR1 -P "$pid" 2> /dev/null || true # torchrun's workers
+    fi
+}
+trap on_usr1 USR1
+trap 'echo "launch.sh: TERM: the training saves and exits" | tee -a "$log"' TERM
+
+# tee ignores TERM: SLURM signals every process of the job, and a dead tee would cut the
+# training's output (and its save) short with a broken pipe.
+"${launch[@]}" "${flags[@]}" > >(trap '' TERM USR1; exec tee -a "$log") 2>&1 &
+pid=$!
+rc=0
+while true; do
+    wait "$pid" && rc=0 || rc=$?
+    # wait returns >128 when a trapped signal interrupts it; the training is still running then
+    if ((rc > 128)) && kill -0 "$pid" 2> /dev/null; then continue; fi
+    break
+done
+
+latest=0
+[[ -f "$ckpt/latest_checkpointed_iteration.txt" ]] && latest=$(< "$ckpt/latest_checkpointed_iteration.txt")
+if ((rc == 0 && got_usr1 && in_slurm)) && [[ -n "$train_iters" ]] && ((latest < train_iters)); then
+    echo "launch.sh: saved at iteration $latest of $train_iters; requeueing job $SLURM_JOB_ID" | tee -a "$log"
+    scontrol requeue "$SLURM_JOB_ID"
+fi
+echo "launch.sh: training exited with code $rc (latest checkpoint: iteration $latest)" | tee -a "$log"
+exit "$rc"

@@ -1,0 +1,209 @@
+"""SLURM launch: script hygiene, every recipe's flags, and a real single-node SLURM that preempts,
+times out, requeues and resumes the tiny CPU recipe to the same result as an uninterrupted run."""
+
+import glob
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.slurm_cluster import Cluster, install
+from tests.test_train import final_weights, train_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+RECIPES = sorted(glob.glob(os.path.join(ROOT, "slurm", "*.sbatch")))
+SCRIPTS = RECIPES + [os.path.join(ROOT, "slurm", "launch.sh"), os.path.join(ROOT, ".ci", "run")] + \
+    sorted(glob.glob(os.path.join(ROOT, "examples", "*.sh")))
+GIB = 1024 ** 3
+
+
+def sbatch_option(text, name):
+    return int(re.search(rf"^#SBATCH --{name}=(\d+)", text, re.M).group(1))
+
+
+def test_every_published_recipe_exists():
+    names = {os.path.basename(r) for r in RECIPES}
+    want = {f"{n}.sbatch" for n in ("71m", "130m", "350m", "1.3b", "3b", "7b", "tiny_cpu")}
+    want |= {f"depth_{L}.sbatch" for L in (24, 48, 72, 96, 120)}
+    assert want <= names, want - names
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=os.path.basename)
+def test_bash_syntax(script):
+    r = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+
+
+def test_shellcheck_clean():
+    if not shutil.which("shellcheck"):
+        if os.geteuid() != 0 or not shutil.which("apt-get"):
+            pytest.skip("shellcheck is not installed and cannot be installed here (needs root and apt-get)")
+        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+        subprocess.run(["apt-get", "update", "-qq"], capture_output=True, env=env, timeout=900)
+        r = subprocess.run(["apt-get", "install", "-y", "-qq", "shellcheck"], capture_output=True, text=True,
+                           env=env, timeout=900)
+        if r.returncode:
+            pytest.skip(f"apt-get install shellcheck failed: {r.stderr.strip()[-200:]}")
+    r = subprocess.run(["shellcheck", "--severity=style", *SCRIPTS], capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+def dry_run(recipe, **env):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **env}
+    for k in ("SLURM_JOB_ID", "SLURM_JOB_NAME"):
+        env.pop(k, None)
+    return subprocess.run(["bash", recipe, "--dry-run"], capture_output=True, text=True, env=env, timeout=60)
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=os.path.basename)
+def test_dry_run_flags_are_accepted_and_the_comments_are_true(recipe, tmp_path):
+    """The printed command's flags pass the driver's own parser and checks for the job's world
+    size, and the recipe's comment gives the memory estimate and tokens per step of those flags."""
+    from megatron_prores.arguments import check_recipe
+    from megatron_prores.tools.estimate_memory import estimate
+
+    r = dry_run(recipe, DATA_PATH="0.7 /data/a_text_document 0.3 /data/b_text_document",
+                TOKENIZER_MODEL="/data/tok.model", RUN_DIR=str(tmp_path / "run"))
+    assert r.returncode == 0, r.stderr
+    words = shlex.split(r.stdout)
+    flags = words[words.index("megatron_prores.train") + 1:]
+    text = open(recipe).read()
+    world = sbatch_option(text, "nodes") * sbatch_option(text, "ntasks-per-node")
+    args, cfg, dp, num_micro = check_recipe(flags, world)
+    assert args.save == args.load == str(tmp_path / "run" / "checkpoints") and args.exit_signal_handler
+    assert args.tensorboard_dir == str(tmp_path / "run" / "tensorboard")
+    tokens = int(re.search(r"tokens per step: ([\d,]+)", text).group(1).replace(",", ""))
+    assert tokens == args.global_batch_size * args.seq_length
+    if "tiny_cpu" in recipe:
+        assert not args.bf16 and args.tensor_model_parallel_size == 2
+        assert args.data_path == ["0.7", "/data/a_text_document", "0.3", "/data/b_text_document"]
+        return
+    assert args.data_path == ["0.7", "/data/a_text_document", "0.3", "/data/b_text_document"]
+    assert args.tokenizer_model == "/data/tok.model"
+    gib = int(re.search(r"memory per GPU: ~(\d+) GiB", text).group(1))
+    total = estimate(args, cfg, dp, num_micro)["bytes"]["total"] / GIB
+    assert gib == round(total) and total < 70, (gib, total)  # fits an 80 GB H100 with room
+    assert args.bf16 and args.use_distributed_optimizer and args.train_iters * tokens >= 50e9 * 0.999
+    L = args.num_layers
+    assert args.prores_warmup_steps == (500 if L >= 96 else 1000) * L  # T per block (methods.md)
+
+
+def test_launcher_without_data_gives_one_line(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k not in ("DATA_PATH", "SLURM_JOB_ID")}
+    r = subprocess.run(["bash", os.path.join(ROOT, "slurm", "1.3b.sbatch")], capture_output=True, text=True,
+                       env={**env, "RUN_DIR": str(tmp_path)}, timeout=60)
+    assert r.returncode == 2 and r.stderr.count("\n") == 1 and "set DATA_PATH=" in r.stderr, r.stderr
+    r = subprocess.run(["bash", os.path.join(ROOT, "slurm", "1.3b.sbatch")], capture_output=True, text=True,
+                       env={**env, "RUN_DIR": str(tmp_path), "DATA_PATH": "/d/x"}, timeout=60)
+    assert r.returncode == 2 and "TOKENIZER_MODEL" in r.stderr, r.stderr
+
+
+# ---- a real SLURM ----------------------------------------------------------------------------
+
+ITERS = 600  # ~70 s on 2 CPU processes: longer than the earliest time-limit signal (60 s)
+
+
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    reason = install()
+    if reason:
+        pytest.skip(reason)
+    subprocess.run(["pkill", "-f", "prores-slurm.*slurm.conf"], capture_output=True)
+    root = str(tmp_path_factory.mktemp("prores-slurm"))
+    cluster = Cluster(root)
+    reason = cluster.start()
+    if reason:
+        cluster.stop()
+        pytest.skip(f"cannot start a single-node SLURM here: {reason}")
+    yield cluster
+    subprocess.run(["scancel", "--user", "root"], env=cluster.env, capture_output=True)
+    cluster.stop()
+
+
+def submit(cluster, workdir, run_dir, *sbatch_args):
+    env = {**cluster.env, "RUN_DIR": str(run_dir), "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore",
+           "EXTRA_ARGS": f"--train-iters {ITERS} --log-interval 50"}
+    r = subprocess.run(["sbatch", "--parsable", *sbatch_args, os.path.join(ROOT, "slurm", "tiny_cpu.sbatch")],
+                       capture_output=True, text=True, env=env, cwd=workdir, timeout=60)
+    assert r.returncode == 0, r.stderr
+    return r.stdout.strip().split(";")[0]
+
+
+def wait_done(cluster, job_id, timeout=600):
+    """Until the job has ended for good; a requeued job waits out SLURM's requeue delay (BeginTime),
+    which the test shortens by releasing it at once."""
+    t0 = time.time()
+    while time.time() - t0 < timeout:
+        job = cluster.job(job_id)
+        state = job.get("JobState")
+        if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
+            return job
+        if state == "PENDING" and job.get("Reason") == "BeginTime":
+            cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
+        time.sleep(2)
+    raise AssertionError(f"job {job_id} did not end within {timeout}s: {cluster.job(job_id)}")
+
+
+def job_output(workdir, job_id):
+    return open(os.path.join(workdir, f"slurm-prores-tiny-cpu-{job_id}.out")).read()
+
+
+@pytest.fixture(scope="module")
+def reference(slurm, tmp_path_factory):
+    """The tiny recipe uninterrupted: it ends normally and is not requeued."""
+    work = tmp_path_factory.mktemp("ref")
+    job_id = submit(slurm, work, work / "run")
+    job = wait_done(slurm, job_id)
+    out = job_output(work, job_id)
+    assert job["JobState"] == "COMPLETED" and job["Restarts"] == "0", (job, out[-3000:])
+    assert "requeueing" not in out
+    return work / "run" / "checkpoints"
+
+
+def assert_same_run(a, b):
+    it_a, sa = train_state(a)
+    it_b, sb = train_state(b)
+    assert it_a == it_b == ITERS
+    assert sa["train_state"]["consumed_samples"] == sb["train_state"]["consumed_samples"]
+    assert sa["train_state"]["losses"] == sb["train_state"]["losses"]  # bitwise, every step
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys() and len(wa) > 10
+    for k in wa:
+        if isinstance(wa[k], torch.Tensor):
+            assert torch.equal(wa[k], wb[k]), k
+
+
+def test_preempted_job_is_requeued_and_resumes_to_the_same_result(slurm, reference, tmp_path):
+    job_id = submit(slurm, tmp_path, tmp_path / "run")
+    latest = tmp_path / "run" / "checkpoints" / "latest_checkpointed_iteration.txt"
+    t0 = time.time()
+    while not (latest.exists() and int(latest.read_text()) >= 100):
+        assert time.time() - t0 < 300, job_output(tmp_path, job_id)[-3000:]
+        time.sleep(0.5)
+    slurm.run("scontrol", "requeue", job_id)  # as a preemption does: SIGTERM to every process
+    job = wait_done(slurm, job_id)
+    out = job_output(tmp_path, job_id)
+    assert job["JobState"] == "COMPLETED" and int(job["Restarts"]) >= 1, (job, out[-3000:])
+    first = open(tmp_path / "run" / "logs" / f"{job_id}-0.log").read()
+    second = open(tmp_path / "run" / "logs" / f"{job_id}-1.log").read()
+    stopped = int(re.search(r"exiting at iteration (\d+)", first).group(1))
+    assert 100 <= stopped < ITERS  # saved at a step boundary after the signal, exit 0
+    assert f"resumed from {tmp_path / 'run' / 'checkpoints'} at iteration {stopped}" in second
+    assert_same_run(reference, tmp_path / "run" / "checkpoints")
+
+
+def test_time_limit_signal_saves_requeues_and_resumes_to_the_same_result(slurm, reference, tmp_path):
+    # --time=2 with USR1 60 s before the limit: SLURM sends it 0-60 s into the job, mid-run
+    job_id = submit(slurm, tmp_path, tmp_path / "run", "--time=2", "--signal=B:USR1@60")
+    job = wait_done(slurm, job_id, timeout=900)
+    out = job_output(tmp_path, job_id)
+    assert job["JobState"] == "COMPLETED" and int(job["Restarts"]) >= 1, (job, out[-3000:])
+    assert "USR1 (time limit near)" in out and f"requeueing job {job_id}" in out
+    assert "exiting at iteration" in out and "resumed from" in out
+    assert_same_run(reference, tmp_path / "run" / "checkpoints")
