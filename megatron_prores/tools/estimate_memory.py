@@ -86,6 +86,7 @@ def main(argv=None):
     p.add_argument("flags", nargs=argparse.REMAINDER, help="-- then the training flags (or @recipe.txt)")
     a = p.parse_args(argv)
     flags = a.flags[1:] if a.flags[:1] == ["--"] else a.flags
+    flags = flags + ["--save", "<not used>"]  # recipes save (the launcher adds --save); nothing is written here
     args, cfg, dp, num_micro = check_recipe(flags, a.world_size, a.vocab_size)
     r = estimate(args, cfg, dp, num_micro)
     for name, v in r["bytes"].items():
