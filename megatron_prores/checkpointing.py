@@ -252,14 +252,17 @@ class CheckpointSaver:
             self.queue = AsyncCallsQueue()
         self.in_flight: Optional[int] = None
 
-    def save(self, iteration: int, model, optimizer, scheduler, train_state: dict, model_args: dict) -> bool:
-        """Write checkpoint ``iteration``; True when it is already complete (always, unless async)."""
+    def save(self, iteration: int, model, optimizer, scheduler, train_state: dict, model_args: dict,
+             model_config: Optional[dict] = None) -> bool:
+        """Write checkpoint ``iteration``; True when it is already complete (always, unless async).
+        ``model_config`` (config.config_to_dict) lets tools rebuild the model (HF export)."""
         self.wait()
         tmp = _prepare(self.root, iteration)
         state = _training_state(model, optimizer, is_loading=False)
         state["scheduler"] = scheduler.state_dict() if scheduler is not None else None
         state["train_state"] = dict(train_state, iteration=iteration)
         state["model_args"] = model_args
+        state["model_config"] = model_config
         request = None
         try:
             request = dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy(),
@@ -312,9 +315,10 @@ def _report(iteration: int, error: BaseException) -> None:
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, train_state: dict,
-                    model_args: dict, keep_last_n: Optional[int] = None) -> str:
+                    model_args: dict, keep_last_n: Optional[int] = None, model_config: Optional[dict] = None) -> str:
     """Save synchronously; returns the checkpoint directory."""
-    CheckpointSaver(root, keep_last_n).save(iteration, model, optimizer, scheduler, train_state, model_args)
+    CheckpointSaver(root, keep_last_n).save(iteration, model, optimizer, scheduler, train_state, model_args,
+                                            model_config)
     return iteration_dir(root, iteration)
 
 
@@ -346,14 +350,15 @@ def load_checkpoint(root: str, model, optimizer, scheduler, model_args: dict) ->
                           f"{directory} is missing")
     common = dist_checkpointing.load_common_state_dict(directory)
     check_model_args(common.get("model_args", {}), model_args, root)
-    state = _load(_training_state(model, optimizer, is_loading=True), directory)
+    model_only = "optimizer" not in common  # e.g. imported from Hugging Face: fresh optimizer
+    state = _load(_training_state(model, None if model_only else optimizer, is_loading=True), directory)
     _load_model(model, state, directory)
-    if optimizer is not None:
+    if optimizer is not None and not model_only:
         with torch.no_grad():  # the distributed optimizer copies into views of the parameters
             optimizer.load_state_dict(state["optimizer"])
         train_state = common["train_state"]
         _restore_adam_step(optimizer, train_state["iteration"] - train_state.get("skipped_iters", 0))
-    if scheduler is not None and common.get("scheduler") is not None:
+    if scheduler is not None and common.get("scheduler") is not None and not model_only:
         scheduler.load_state_dict(common["scheduler"])
     rng = os.path.join(directory, f"rng_rank{dist.get_rank():05d}.pt")
     if os.path.isfile(rng):  # absent when resuming into a larger layout: keep the fresh seed

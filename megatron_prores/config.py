@@ -313,3 +313,22 @@ class ModelConfig:
             # Mix-LN blocks differ (post vs pre norms): checkpoint them per block.
             hetereogenous_dist_checkpoint=self.method.norm_type == "mix",
         )
+
+
+def config_to_dict(cfg: ModelConfig) -> dict:
+    """The model configuration as plain values (stored in checkpoints; read back by the export)."""
+    d = dataclasses.asdict(cfg)
+    d["params_dtype"] = str(cfg.params_dtype).replace("torch.", "")
+    return d
+
+
+def config_from_dict(d: dict, **changes) -> ModelConfig:
+    """Inverse of config_to_dict; unknown keys (from a newer version) are ignored."""
+    names = {f.name for f in dataclasses.fields(ModelConfig)}
+    kw = {k: v for k, v in d.items() if k in names}
+    mnames = {f.name for f in dataclasses.fields(MethodConfig)}
+    kw["method"] = MethodConfig(**{k: v for k, v in dict(kw.get("method") or {}).items() if k in mnames})
+    if isinstance(kw.get("params_dtype"), str):
+        kw["params_dtype"] = getattr(torch, kw["params_dtype"])
+    kw.update(changes)
+    return ModelConfig(**kw)

@@ -105,6 +105,7 @@ def train(args) -> int:
 
     from megatron_prores import checkpointing, data, parallel
     from megatron_prores.arguments import check_layout, model_config
+    from megatron_prores.config import config_to_dict
     from megatron_prores.gpas import gpas_scale
     from megatron_prores.layer import prores_layers, set_prores_step
     from megatron_prores.model import build_model
@@ -170,6 +171,8 @@ def train(args) -> int:
     # ---- resume --------------------------------------------------------------------------
     state = {"iteration": 0, "consumed_samples": 0, "skipped_iters": 0, "losses": []}
     arch = model_args_for_checkpoint(cfg)
+    export_config = dict(config_to_dict(cfg), tokenizer_type=tokenizer_type,  # for the HF export
+                         tokenizer_model=os.path.abspath(args.tokenizer_model) if args.tokenizer_model else None)
     if args.load:
         loaded = checkpointing.load_checkpoint(args.load, model, optimizer, scheduler, arch)
         if loaded is not None:
@@ -254,7 +257,7 @@ def train(args) -> int:
     def save(iteration):
         t0 = time.time()
         train_state = {k: state[k] for k in ("consumed_samples", "skipped_iters", "losses")}
-        if saver.save(iteration, model, optimizer, scheduler, train_state, arch):
+        if saver.save(iteration, model, optimizer, scheduler, train_state, arch, export_config):
             saved(iteration, t0)
         elif rank == 0:
             print(f"writing checkpoint {iteration} in the background (training paused {time.time() - t0:.2f}s)",

@@ -1,0 +1,318 @@
+"""Megatron checkpoint of this project -> Hugging Face model directory, streamed layer by layer.
+
+Pre-LN and LNS models become a plain ``LlamaForCausalLM``: the ProRes values, GPAS scales and LNS
+constants are folded into the weights (methods.md section 4). The GPAS factor s = 1 - SiLU(g) on
+the stream is carried as a running product P: a block computes x' = s(x + a F(N(x))); with the
+exported stream x/P and RMSNorm's scale invariance, o_proj (and down_proj) take a/P and P becomes
+P s. Exact up to the norm epsilon: the folded model is the trained one with epsilon eps P^2 in the
+norms it feeds, so the fold is refused (custom model code instead) when some s <= 0 or P^2 > 2.
+LNS's 1/sqrt(l) goes into the two norm gains of block l. Everything else (Post-LN, Sandwich-LN,
+DeepNorm, Mix-LN, LayerNorm, or ``fold=False``) exports as ProResForCausalLM (hf/modeling_prores.py,
+shipped in the directory, loaded with trust_remote_code=True) with explicit ProRes values and gates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from typing import Optional
+
+import torch
+
+from megatron_prores import schedules
+from megatron_prores.checkpoint_reader import CheckpointReader
+from megatron_prores.checkpointing import LATEST, iteration_dir, read_latest
+from megatron_prores.config import ConfigError, config_from_dict
+
+HF_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf")
+MAX_FOLD_P2 = 2.0  # folded norms see epsilon eps * P^2: allow at most twice the trained epsilon
+
+
+def resolve_iteration(load: str, iteration: Optional[int]) -> str:
+    """The checkpoint directory of ``iteration`` (default: the latest complete one)."""
+    if not os.path.isdir(load):
+        raise ConfigError(f"--load {load!r} does not exist")
+    done = sorted(int(d[5:]) for d in os.listdir(load) if d.startswith("iter_") and d[5:].isdigit())
+    if iteration is None:
+        iteration = read_latest(load)
+        if iteration is None:
+            raise ConfigError(f"--load {load!r} has no {LATEST} (no complete checkpoint); give --iteration N "
+                              f"(present: {done or 'none'})")
+    directory = iteration_dir(load, iteration)
+    if not os.path.isdir(directory):
+        hint = "it is still being written or was interrupted" if os.path.isdir(directory + ".tmp") else \
+            f"present: {done or 'none'}"
+        raise ConfigError(f"--load {load!r} has no complete checkpoint for iteration {iteration} ({hint})")
+    return directory
+
+
+def read_common(directory: str) -> dict:
+    path = os.path.join(directory, "common.pt")
+    if not os.path.isfile(path):
+        raise ConfigError(f"{directory} is not a complete checkpoint (no common.pt); pick another --iteration")
+    common = torch.load(path, map_location="cpu", weights_only=False)
+    if not common.get("model_config"):
+        raise ConfigError(f"{directory} does not record its model configuration (saved by an older version); "
+                          f"resume it once with the current driver and convert the new checkpoint")
+    return common
+
+
+class _Layers:
+    """Per-block tensors of a checkpoint, stacked ([L, ...] keys) or per block (Mix-LN keys)."""
+
+    def __init__(self, reader: CheckpointReader):
+        self.reader = reader
+
+    def get(self, layer: int, name: str, required: bool = True) -> Optional[torch.Tensor]:
+        stacked, single = f"decoder.layers.{name}", f"decoder.layers.{layer}.{name}"
+        if single in self.reader:
+            return self.reader.read(single)
+        if stacked in self.reader:
+            return self.reader.read(stacked, layer)
+        if required:
+            raise ConfigError(f"checkpoint {self.reader.directory} has no {name} for block {layer + 1}; "
+                              f"it is incomplete or of another model")
+        return None
+
+
+PRE_NORM = ("self_attention.linear_qkv.layer_norm_", "input_layernorm.")
+PRE_MLP_NORM = ("mlp.linear_fc1.layer_norm_", "pre_mlp_layernorm.")
+
+
+def _norm(layers: _Layers, layer: int, prefixes, rms: bool) -> dict:
+    for prefix in prefixes:
+        w = layers.get(layer, prefix + "weight", required=False)
+        if w is not None:
+            out = {"weight": w}
+            if not rms:
+                out["bias"] = layers.get(layer, prefix + "bias")
+            return out
+    raise ConfigError(f"checkpoint {layers.reader.directory} has no norm {prefixes[0]}weight for block {layer + 1}")
+
+
+class _ShardWriter:
+    """safetensors shards of at most ``max_bytes``, with model.safetensors.index.json."""
+
+    def __init__(self, output: str, max_bytes: int, dtype: Optional[torch.dtype]):
+        self.output, self.max_bytes, self.dtype = output, max_bytes, dtype
+        self.current, self.size, self.files, self.weight_map, self.total = {}, 0, [], {}, 0
+
+    def add(self, name: str, tensor: torch.Tensor) -> None:
+        t = tensor.detach()
+        if self.dtype is not None and t.is_floating_point():
+            t = t.to(self.dtype)
+        t = t.contiguous().clone()  # own storage: safetensors refuses views of one buffer (gate/up)
+        nbytes = t.numel() * t.element_size()
+        if self.current and self.size + nbytes > self.max_bytes:
+            self.flush()
+        self.current[name] = t
+        self.size += nbytes
+        self.total += nbytes
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if not self.current:
+            return
+        name = f"model-{len(self.files) + 1:05d}.safetensors.tmp"
+        save_file(self.current, os.path.join(self.output, name), metadata={"format": "pt"})
+        self.files.append(name)
+        for k in self.current:
+            self.weight_map[k] = name
+        self.current, self.size = {}, 0
+
+    def finish(self) -> None:
+        self.flush()
+        n = len(self.files)
+        final = {f: f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i, f in enumerate(self.files)}
+        for tmp, name in final.items():
+            os.replace(os.path.join(self.output, tmp), os.path.join(self.output, name))
+        index = {"metadata": {"total_size": self.total},
+                 "weight_map": {k: final[v] for k, v in sorted(self.weight_map.items())}}
+        with open(os.path.join(self.output, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+
+
+def fold_decision(cfg, gates: list, want_fold: bool) -> tuple:
+    """(fold?, reason when not) for this model and its GPAS gates (one tensor per block)."""
+    m = cfg.method
+    if not want_fold:
+        return False, "--no-fold"
+    if m.norm_type not in ("pre", "lns"):
+        return False, f"--norm-type {m.norm_type} has no Llama equivalent"
+    if cfg.normalization != "RMSNorm":
+        return False, "LayerNorm models are not Llama models"
+    if m.gpas:
+        scales = [1 - torch.nn.functional.silu(g.double()) for g in gates]
+        if any(bool((s <= 0).any()) for s in scales):
+            return False, "a GPAS scale 1-SiLU(g) is <= 0 (a sign flip cannot fold into RMSNorm)"
+        p, worst = 1.0, 1.0
+        for s in scales:
+            for j in range(2):
+                p *= float(s[min(j, s.numel() - 1)])
+                worst = max(worst, p * p)
+        if worst > MAX_FOLD_P2:
+            return False, (f"folding the GPAS scales would grow the norms' epsilon up to {worst:.2f}x "
+                           f"(more than {MAX_FOLD_P2:g}x): inexact")
+    return True, None
+
+
+def export(load: str, output: str, iteration: Optional[int] = None, fold: bool = True,
+           tokenizer_model: Optional[str] = None, dtype: Optional[str] = None,
+           max_shard_bytes: int = 5 * 2 ** 30, progress: bool = True, log=print) -> dict:
+    """Convert; returns a report (format, reasons, values)."""
+    directory = resolve_iteration(load, iteration)
+    common = read_common(directory)
+    reader = CheckpointReader(directory)
+    cfg = config_from_dict(common["model_config"])
+    m, L, h = cfg.method, cfg.num_layers, cfg.hidden_size
+    step = int(common["train_state"]["iteration"]) if common.get("train_state") else 0
+    layers = _Layers(reader)
+    rms = cfg.normalization == "RMSNorm"
+    heads, groups = cfg.num_attention_heads, cfg.query_groups
+    d = h // heads
+    f = cfg.ffn_size
+    prores = [schedules.prores_value(m.prores_schedule, step, l, L, m.prores_warmup_steps) if m.prores else 1.0
+              for l in range(1, L + 1)]
+    gates = [layers.get(i, "gpas_gate").double() for i in range(L)] if m.gpas else []
+    do_fold, reason = fold_decision(cfg, gates, fold)
+    styles = [m.block_style(l, L) for l in range(1, L + 1)]
+    out_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16,
+                 "float16": torch.float16}[dtype]
+
+    if os.path.exists(output) and os.listdir(output):
+        raise ConfigError(f"--output {output!r} exists and is not empty; give a new directory")
+    tmp = output.rstrip("/") + ".tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    os.makedirs(tmp)
+    writer = _ShardWriter(tmp, max_shard_bytes, out_dtype)
+    vocab = cfg.vocab_size
+    writer.add("model.embed_tokens.weight", reader.read("embedding.word_embeddings.weight")[:vocab])
+
+    from tqdm import tqdm
+
+    P = 1.0  # running product of the folded GPAS scales
+    for i in tqdm(range(L), desc="converting blocks", disable=not progress):
+        pre = f"model.layers.{i}."
+        qkv = layers.get(i, "self_attention.linear_qkv.weight").view(groups, (heads // groups + 2) * d, h)
+        q, k, v = qkv.split([heads // groups * d, d, d], dim=1)
+        o = layers.get(i, "self_attention.linear_proj.weight")
+        fc1 = layers.get(i, "mlp.linear_fc1.weight")
+        gate_w, up = fc1[:f], fc1[f:]
+        down = layers.get(i, "mlp.linear_fc2.weight")
+        style = styles[i]
+        a = prores[i]
+        norms = {}
+        if style in ("pre", "lns", "sandwich"):
+            norms["input_layernorm"] = _norm(layers, i, PRE_NORM, rms)
+            norms["post_attention_layernorm"] = _norm(layers, i, PRE_MLP_NORM, rms)
+        if style == "sandwich":
+            norms["attn_branch_norm"] = _norm(layers, i, ("post_self_attn_layernorm.",), rms)
+            norms["mlp_branch_norm"] = _norm(layers, i, ("post_mlp_layernorm.",), rms)
+        if style in ("post", "deepnorm"):
+            norms["attn_sum_norm"] = _norm(layers, i, ("post_self_attn_layernorm.",), rms)
+            norms["mlp_sum_norm"] = _norm(layers, i, ("post_mlp_layernorm.",), rms)
+        if do_fold:
+            if style == "lns":  # the 1/sqrt(l) on both norm outputs
+                for n in ("input_layernorm", "post_attention_layernorm"):
+                    norms[n]["weight"] = norms[n]["weight"] * (i + 1) ** -0.5
+            s = (1 - torch.nn.functional.silu(gates[i])).tolist() if m.gpas else [1.0]
+            o = _scaled(o, a / P)
+            P *= s[0]
+            down = _scaled(down, a / P)
+            P *= s[-1]
+        writer.add(pre + "self_attn.q_proj.weight", q.reshape(heads * d, h))
+        writer.add(pre + "self_attn.k_proj.weight", k.reshape(groups * d, h))
+        writer.add(pre + "self_attn.v_proj.weight", v.reshape(groups * d, h))
+        writer.add(pre + "self_attn.o_proj.weight", o)
+        writer.add(pre + "mlp.gate_proj.weight", gate_w)
+        writer.add(pre + "mlp.up_proj.weight", up)
+        writer.add(pre + "mlp.down_proj.weight", down)
+        for n, params in norms.items():
+            for kind, t in params.items():
+                writer.add(pre + f"{n}.{kind}", t)
+        if m.gpas and not do_fold:
+            writer.add(pre + "gpas_gate", gates[i].to(reader.tensors["embedding.word_embeddings.weight"].properties.dtype))
+    if m.has_final_norm:
+        writer.add("model.norm.weight", reader.read("decoder.final_layernorm.weight"))
+        if not rms:
+            writer.add("model.norm.bias", reader.read("decoder.final_layernorm.bias"))
+    writer.add("lm_head.weight", reader.read("output_layer.weight")[:vocab])
+    writer.finish()
+
+    stored = reader.tensors["embedding.word_embeddings.weight"].properties.dtype
+    torch_dtype = str(out_dtype or stored).replace("torch.", "")
+    base = dict(vocab_size=vocab, hidden_size=h, intermediate_size=f, num_hidden_layers=L,
+                num_attention_heads=heads, num_key_value_heads=groups, max_position_embeddings=cfg.seq_length,
+                rms_norm_eps=cfg.norm_epsilon, rope_theta=float(cfg.rotary_base),
+                rope_parameters={"rope_theta": float(cfg.rotary_base), "rope_type": "default"},
+                bos_token_id=1, eos_token_id=2,
+                tie_word_embeddings=False, torch_dtype=torch_dtype, dtype=torch_dtype)
+    if do_fold:
+        config = dict(base, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                      attention_bias=False, mlp_bias=False, head_dim=d, use_cache=True)
+    else:
+        config = dict(base, architectures=["ProResForCausalLM"], model_type="megatron_prores",
+                      normalization=cfg.normalization, block_styles=styles, prores_values=prores, gpas=m.gpas,
+                      gpas_gate=m.gpas_gate, deepnorm_alpha=(2 * L) ** 0.25, final_norm=m.has_final_norm,
+                      auto_map={"AutoConfig": "configuration_prores.ProResConfig",
+                                "AutoModelForCausalLM": "modeling_prores.ProResForCausalLM"})
+        for name in ("configuration_prores.py", "modeling_prores.py"):
+            shutil.copy(os.path.join(HF_CODE, name), os.path.join(tmp, name))
+    with open(os.path.join(tmp, "config.json"), "w") as fh:
+        json.dump(config, fh, indent=2)
+    with open(os.path.join(tmp, "generation_config.json"), "w") as fh:
+        json.dump({"bos_token_id": 1, "eos_token_id": 2}, fh, indent=2)
+
+    tok_note = _export_tokenizer(tmp, tokenizer_model or common["model_config"].get("tokenizer_model"),
+                                 common["model_config"].get("tokenizer_type"))
+    if os.path.exists(output):
+        os.rmdir(output)  # empty (checked above)
+    os.replace(tmp, output)
+    report = {"iteration": step, "format": "LlamaForCausalLM" if do_fold else "ProResForCausalLM",
+              "not_folded_because": reason, "prores_values": prores, "tokenizer": tok_note,
+              "fold_product": P if do_fold else None, "bytes": writer.total}
+    log(f"exported iteration {step} of {load} to {output} as {report['format']}"
+        + (f" (custom model code: {reason}; load with trust_remote_code=True)" if not do_fold else
+           " (ProRes values, GPAS scales and LNS constants folded into the weights)")
+        + f"; {tok_note}")
+    return report
+
+
+def _scaled(w: torch.Tensor, factor: float) -> torch.Tensor:
+    return w if factor == 1.0 else (w.double() * factor).to(w.dtype)
+
+
+def _export_tokenizer(out: str, model: Optional[str], kind: Optional[str]) -> str:
+    if kind == "NullTokenizer" or not model:
+        return "no tokenizer exported (the run used NullTokenizer/mock data; give --tokenizer-model to add one)"
+    if not os.path.isfile(model):
+        raise ConfigError(f"tokenizer model {model!r} not found; give --tokenizer-model PATH")
+    shutil.copy(model, os.path.join(out, "tokenizer.model"))
+    conf = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
+            "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True,
+            "clean_up_tokenization_spaces": False, "model_max_length": int(1e30)}
+    with open(os.path.join(out, "tokenizer_config.json"), "w") as f:
+        json.dump(conf, f, indent=2)
+    try:  # tokenizer.json (the fast tokenizer), converted by transformers from the SentencePiece model
+        from tokenizers import Tokenizer, normalizers
+        from transformers import AutoTokenizer
+    except ImportError:
+        return "tokenizer.model written (install transformers to add tokenizer.json)"
+    AutoTokenizer.from_pretrained(out).save_pretrained(out)
+    # SentencePiece always adds its dummy prefix "▁", also before leading whitespace; recent
+    # LlamaTokenizer classes do not (Metaspace "first"). Pin SentencePiece's behaviour in
+    # tokenizer.json and load it as a plain fast tokenizer, so ids equal the training ids.
+    path = os.path.join(out, "tokenizer.json")
+    tok = Tokenizer.from_file(path)
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+    tok.pre_tokenizer = None
+    tok.save(path)
+    conf_path = os.path.join(out, "tokenizer_config.json")
+    saved = json.load(open(conf_path))
+    saved.update(tokenizer_class="PreTrainedTokenizerFast", add_bos_token=False, add_eos_token=False)
+    with open(conf_path, "w") as f:
+        json.dump(saved, f, indent=2)
+    return "tokenizer exported (SentencePiece model + tokenizer.json, no BOS added, EOS = EOD)"
+

@@ -1,0 +1,128 @@
+"""Hugging Face Llama checkpoint -> Megatron checkpoint of this project, to continue pretraining.
+
+The result is a model-only checkpoint (iteration 0, no optimizer state) in megatron-core's
+layout-independent format: the driver loads it with ``--load`` under any TP/PP layout and starts
+a fresh optimizer. The model is Pre-LN (what Llama is), ProRes and GPAS off unless the flags say
+otherwise: a ProRes warmup restarts the blocks at identity, which a pretrained model rarely wants.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+import torch
+
+from megatron_prores.config import ConfigError, MethodConfig, ModelConfig, config_to_dict
+
+
+def _llama_config(directory: str) -> dict:
+    path = os.path.join(directory, "config.json")
+    if not os.path.isfile(path):
+        raise ConfigError(f"--input {directory!r} has no config.json; give a Hugging Face model directory")
+    c = json.load(open(path))
+    if c.get("model_type") != "llama":
+        raise ConfigError(f"--input {directory!r} is a {c.get('model_type')!r} model; only Llama models import "
+                          f"(export Post-LN/Sandwich/DeepNorm/Mix-LN checkpoints of this project are not Llama)")
+    rope = c.get("rope_parameters") or {}  # transformers >= 5; rope_theta/rope_scaling before
+    c["rope_theta"] = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+    problems = [(c.get("hidden_act", "silu") != "silu", "hidden_act is not silu"),
+                (c.get("attention_bias", False), "attention has biases"),
+                (c.get("mlp_bias", False), "the MLP has biases"),
+                (c.get("rope_scaling") not in (None, {}) or rope.get("rope_type", "default") != "default",
+                 "RoPE scaling is set"),
+                (c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
+                 != c["hidden_size"] // c["num_attention_heads"], "head_dim differs from hidden/heads")]
+    for bad, what in problems:
+        if bad:
+            raise ConfigError(f"--input {directory!r}: {what}; this project's model cannot hold it")
+    return c
+
+
+def _tensors(directory: str):
+    """name -> lazily opened safetensors handle."""
+    from safetensors import safe_open
+
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        files = sorted(set(json.load(open(index))["weight_map"].values()))
+    elif os.path.isfile(os.path.join(directory, "model.safetensors")):
+        files = ["model.safetensors"]
+    else:
+        raise ConfigError(f"--input {directory!r} has no safetensors weights (model.safetensors[.index.json])")
+    where = {}
+    for name in files:
+        h = safe_open(os.path.join(directory, name), framework="pt")
+        for k in h.keys():
+            where[k] = h
+    return where
+
+
+def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,
+                 make_vocab_size_divisible_by: int = 128, method: Optional[MethodConfig] = None,
+                 tokenizer_model: Optional[str] = None, log=print) -> str:
+    """Write ``save/iter_0000000`` (+ latest marker); returns its directory. Needs
+    torch.distributed with world size 1 (parallel.initialize())."""
+    from megatron_prores.checkpointing import save_checkpoint
+    from megatron_prores.model import build_model
+    from megatron_prores.train import model_args_for_checkpoint
+
+    c = _llama_config(input_dir)
+    method = method or MethodConfig()
+    cfg = ModelConfig(
+        num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
+        num_attention_heads=c["num_attention_heads"], num_query_groups=c.get("num_key_value_heads"),
+        ffn_hidden_size=c["intermediate_size"], vocab_size=c["vocab_size"],
+        make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        seq_length=seq_length or min(c.get("max_position_embeddings", 4096), 4096),
+        norm_epsilon=c.get("rms_norm_eps", 1e-6), rotary_base=c.get("rope_theta", 10000.0), method=method)
+    cfg.validate()
+    dtype = getattr(torch, str(c.get("torch_dtype") or c.get("dtype") or "float32").replace("torch.", ""))
+    cfg = cfg.replace(params_dtype=dtype)
+    w = _tensors(input_dir)
+    (chunk,) = build_model(cfg)
+    state = chunk.state_dict()
+    heads, groups, h = cfg.num_attention_heads, cfg.query_groups, cfg.hidden_size
+    d = h // heads
+
+    def get(name):
+        if name not in w:
+            raise ConfigError(f"--input {input_dir!r} lacks the tensor {name}")
+        return w[name].get_tensor(name)
+
+    def put(key, t):
+        if key not in state:
+            raise ConfigError(f"internal: the model has no parameter {key}")
+        if state[key].shape != t.shape:
+            raise ConfigError(f"--input {input_dir!r}: {key} has shape {tuple(t.shape)}, expected "
+                              f"{tuple(state[key].shape)}")
+        state[key].copy_(t)
+
+    V = cfg.vocab_size
+    emb = torch.zeros_like(state["embedding.word_embeddings.weight"])
+    emb[:V] = get("model.embed_tokens.weight")
+    put("embedding.word_embeddings.weight", emb)
+    out = torch.zeros_like(state["output_layer.weight"])
+    out[:V] = get("lm_head.weight") if "lm_head.weight" in w else get("model.embed_tokens.weight")  # tied
+    put("output_layer.weight", out)
+    put("decoder.final_layernorm.weight", get("model.norm.weight"))
+    for i in range(cfg.num_layers):
+        hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
+        q = get(hf + "self_attn.q_proj.weight").view(groups, heads // groups * d, h)
+        k = get(hf + "self_attn.k_proj.weight").view(groups, d, h)
+        v = get(hf + "self_attn.v_proj.weight").view(groups, d, h)
+        put(mg + "self_attention.linear_qkv.weight", torch.cat([q, k, v], dim=1).reshape(-1, h))
+        put(mg + "self_attention.linear_proj.weight", get(hf + "self_attn.o_proj.weight"))
+        put(mg + "mlp.linear_fc1.weight", torch.cat([get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")]))
+        put(mg + "mlp.linear_fc2.weight", get(hf + "mlp.down_proj.weight"))
+        put(mg + "input_layernorm.weight", get(hf + "input_layernorm.weight"))
+        put(mg + "pre_mlp_layernorm.weight", get(hf + "post_attention_layernorm.weight"))
+    train_state = {"consumed_samples": 0, "skipped_iters": 0, "losses": []}
+    export = dict(config_to_dict(cfg), tokenizer_type="SentencePieceTokenizer" if tokenizer_model else None,
+                  tokenizer_model=os.path.abspath(tokenizer_model) if tokenizer_model else None)
+    directory = save_checkpoint(save, 0, [chunk], None, None, train_state, model_args_for_checkpoint(cfg),
+                                model_config=export)
+    log(f"imported {input_dir} ({cfg.num_layers} layers, hidden {h}, vocab {V}) into {directory}: "
+        f"train from it with --load {save} (any TP/PP; a fresh optimizer starts at iteration 0)")
+    return directory

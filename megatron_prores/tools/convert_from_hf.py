@@ -1,0 +1,58 @@
+"""Import a Hugging Face Llama model as a checkpoint of this project, to continue pretraining.
+
+    megatron-prores-convert-from-hf --input HF_DIR --save CKPT_DIR [--seq-length N]
+
+Writes CKPT_DIR/iter_0000000 (model only) and the latest marker; train from it with
+``megatron-prores-train --load CKPT_DIR --save CKPT_DIR ...`` under any TP/PP layout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+from megatron_prores.config import ConfigError
+from megatron_prores.tools import run
+
+
+def parse(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--input", required=True, help="Hugging Face Llama model directory (safetensors)")
+    p.add_argument("--save", required=True, help="checkpoint directory to create")
+    p.add_argument("--seq-length", type=int, default=None, help="default: max_position_embeddings (<= 4096)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    p.add_argument("--tokenizer-model", default=None, help="SentencePiece model recorded for later export")
+    return p.parse_args(argv)
+
+
+def main(argv=None):
+    args = parse(argv)
+    if os.path.exists(args.save) and os.listdir(args.save):
+        raise ConfigError(f"--save {args.save!r} is not empty; give a new directory")
+    import socket
+
+    # one process of its own: a free local port, whatever a surrounding launcher exported
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    from megatron_prores import parallel
+    from megatron_prores.hf_import import import_llama
+
+    parallel.initialize()
+    import_llama(args.input, args.save, args.seq_length, args.make_vocab_size_divisible_by,
+                 tokenizer_model=args.tokenizer_model)
+
+
+def cli():
+    code = run(main)
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    cli()

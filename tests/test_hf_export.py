@@ -1,0 +1,245 @@
+"""Hugging Face export and import, checked against this project's Megatron model and transformers."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from megatron_prores.checkpointing import save_checkpoint
+from megatron_prores.config import MethodConfig, ModelConfig, config_to_dict
+from megatron_prores.hf_export import export
+from megatron_prores.layer import prores_layers, set_prores_step
+from megatron_prores.model import build_model
+from megatron_prores.parallel import seed_everything
+from megatron_prores.train import model_args_for_checkpoint
+
+transformers = pytest.importorskip("transformers")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+STEP = 25  # mid-warmup: W = 40 over 4 blocks (T = 10): blocks 1-2 done, 3-4 ramping
+VOCAB = 200  # padded to 256 in the checkpoint: the export must drop the padding
+TOKENS = torch.tensor([[5, 17, 42, 99, 3, 150, 7, 64, 12, 199, 0, 88, 31, 2, 120, 9],
+                       [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16]])
+
+
+def config(norm_type, gpas=True, normalization="RMSNorm", vocab=VOCAB, **kw):
+    method = MethodConfig(norm_type=norm_type, prores_schedule="linear", prores_warmup_steps=40, gpas=gpas)
+    return ModelConfig(num_layers=4, hidden_size=64, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=96,
+                       vocab_size=vocab, make_vocab_size_divisible_by=128, seq_length=16,
+                       normalization=normalization, method=method, **kw)
+
+
+def trained_model(cfg, seed=0):
+    """A model with trained-looking values: non-zero gates, uneven norm gains, and a residual stream
+    whose RMS is far above sqrt(eps) as in a trained LM (embeddings of std 1, not 0.02)."""
+    seed_everything(seed)
+    (chunk,) = build_model(cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        chunk.embedding.word_embeddings.weight.mul_(50.0)
+        for name, p in chunk.named_parameters():
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1 + 0.2 * torch.randn(p.shape, generator=g))
+            elif "norm" in name and name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+        for layer in prores_layers(chunk):
+            if layer.gpas_gate is not None:  # g in (0.05, 0.25): scales 1-SiLU(g) in (0.86, 0.97)
+                layer.gpas_gate.copy_(0.05 + 0.2 * torch.rand(layer.gpas_gate.shape, generator=g))
+    return chunk
+
+
+def save(chunk, cfg, root, step=STEP, tokenizer=None):
+    extra = dict(config_to_dict(cfg), tokenizer_type="SentencePieceTokenizer" if tokenizer else "NullTokenizer",
+                 tokenizer_model=tokenizer)
+    save_checkpoint(str(root), step, [chunk], None, None, {"consumed_samples": 0, "skipped_iters": 0, "losses": []},
+                    model_args_for_checkpoint(cfg), model_config=extra)
+
+
+@torch.no_grad()
+def megatron_logits(chunk, tokens=TOKENS, step=STEP):
+    set_prores_step([chunk], step)
+    chunk.eval()
+    pos = torch.arange(tokens.shape[1])[None].expand_as(tokens)
+    return chunk(tokens, pos, None)[..., :VOCAB].double()
+
+
+@torch.no_grad()
+def hf_logits(directory, tokens=TOKENS):
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(directory), trust_remote_code=True,
+                                                              dtype=torch.float32)
+    model.eval()
+    return model, model(tokens).logits.double()
+
+
+@torch.no_grad()
+def megatron_greedy(chunk, prompt, n, step=STEP):
+    seq = prompt.clone()
+    for _ in range(n):
+        seq = torch.cat([seq, megatron_logits(chunk, seq, step)[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+CASES = [("pre", True), ("lns", True), ("sandwich", True), ("deepnorm", True), ("mix", True), ("post", False)]
+
+
+@pytest.mark.parametrize("norm_type,gpas", CASES, ids=[c[0] for c in CASES])
+def test_exported_model_matches_megatron(single_process, tmp_path, norm_type, gpas):
+    cfg = config(norm_type, gpas)
+    chunk = trained_model(cfg)
+    save(chunk, cfg, tmp_path / "ckpt")
+    ref = megatron_logits(chunk)
+    report = export(str(tmp_path / "ckpt"), str(tmp_path / "hf"), progress=False, log=lambda *_: None)
+    model, got = hf_logits(tmp_path / "hf")
+    expect_llama = norm_type in ("pre", "lns")
+    assert (type(model).__name__ == "LlamaForCausalLM") == expect_llama, report
+    diff = (got - ref).abs().max().item()
+    rel = diff / ref.abs().max().item()
+    print(f"{norm_type}: {report['format']}, max |logit diff| {diff:.3e}, relative {rel:.3e}")
+    assert got.shape == ref.shape and diff < 1e-4, (diff, rel)
+    prompt = TOKENS[:, :4]
+    generated = model.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20,
+                               pad_token_id=0, eos_token_id=None)
+    assert torch.equal(generated, megatron_greedy(chunk, prompt, 20))
+    if expect_llama:  # the same checkpoint with explicit values and gates gives the same logits
+        export(str(tmp_path / "ckpt"), str(tmp_path / "nofold"), fold=False, progress=False, log=lambda *_: None)
+        nofold_model, nofold = hf_logits(tmp_path / "nofold")
+        assert type(nofold_model).__name__ == "ProResForCausalLM"
+        assert (nofold - got).abs().max().item() < 1e-4 and (nofold - ref).abs().max().item() < 1e-4
+
+
+def test_layernorm_and_unfoldable_gates_export_with_the_custom_code(single_process, tmp_path):
+    cfg = config("pre", normalization="LayerNorm")
+    chunk = trained_model(cfg)
+    save(chunk, cfg, tmp_path / "ln")
+    report = export(str(tmp_path / "ln"), str(tmp_path / "ln_hf"), progress=False, log=lambda *_: None)
+    assert report["format"] == "ProResForCausalLM" and "LayerNorm" in report["not_folded_because"]
+    assert (hf_logits(tmp_path / "ln_hf")[1] - megatron_logits(chunk)).abs().max().item() < 1e-4
+
+    cfg = config("pre")
+    chunk = trained_model(cfg)
+    with torch.no_grad():  # gate 2 past 1.278: 1 - SiLU(g) < 0, a sign flip
+        list(prores_layers(chunk))[1].gpas_gate.fill_(2.0)
+    save(chunk, cfg, tmp_path / "flip")
+    report = export(str(tmp_path / "flip"), str(tmp_path / "flip_hf"), progress=False, log=lambda *_: None)
+    assert report["format"] == "ProResForCausalLM" and "<= 0" in report["not_folded_because"]
+    assert (hf_logits(tmp_path / "flip_hf")[1] - megatron_logits(chunk)).abs().max().item() < 1e-4
+
+    with torch.no_grad():  # scales 1.27 everywhere: the folded stream would shrink, epsilon grow
+        for layer in prores_layers(chunk):
+            layer.gpas_gate.fill_(-1.0)
+    save(chunk, cfg, tmp_path / "grow")
+    report = export(str(tmp_path / "grow"), str(tmp_path / "grow_hf"), progress=False, log=lambda *_: None)
+    assert report["format"] == "ProResForCausalLM" and "inexact" in report["not_folded_because"]
+
+
+def test_tensor_and_pipeline_parallel_checkpoint_converts_like_tp1(single_process, tmp_path):
+    """A TP=2 x PP=2 run (4 processes) converts to the same files as its weights saved by TP=1."""
+    from safetensors.torch import load_file
+
+    from megatron_prores.checkpointing import load_model
+    from tests.test_train import run
+
+    args = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
+            "--ffn-hidden-size", "96", "--seq-length", "16", "--micro-batch-size", "2", "--global-batch-size", "4",
+            "--lr", "3e-3", "--mock-data", "--vocab-size", str(VOCAB), "--norm-type", "lns", "--prores-schedule",
+            "linear", "--prores-warmup-steps", "40", "--gpas", "--train-iters", "3", "--log-interval", "1",
+            "--eval-iters", "0", "--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2",
+            "--save", tmp_path / "tp2pp2"]
+    code, out = run(args, nproc=4)
+    assert code == 0, out[-3000:]
+    cfg = config("lns")
+    (chunk,) = build_model(cfg)
+    load_model([chunk], str(tmp_path / "tp2pp2" / "iter_0000003"))
+    save(chunk, cfg, tmp_path / "tp1", step=3)
+    for name in ("tp2pp2", "tp1"):
+        export(str(tmp_path / name), str(tmp_path / f"{name}_hf"), progress=False, log=lambda *_: None)
+
+    def weights(d):
+        files = [f for f in os.listdir(d) if f.endswith(".safetensors")]
+        return {k: v for f in files for k, v in load_file(os.path.join(d, f)).items()}
+
+    a, b = weights(tmp_path / "tp2pp2_hf"), weights(tmp_path / "tp1_hf")
+    assert a.keys() == b.keys() and len(a) == 2 + 4 * 9 + 1
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    ca = json.load(open(tmp_path / "tp2pp2_hf" / "config.json"))
+    cb = json.load(open(tmp_path / "tp1_hf" / "config.json"))
+    assert ca == cb and ca["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_hf_to_megatron_to_hf_is_bit_identical(tmp_path):
+    """A random Llama (GQA, SwiGLU, untied) -> this project's checkpoint -> Llama again."""
+    from safetensors.torch import load_file
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+                                   rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_from_hf.py"), "--input", tmp_path / "hf",
+                        "--save", tmp_path / "ckpt"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_to_hf.py"), "--load", tmp_path / "ckpt",
+                        "--output", tmp_path / "back"], capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr[-3000:]
+    original = load_file(tmp_path / "hf" / "model.safetensors")
+    back = {}
+    for f in os.listdir(tmp_path / "back"):
+        if f.endswith(".safetensors"):
+            back.update(load_file(tmp_path / "back" / f))
+    assert original.keys() == back.keys()
+    for k in original:
+        assert original[k].dtype == back[k].dtype and torch.equal(original[k], back[k]), k
+    c = transformers.AutoConfig.from_pretrained(str(tmp_path / "back"))
+    for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "rope_parameters"):
+        assert getattr(c, key) == getattr(cfg, key), key
+
+
+def test_exported_tokenizer_encodes_like_the_training_tokenizer(single_process, tmp_path):
+    from megatron_prores.tokenizer import build_tokenizer
+
+    corpus = tmp_path / "corpus.jsonl"
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    for cmd in (["build_corpus", "--output", corpus, "--max-bytes", 300_000],
+                ["train_tokenizer", "--input", corpus, "--model-prefix", tmp_path / "tok", "--vocab-size", 500]):
+        r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", f"{cmd[0]}.py"), *map(str, cmd[1:])],
+                           capture_output=True, text=True, env=env, timeout=600)
+        assert r.returncode == 0, r.stderr
+    cfg = config("pre", vocab=500)
+    save(trained_model(cfg), cfg, tmp_path / "ckpt", tokenizer=str(tmp_path / "tok.model"))
+    report = export(str(tmp_path / "ckpt"), str(tmp_path / "hf"), progress=False, log=lambda *_: None)
+    assert "tokenizer exported" in report["tokenizer"]
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    ours = build_tokenizer("SentencePieceTokenizer", str(tmp_path / "tok.model"))
+    texts = [json.loads(line)["text"] for line in open(corpus)] + ["  two  spaces\n\ttab 12345 é ✓", " x", "",
+                                                                   "\n\nA", "日本語 text"]
+    for text in texts:
+        assert hf(text)["input_ids"] == ours.tokenize(text), text[:60]
+        assert hf.decode(hf(text)["input_ids"]) == text
+    assert hf.eos_token_id == ours.eod == 2 and os.path.isfile(tmp_path / "hf" / "tokenizer.json")
+
+
+def test_bad_inputs_give_one_line(tmp_path):
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+
+    def tool(*args):
+        return subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_to_hf.py"), *map(str, args)],
+                              capture_output=True, text=True, env=env, timeout=120)
+
+    r = tool("--load", tmp_path / "none", "--output", tmp_path / "o")
+    assert r.returncode == 2 and "does not exist" in r.stderr and r.stderr.count("\n") == 1, r.stderr
+    (tmp_path / "run" / "iter_0000010.tmp").mkdir(parents=True)
+    r = tool("--load", tmp_path / "run", "--output", tmp_path / "o", "--iteration", "10")
+    assert r.returncode == 2 and "still being written or was interrupted" in r.stderr, r.stderr
+    r = tool("--load", tmp_path / "run", "--output", tmp_path / "o")
+    assert r.returncode == 2 and "no complete checkpoint" in r.stderr, r.stderr
+    assert not os.path.exists(tmp_path / "o")
