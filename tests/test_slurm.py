@@ -127,8 +127,12 @@ def slurm(tmp_path_factory):
 
 
 def submit(cluster, workdir, run_dir, *sbatch_args):
-    env = {**cluster.env, "RUN_DIR": str(run_dir), "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore",
-           "EXTRA_ARGS": f"--train-iters {ITERS} --log-interval 50"}
+    # sbatch exports this environment into the job: leave out the rendezvous variables of this
+    # test process (other tests' process groups hold their MASTER_PORT)
+    env = {k: v for k, v in cluster.env.items()
+           if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE")}
+    env.update(RUN_DIR=str(run_dir), PYTHON=sys.executable, PYTHONWARNINGS="ignore",
+               EXTRA_ARGS=f"--train-iters {ITERS} --log-interval 50")
     r = subprocess.run(["sbatch", "--parsable", *sbatch_args, os.path.join(ROOT, "slurm", "tiny_cpu.sbatch")],
                        capture_output=True, text=True, env=env, cwd=workdir, timeout=60)
     assert r.returncode == 0, r.stderr
