@@ -27,10 +27,11 @@ SHAPES = {  # hidden, layers, heads, ffn (methods.md)
     "350m": (1024, 24, 16, 2736),
     "1.3b": (2048, 24, 32, 5632),
     "3b": (2560, 32, 32, 6848),
+    "7b": (4096, 32, 32, 11008),
 }
 
 
-def make_checkpoint(shape, norm_type, save):
+def make_checkpoint(shape, norm_type, save, dtype):
     """Runs in a child process: build, set gates, save (model only)."""
     import torch
 
@@ -44,7 +45,7 @@ def make_checkpoint(shape, norm_type, save):
     h, L, a, f = SHAPES[shape]
     parallel.initialize()
     cfg = ModelConfig(num_layers=L, hidden_size=h, num_attention_heads=a, ffn_hidden_size=f, vocab_size=32000,
-                      make_vocab_size_divisible_by=128, seq_length=1024,
+                      make_vocab_size_divisible_by=128, seq_length=1024, params_dtype=getattr(torch, dtype),
                       method=MethodConfig(norm_type=norm_type, prores_schedule="linear",
                                           prores_warmup_steps=1000 * L, gpas=True))
     (chunk,) = build_model(cfg)
@@ -63,18 +64,19 @@ def main():
     p.add_argument("--norm-type", default="pre")
     p.add_argument("--workdir", default="/tmp/prores-convert-bench")
     p.add_argument("--max-shard-size", type=float, default=1.0, help="GB")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="weights as trained/stored")
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = p.parse_args()
     ckpt, out = os.path.join(a.workdir, "ckpt"), os.path.join(a.workdir, "hf")
     if a.child:
-        print(json.dumps({"params": make_checkpoint(a.shape, a.norm_type, ckpt)}))
+        print(json.dumps({"params": make_checkpoint(a.shape, a.norm_type, ckpt, a.dtype)}))
         return
     shutil.rmtree(a.workdir, ignore_errors=True)
     os.makedirs(a.workdir)
     env = {**os.environ, "PYTHONWARNINGS": "ignore", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29677"}
     t0 = time.time()
     r = subprocess.run([sys.executable, __file__, "--child", "--shape", a.shape, "--norm-type", a.norm_type,
-                        "--workdir", a.workdir], capture_output=True, text=True, env=env)
+                        "--workdir", a.workdir, "--dtype", a.dtype], capture_output=True, text=True, env=env)
     if r.returncode:
         sys.exit(r.stderr[-3000:])
     params = json.loads(r.stdout.strip().splitlines()[-1])["params"]
@@ -92,7 +94,7 @@ def main():
     ckpt_size = sum(os.path.getsize(os.path.join(dp, f)) for dp, _, fs in os.walk(ckpt) for f in fs)
     result = {
         "machine": f"cpu-{platform.machine()}-{os.cpu_count()}cores", "date": datetime.date.today().isoformat(),
-        "shape": a.shape, "norm_type": a.norm_type, "params": params, "checkpoint_bytes": ckpt_size,
+        "shape": a.shape, "norm_type": a.norm_type, "dtype": a.dtype, "params": params, "checkpoint_bytes": ckpt_size,
         "hf_bytes": size, "max_shard_gb": a.max_shard_size, "convert_seconds": seconds,
         "peak_rss_bytes": peak_kb * 1024, "peak_rss_over_model": peak_kb * 1024 / size,
         "message": r.stdout.strip().splitlines()[-1] if r.stdout.strip() else "",
@@ -100,7 +102,7 @@ def main():
     print(f"converted in {seconds:.1f}s; peak RSS {peak_kb / 2 ** 20:.2f} GiB for a {size / 2 ** 30:.2f} GiB model "
           f"({result['peak_rss_over_model']:.2f}x the model)")
     print(result["message"])
-    name = f"{result['machine']}-{result['date']}-convert-hf-{a.shape}.json"
+    name = f"{result['machine']}-{result['date']}-convert-hf-{a.shape}-{a.dtype}.json"
     with open(os.path.join(ROOT, "benchmarks", "results", name), "w") as f:
         json.dump(result, f, indent=2)
     shutil.rmtree(a.workdir, ignore_errors=True)

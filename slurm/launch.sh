@@ -28,6 +28,8 @@
 # SLURM: they save and exit too, and SLURM itself requeues or ends the job. A run that ends
 # normally exits 0 and is not requeued.
 set -euo pipefail
+early_usr1=0
+trap 'early_usr1=1' USR1 # a time-limit signal before the training runs is kept, not fatal
 
 dry_run=0
 while (($#)); do
@@ -76,7 +78,10 @@ if ((in_slurm)); then
     MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)
     MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
     export MASTER_ADDR MASTER_PORT
-    launch=(srun --kill-on-bad-exit=1 --label "$PYTHON" -u -m megatron_prores.train)
+    launch=(srun --kill-on-bad-exit=1 --label)
+    # srun does not inherit sbatch's --cpus-per-task (SLURM >= 22.05): pass it on
+    [[ -n "${SLURM_CPUS_PER_TASK:-}" ]] && launch+=(--cpus-per-task "$SLURM_CPUS_PER_TASK")
+    launch+=("$PYTHON" -u -m megatron_prores.train)
 else
     if [[ -z "${NPROC:-}" ]]; then
         NPROC=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null || echo 2)
@@ -103,6 +108,7 @@ echo "launch.sh: run directory $RUN_DIR, log $log, restart ${SLURM_RESTART_COUNT
 echo "launch.sh: $(printf '%q ' "${launch[@]}" "${flags[@]}")" | tee -a "$log"
 
 got_usr1=0
+pid=""
 # shellcheck disable=SC2317  # called by the trap
 on_usr1() {
     got_usr1=1
@@ -120,6 +126,10 @@ trap 'echo "launch.sh: TERM: the training saves and exits" | tee -a "$log"' TERM
 # training's output (and its save) short with a broken pipe.
 "${launch[@]}" "${flags[@]}" > >(trap '' TERM USR1; exec tee -a "$log") 2>&1 &
 pid=$!
+if ((early_usr1)); then # arrived during set-up: pass it on once the tasks can take it
+    sleep 5
+    on_usr1
+fi
 rc=0
 while true; do
     wait "$pid" && rc=0 || rc=$?

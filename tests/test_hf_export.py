@@ -198,6 +198,16 @@ def test_hf_to_megatron_to_hf_is_bit_identical(tmp_path):
     assert original.keys() == back.keys()
     for k in original:
         assert original[k].dtype == back[k].dtype and torch.equal(original[k], back[k]), k
+    # the imported checkpoint continues pretraining under another layout (TP=2), fresh optimizer
+    from tests.test_train import run
+
+    code, out = run(["--num-layers", "3", "--hidden-size", "64", "--num-attention-heads", "4",
+                     "--num-query-groups", "2", "--ffn-hidden-size", "96", "--seq-length", "32",
+                     "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-4", "--mock-data",
+                     "--vocab-size", str(VOCAB), "--train-iters", "2", "--log-interval", "1", "--eval-iters", "0",
+                     "--norm-type", "pre", "--tensor-model-parallel-size", "2", "--load", tmp_path / "ckpt",
+                     "--save", tmp_path / "ckpt"], nproc=2)
+    assert code == 0 and f"resumed from {tmp_path / 'ckpt'} at iteration 0" in out, out[-3000:]
     c = transformers.AutoConfig.from_pretrained(str(tmp_path / "back"))
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "rope_parameters"):
