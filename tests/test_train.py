@@ -44,12 +44,21 @@ def train_state(ckpt):
 
 
 def final_weights(ckpt):
-    it, _ = train_state(ckpt)
-    files = sorted(f for f in os.listdir(os.path.join(ckpt, f"iter_{it:07d}")) if f.endswith(".distcp"))
-    from torch.distributed.checkpoint import FileSystemReader
-    from torch.distributed.checkpoint.state_dict_loader import _load_state_dict_from_keys
+    """Every tensor (model and optimizer state) of the latest checkpoint under ``ckpt``."""
+    from megatron_prores.checkpoint_reader import CheckpointReader
 
-    return _load_state_dict_from_keys(storage_reader=FileSystemReader(os.path.join(ckpt, f"iter_{it:07d}")))
+    it, _ = train_state(ckpt)
+    reader = CheckpointReader(os.path.join(ckpt, f"iter_{it:07d}"))
+    return {k: reader.read(k) for k in reader.tensors}
+
+
+def assert_same_weights(a, b):
+    """The latest checkpoints under ``a`` and ``b`` hold bitwise the same tensors."""
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys() and len(wa) > 10
+    for k in wa:
+        if isinstance(wa[k], torch.Tensor):
+            assert torch.equal(wa[k], wb[k]), k
 
 
 def kill_tree(p, sig, launcher=True):
@@ -98,11 +107,7 @@ def test_resume_after_sigkill_is_bitwise(tmp_path):
     assert it_a == it_b == iters
     assert a["train_state"]["consumed_samples"] == b["train_state"]["consumed_samples"] == 8 * iters
     assert a["train_state"]["losses"] == b["train_state"]["losses"]  # bitwise, every step
-    wa, wb = final_weights(tmp_path / "full"), final_weights(tmp_path / "killed")
-    assert wa.keys() == wb.keys() and len(wa) > 10
-    for k in wa:
-        if isinstance(wa[k], torch.Tensor):
-            assert torch.equal(wa[k], wb[k]), k
+    assert_same_weights(tmp_path / "full", tmp_path / "killed")
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
@@ -144,11 +149,7 @@ def test_async_save_checkpoints_equal_sync_ones_and_resume_bitwise(tmp_path):
     _, a = train_state(tmp_path / "sync")
     _, b = train_state(tmp_path / "async")
     assert len(a["train_state"]["losses"]) == 8 and a["train_state"]["losses"] == b["train_state"]["losses"]
-    wa, wb = final_weights(tmp_path / "sync"), final_weights(tmp_path / "async")
-    assert wa.keys() == wb.keys() and len(wa) > 10
-    for k in wa:
-        if isinstance(wa[k], torch.Tensor):
-            assert torch.equal(wa[k], wb[k]), k
+    assert_same_weights(tmp_path / "sync", tmp_path / "async")
     assert not [d for d in os.listdir(tmp_path / "async") if d.endswith(".tmp")]
 
 

@@ -16,7 +16,6 @@ post_attention_layernorm the pre-MLP norm); the extra norms are attn_branch_norm
 (Sandwich-LN) and attn_sum_norm/mlp_sum_norm (Post-LN, DeepNorm).
 """
 
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
