@@ -6,6 +6,7 @@ present on every machine with Python: tens of MB of real code and docstrings, no
 
 from __future__ import annotations
 
+import gzip
 import json
 import os
 import sysconfig
@@ -52,19 +53,22 @@ def iter_texts(paths: Sequence[str], keys: Sequence[str]) -> Iterator[str]:
 
 def stdlib_documents(root: str = None, extensions=(".py",), max_bytes: int = None,
                      min_chars: int = 64):
-    """(relative path, text) of the standard library's files, in a stable order."""
+    """(relative path, text) of the standard library's files (or of the tree under ``root``), in a
+    stable order. A gzip-compressed file counts by its name without ``.gz`` (Debian compresses
+    /usr/share/doc: the kernel documentation of linux-doc is ``*.rst.gz``)."""
     root = root or sysconfig.get_paths()["stdlib"]
     total = 0
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if d not in ("site-packages", "__pycache__"))
         for name in sorted(filenames):
-            if not name.endswith(tuple(extensions)):
+            gz = name.endswith(".gz")
+            if not (name[:-3] if gz else name).endswith(tuple(extensions)):
                 continue
             path = os.path.join(dirpath, name)
             try:
-                with open(path, encoding="utf-8") as f:
+                with (gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")) as f:
                     text = f.read()
-            except (UnicodeDecodeError, OSError):
+            except (UnicodeDecodeError, OSError, EOFError):
                 continue
             if len(text) < min_chars:
                 continue

@@ -102,3 +102,43 @@ def test_progress_bar_on_a_terminal(corpus, tmp_path):
     assert os.waitstatus_to_exitcode(status) == 0, text[-2000:]
     assert "tokenizing: 100%" in text and "B/s" in text, text[-2000:]
     assert "tokens/s" in text
+
+
+def test_corpus_from_gzip_compressed_documentation(tmp_path):
+    """Debian ships documentation gzip-compressed (linux-doc's *.rst.gz): read as by its plain name."""
+    import gzip
+
+    src = tmp_path / "Documentation"
+    (src / "sub").mkdir(parents=True)
+    text = "The kernel's documentation, in English prose.\n" * 5
+    with gzip.open(src / "sub" / "intro.rst.gz", "wt", encoding="utf-8") as f:
+        f.write(text)
+    (src / "notes.txt").write_text("plain text file " * 10)
+    (src / "image.png.gz").write_bytes(gzip.compress(b"not text"))
+    out = tool("build_corpus", "--source", src, "--extensions", ".rst", ".txt", "--output", tmp_path / "c.jsonl")
+    assert out.returncode == 0, out.stderr
+    docs = {d["path"]: d["text"] for d in map(json.loads, open(tmp_path / "c.jsonl"))}
+    assert docs == {"notes.txt": "plain text file " * 10, "sub/intro.rst.gz": text}
+
+
+def test_quality_experiments_are_launchable():
+    """Every run of benchmarks/quality/run.py passes the driver's parser and checks."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("quality_run", os.path.join(ROOT, "benchmarks", "quality", "run.py"))
+    quality = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(quality)
+
+    from megatron_prores.arguments import check_recipe
+
+    for size in quality.SIZES:
+        for experiment, runs in quality.experiments(size).items():
+            assert runs, experiment
+            for name, flags in runs:
+                args, cfg, _, _ = check_recipe(quality.training_flags("/r", flags, size, ("/d/p", "/d/t.model")), 1)
+                if name.startswith("post-") and name != "post-baseline":
+                    expected = name[len("post-"):]  # stability/schedules: the run is named by its schedule
+                else:
+                    expected = "linear" if "prores" in name else "none"
+                assert args.prores_schedule == expected and args.num_layers >= 12, name
+                assert ("--gpas" in flags) == ("gpas" in name), name
