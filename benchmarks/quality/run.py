@@ -18,6 +18,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -169,9 +170,12 @@ def main():
         if name in results:
             continue
         run_dir = os.path.join(a.runs_dir, a.size, a.experiment, name)
-        os.makedirs(run_dir, exist_ok=True)
+        shutil.rmtree(run_dir, ignore_errors=True)  # an interrupted attempt starts over
+        os.makedirs(run_dir)
         t0 = time.time()
         code = train(run_dir, flags, a.size, data)
+        if code < 0:
+            sys.exit(f"{a.experiment}/{name} was killed by signal {-code}; rerun to continue")
         results[name] = dict(summarize(run_dir, code, time.time() - t0, SIZES[a.size]["vocab"]), flags=flags)
         print(f"{a.experiment}/{name}: exit {code}, val loss {results[name]['final_val_loss']}, "
               f"{results[name]['seconds']:.0f}s", flush=True)
