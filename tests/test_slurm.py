@@ -138,9 +138,10 @@ def submit(cluster, workdir, run_dir, *sbatch_args):
     return r.stdout.strip().split(";")[0]
 
 
-def wait_done(cluster, job_id, timeout=600):
-    """Until the job has ended for good; a requeued job waits out SLURM's requeue delay (BeginTime),
-    which the test shortens by releasing it at once."""
+def wait_done(cluster, job_id, timeout=900):
+    """Until the job has ended for good. SLURM holds a requeued job about two minutes (BeginTime);
+    the test shortens that to a few seconds. (Released within the second of the requeue, slurmd
+    refuses the new start: "Job credential revoked".)"""
     t0 = time.time()
     while time.time() - t0 < timeout:
         job = cluster.job(job_id)
@@ -148,6 +149,7 @@ def wait_done(cluster, job_id, timeout=600):
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return job
         if state == "PENDING" and job.get("Reason") == "BeginTime":
+            time.sleep(5)
             cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
         time.sleep(2)
     raise AssertionError(f"job {job_id} did not end within {timeout}s: {cluster.job(job_id)}")
