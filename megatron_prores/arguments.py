@@ -93,7 +93,18 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--use-distributed-optimizer", action="store_true")
     g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
-    g.add_argument("--fp8-format", choices=["hybrid", "e4m3"], default=None)
+    g.add_argument("--fp8-format", choices=["hybrid", "e4m3"], default=None,
+                   help="FP8 GEMMs through Transformer Engine (needs --transformer-impl transformer_engine "
+                        "and --bf16); ProRes/GPAS math stays in bf16/fp32")
+    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8", "blockwise"], default="delayed",
+                   help="FP8 scaling: delayed (amax history) or tensorwise (current scaling); mxfp8 and "
+                        "blockwise need Blackwell / TE support")
+    g.add_argument("--attention-backend", choices=["auto", "flash", "fused", "unfused", "local"], default="auto",
+                   help="local spec: auto/flash/fused use PyTorch's scaled_dot_product_attention (any kernel / "
+                        "flash only / memory-efficient only), unfused/local megatron-core's DotProductAttention; "
+                        "TE spec: Transformer Engine's choice, local = megatron-core's DotProductAttention")
+    g.add_argument("--no-bias-dropout-fusion", dest="bias_dropout_fusion", action="store_false",
+                   help="run the residual ops eagerly instead of through torch.compile (GPU)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
@@ -213,6 +224,8 @@ def model_config(args, vocab_size: int) -> ModelConfig:
         sequence_parallel=args.sequence_parallel, context_parallel_size=args.context_parallel_size,
         transformer_impl=args.transformer_impl, bf16=args.bf16, method=method,
         recompute_granularity=args.recompute_granularity, fp8_format=args.fp8_format,
+        fp8_recipe=args.fp8_recipe, attention_backend=args.attention_backend,
+        bias_dropout_fusion=args.bias_dropout_fusion,
     )
 
 

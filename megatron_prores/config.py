@@ -23,6 +23,9 @@ GPAS_GATES = ("block", "sublayer")
 INIT_METHODS = ("normal", "scaled", "ds-init")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
+ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
+FP8_FORMATS = ("hybrid", "e4m3")
+FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 
 
 def _have_te() -> bool:
@@ -139,6 +142,9 @@ class ModelConfig:
     transformer_impl: str = "local"
     recompute_granularity: Optional[str] = None  # full | selective
     fp8_format: Optional[str] = None  # hybrid | e4m3 (Transformer Engine)
+    fp8_recipe: str = "delayed"  # delayed | tensorwise (current scaling) | mxfp8 | blockwise
+    attention_backend: str = "auto"  # auto | flash | fused | unfused | local
+    bias_dropout_fusion: bool = True  # compiled residual ops on GPUs
     params_dtype: torch.dtype = torch.float32
     bf16: bool = False
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -192,6 +198,15 @@ class ModelConfig:
             positive(flag, v)
         _choice("--normalization", self.normalization, NORMALIZATIONS)
         _choice("--transformer-impl", self.transformer_impl, TRANSFORMER_IMPLS)
+        _choice("--attention-backend", self.attention_backend, ATTENTION_BACKENDS)
+        _choice("--fp8-recipe", self.fp8_recipe, FP8_RECIPES)
+        if self.fp8_format is not None:
+            _choice("--fp8-format", self.fp8_format, FP8_FORMATS)
+            if self.transformer_impl != "transformer_engine":
+                raise ConfigError("--fp8-format needs --transformer-impl transformer_engine "
+                                  "(FP8 GEMMs come from Transformer Engine)")
+            if not self.bf16:
+                raise ConfigError("--fp8-format needs --bf16 (FP8 GEMMs run inside a bf16 model)")
         if check_installed and self.transformer_impl == "transformer_engine" and not _have_te():
             raise ConfigError(
                 "--transformer-impl transformer_engine needs Transformer Engine, which is not "
@@ -220,6 +235,12 @@ class ModelConfig:
                     f"{flag} {v} is not divisible by --tensor-model-parallel-size {tp}; "
                     f"pick a tensor-parallel size that divides it"
                 )
+        if self.fp8_format is not None:
+            for flag, v in (("--hidden-size", self.hidden_size),
+                            ("--ffn-hidden-size / TP", self.ffn_size // tp)):
+                if v % 16:
+                    raise ConfigError(f"{flag} {v} is not a multiple of 16, which FP8 GEMMs need; "
+                                      f"pick a multiple of 16 or drop --fp8-format")
         if L % pp:
             raise ConfigError(
                 f"--num-layers {L} is not divisible by --pipeline-model-parallel-size {pp}; "
@@ -261,6 +282,7 @@ class ModelConfig:
     def transformer_config(self):
         """The megatron-core TransformerConfig of this model (validates first)."""
         self.validate()
+        from megatron.core.transformer.enums import AttnBackend
         from megatron.core.transformer.transformer_config import TransformerConfig
         from megatron.core.utils import init_method_normal, scaled_init_method_normal
 
@@ -298,7 +320,7 @@ class ModelConfig:
             use_cpu_initialization=on_cpu,
             # Fusions that need CUDA kernels, off on CPU.
             bias_activation_fusion=not on_cpu and self.swiglu,
-            bias_dropout_fusion=not on_cpu,
+            bias_dropout_fusion=self.bias_dropout_fusion and not on_cpu,
             masked_softmax_fusion=False,
             apply_rope_fusion=False,
             gradient_accumulation_fusion=False,
@@ -310,6 +332,11 @@ class ModelConfig:
             recompute_method="uniform" if self.recompute_granularity == "full" else None,
             recompute_num_layers=1 if self.recompute_granularity == "full" else None,
             fp8=self.fp8_format,
+            fp8_recipe=self.fp8_recipe,
+            # The local spec picks its core attention itself (specs.py); megatron's GPTModel
+            # turns this into Transformer Engine's NVTE_*_ATTN switches.
+            attention_backend=(AttnBackend[self.attention_backend]
+                               if self.transformer_impl == "transformer_engine" else AttnBackend.auto),
             # Mix-LN blocks differ (post vs pre norms): checkpoint them per block.
             hetereogenous_dist_checkpoint=self.method.norm_type == "mix",
         )

@@ -15,6 +15,9 @@ value of the block and G the GPAS op of the block:
 LNS additionally scales both pre-norm outputs by 1/sqrt(l) (see norms.scale_output). Mix-LN
 blocks are built as ``post`` (first k) or ``pre`` (the rest) by the spec.
 
+The residual op itself is fused_residual.residual_op (one pass, and a backward that keeps no
+extra activation for the gate gradient).
+
 ProRes: ``prores_scale`` is a 0-d fp32 buffer written in place by ``set_prores_step`` once per
 step, before the forward/backward call; it is derived from the step (not checkpointed). Once
 the block's value is 1 for good, the multiply is skipped. With a pre style, GPAS off and ProRes
@@ -37,9 +40,8 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
-from megatron_prores import schedules
+from megatron_prores import fused_residual, schedules
 from megatron_prores.config import MethodConfig
-from megatron_prores.gpas import gpas
 from megatron_prores.initialization import apply_depth_init, deepnorm_shortcut
 from megatron_prores.norms import scale_output
 
@@ -115,6 +117,10 @@ class ProResTransformerLayer(TransformerLayer):
         else:
             self.register_buffer("prores_scale", None, persistent=False)
 
+        # Whether the fused residual op may recompute each sublayer's pre-GPAS value from its
+        # output (decided per step by set_prores_step; keeping it is always correct).
+        self.gpas_recompute = [False, False]
+
         self.self_attn_bda = functools.partial(self._residual_op, 0)
         self.mlp_bda = functools.partial(self._residual_op, 1)
         apply_depth_init(self, method)
@@ -145,37 +151,26 @@ class ProResTransformerLayer(TransformerLayer):
         return self.gpas_gate[sublayer:sublayer + 1] if self.gpas_gate.numel() == 2 else self.gpas_gate
 
     def _residual_op(self, sublayer: int, training: bool, fused: bool):
-        """Factory with the signature of megatron's get_bias_dropout_add(training, fused)."""
-        bda = get_bias_dropout_add(training, fused)
+        """Factory with the signature of megatron's get_bias_dropout_add(training, fused);
+        ``fused`` (config.bias_dropout_fusion) compiles the residual op as megatron compiles its own."""
         gate = self._gate(sublayer)
         scale = self.prores_scale if self.prores_active else None
-        post_norm = self.post_self_attn_layernorm if sublayer == 0 else self.post_mlp_layernorm
         style = self.style
         if style in ("pre", "lns") and gate is None and scale is None:
-            return bda  # exactly megatron-core's residual add
+            return get_bias_dropout_add(training, fused)  # exactly megatron-core's residual add
+        post_norm = self.post_self_attn_layernorm if sublayer == 0 else self.post_mlp_layernorm
+        post = style in POST_STYLES
+        recompute = self.gpas_recompute[sublayer]
 
         def residual_op(x_with_bias, residual, prob):
             x, bias = x_with_bias
-            residual = residual.to(x.dtype)  # as megatron's bda (fp32 residual under AMP)
             if style == "sandwich":
                 x = post_norm(x if bias is None else x + bias)
                 bias = None
-            if style in POST_STYLES:
-                if gate is not None:
-                    residual = gpas(residual, gate)
-                if self.shortcut_scale is not None:
-                    residual = residual * self.shortcut_scale
-            if scale is not None:
-                # residual + a * dropout(x + bias) == residual + dropout(a*x + a*bias)
-                if bias is None and (prob == 0.0 or not training):
-                    out = torch.addcmul(residual, scale, x)
-                else:
-                    out = bda((x * scale, None if bias is None else bias * scale), residual, prob)
-            else:
-                out = bda((x, bias), residual, prob)
-            if style in POST_STYLES:
-                return post_norm(out)
-            return out if gate is None else gpas(out, gate)
+            out = fused_residual.residual_op(
+                residual, x, bias, prob=prob, training=training, prores=scale, gate=gate,
+                shortcut=self.shortcut_scale, post=post, recompute=recompute, compiled=fused)
+            return post_norm(out) if post else out
 
         return residual_op
 
@@ -190,10 +185,20 @@ def prores_layers(model):
 
 
 def set_prores_step(model, step: int) -> None:
-    """Set every block's ProRes value for optimizer step ``step``.
+    """Set every block's ProRes value for optimizer step ``step`` and decide, for every GPAS
+    gate, whether the residual op may recompute its input from its output this step.
 
     Call once per step, before the forward/backward call (never inside forward_step_func): the
-    value then stays constant over all microbatches of the step (1F1B, recompute, CUDA graphs).
+    values then stay constant over all microbatches of the step (1F1B, recompute, CUDA graphs).
+    The gate check costs one host sync per step (the gates change only at the optimizer step).
     """
-    for layer in prores_layers(model):
+    layers = list(prores_layers(model))
+    for layer in layers:
         layer.set_prores_step(step)
+    gated = [l for l in layers if l.gpas_gate is not None]
+    # A pipeline stage may free its output after sending it (deallocate_pipeline_outputs):
+    # the recompute would read freed memory, so keep the pre-GPAS value there.
+    gated = [l for l in gated if not l.config.deallocate_pipeline_outputs]
+    safe = fused_residual.recompute_safe([l.gpas_gate for l in gated])
+    for layer, ok in zip(gated, safe):
+        layer.gpas_recompute = [ok, ok]

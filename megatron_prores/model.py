@@ -29,7 +29,8 @@ def build_model(cfg: ModelConfig, parallel_output: bool = True) -> List[GPTModel
         stage = None if vpp is None else vp_stage
         chunk = GPTModel(
             config=tcfg,
-            transformer_layer_spec=block_spec(cfg.method, tcfg, cfg.transformer_impl, stage),
+            transformer_layer_spec=block_spec(cfg.method, tcfg, cfg.transformer_impl, stage,
+                                              cfg.attention_backend),
             vocab_size=cfg.padded_vocab_size,
             max_sequence_length=cfg.seq_length,
             pre_process=pp_rank == 0 and vp_stage == 0,

@@ -5,7 +5,9 @@ One layer class serves both: a spec only chooses the modules. Per block style:
   TE's LayerNorm+Linear (``TELayerNormColumnParallelLinear``); the local spec uses a separate
   ``Norm`` whose checkpoint keys are mapped onto the fused ones, so checkpoints are interchangeable;
 - LNS scales the norm output before the linear, so its norm stays a separate module in both;
-- post and deepnorm blocks have no pre-norm and a norm after each residual add.
+- post and deepnorm blocks have no pre-norm and a norm after each residual add;
+- core attention: the local spec uses PyTorch's scaled_dot_product_attention (attention.py)
+  unless --attention-backend unfused/local asks for megatron-core's DotProductAttention.
 Transformer Engine is imported only when the TE spec is asked for.
 """
 
@@ -37,17 +39,20 @@ _FUSED_NORM_KEYS = {
 class _Modules:
     """The building blocks of one implementation."""
 
-    def __init__(self, impl: str):
+    def __init__(self, impl: str, attention_backend: str = "auto"):
+        from megatron.core.transformer.dot_product_attention import DotProductAttention
+
+        megatron_attention = attention_backend in ("unfused", "local")
         if impl == "local":
             from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
-            from megatron.core.transformer.dot_product_attention import DotProductAttention
 
+            from megatron_prores.attention import sdpa_attention
             from megatron_prores.norms import Norm
 
             self.norm = Norm
             self.column = ColumnParallelLinear
             self.row = RowParallelLinear
-            self.attention = DotProductAttention
+            self.attention = DotProductAttention if megatron_attention else sdpa_attention(attention_backend)
             self.norm_column = None  # no fused norm+linear: separate norm, keys mapped
         elif impl == "transformer_engine":
             from megatron.core.extensions import transformer_engine as te_ext
@@ -69,7 +74,7 @@ class _Modules:
             self.norm = TENorm
             self.column = TEColumnParallelLinear
             self.row = TERowParallelLinear
-            self.attention = TEDotProductAttention
+            self.attention = DotProductAttention if attention_backend == "local" else TEDotProductAttention
             self.norm_column = TELayerNormColumnParallelLinear
         else:
             raise ConfigError(
@@ -77,9 +82,10 @@ class _Modules:
             )
 
 
-def layer_spec(method: MethodConfig, style: str, impl: str = "local") -> ModuleSpec:
+def layer_spec(method: MethodConfig, style: str, impl: str = "local",
+               attention_backend: str = "auto") -> ModuleSpec:
     """Spec of one ProRes/GPAS layer of the given block style."""
-    m = _Modules(impl)
+    m = _Modules(impl, attention_backend)
     pre_norm = style in ("pre", "sandwich", "lns")
     fuse = pre_norm and style != "lns" and m.norm_column is not None
     map_keys = pre_norm and style != "lns" and m.norm_column is None
@@ -114,7 +120,7 @@ def layer_spec(method: MethodConfig, style: str, impl: str = "local") -> ModuleS
 
 
 def block_spec(method: MethodConfig, config, impl: str = "local",
-               vp_stage: Optional[int] = None) -> TransformerBlockSubmodules:
+               vp_stage: Optional[int] = None, attention_backend: str = "auto") -> TransformerBlockSubmodules:
     """Layer specs of the blocks of this pipeline stage (and virtual stage), plus the final norm.
 
     Styles depend on the GLOBAL block index (Mix-LN), so the specs are made per block.
@@ -122,6 +128,7 @@ def block_spec(method: MethodConfig, config, impl: str = "local",
     offset = get_transformer_layer_offset(config, vp_stage)
     count = get_num_layers_to_build(config, vp_stage)
     L = config.num_layers
-    specs = [layer_spec(method, method.block_style(offset + i + 1, L), impl) for i in range(count)]
+    specs = [layer_spec(method, method.block_style(offset + i + 1, L), impl, attention_backend)
+             for i in range(count)]
     final_norm = _Modules(impl).norm if method.has_final_norm else None
     return TransformerBlockSubmodules(layer_specs=specs, layer_norm=final_norm)

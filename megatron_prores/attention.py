@@ -1,0 +1,87 @@
+"""Core attention of the local spec through PyTorch's scaled_dot_product_attention.
+
+A drop-in for megatron-core's ``DotProductAttention`` (same constructor and forward signature,
+same [s, b, heads, dim] -> [s, b, heads * dim] layout), so a run without Transformer Engine gets
+flash / memory-efficient attention kernels on GPUs instead of the materialized s x s softmax:
+
+- causal masking with no mask tensor (``is_causal``), or an explicit megatron mask (True = masked);
+- grouped-query attention without copying K/V (``enable_gqa``);
+- attention dropout inside the tensor-parallel RNG fork (as DotProductAttention: each TP rank holds
+  other heads, so it draws its own mask), or outside it under sequence parallelism;
+- ``backend`` restricts the kernel choice: "auto" lets PyTorch pick, "flash" and "fused" force the
+  flash / memory-efficient kernel (an error where that kernel cannot run these inputs).
+Megatron's query-key layer scaling is a numerical device of the fp16 softmax that leaves the math
+unchanged, so the scale here is always softmax_scale (default 1/sqrt(head dim)).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+from megatron.core import tensor_parallel
+from megatron.core.transformer.enums import AttnMaskType
+from megatron.core.transformer.module import MegatronModule
+
+_KERNELS = {"auto": None, "flash": "FLASH_ATTENTION", "fused": "EFFICIENT_ATTENTION"}
+
+
+class SDPAttention(MegatronModule):
+    backend = "auto"
+
+    def __init__(self, config, layer_number: int, attn_mask_type: AttnMaskType, attention_type: str,
+                 attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
+                 cp_comm_type: Optional[str] = None, pg_collection=None):
+        super().__init__(config=config)
+        if config.context_parallel_size != 1:
+            raise ValueError("SDPAttention has no context parallelism; use the Transformer Engine spec")
+        if getattr(config, "window_size", None) is not None or getattr(config, "softmax_type", "vanilla") != "vanilla":
+            raise ValueError("SDPAttention supports full causal attention with the vanilla softmax only")
+        self.layer_number = max(1, layer_number)
+        self.attn_mask_type = attn_mask_type
+        self.dropout_p = config.attention_dropout if attention_dropout is None else attention_dropout
+        head_dim = config.kv_channels
+        self.scale = 1.0 / math.sqrt(head_dim) if softmax_scale is None else softmax_scale
+
+    def _kernel(self):
+        name = _KERNELS[self.backend]
+        if name is None:
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        return sdpa_kernel(getattr(SDPBackend, name))
+
+    def forward(self, query, key, value, attention_mask, attn_mask_type=None, attention_bias=None,
+                packed_seq_params=None):
+        if packed_seq_params is not None or attention_bias is not None:
+            raise ValueError("SDPAttention supports neither packed sequences nor an attention bias")
+        mask_type = self.attn_mask_type if attn_mask_type is None else attn_mask_type
+        sq, b, heads, dim = query.shape
+        # [s, b, n, d] -> [b, n, s, d]
+        q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
+        mask = None
+        causal = mask_type == AttnMaskType.causal and attention_mask is None
+        if attention_mask is not None:
+            mask = ~attention_mask  # megatron: True = masked; SDPA: True = attend
+        p = self.dropout_p if self.training else 0.0
+        rng = (tensor_parallel.get_cuda_rng_tracker().fork()
+               if p > 0.0 and not self.config.sequence_parallel else contextlib.nullcontext())
+        with rng, self._kernel():
+            out = F.scaled_dot_product_attention(
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, scale=self.scale,
+                enable_gqa=k.shape[1] != heads)
+        # [b, n, s, d] -> [s, b, n * d]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
+
+
+def sdpa_attention(backend: str) -> type:
+    """SDPAttention with a fixed kernel choice (a class, as ModuleSpec needs)."""
+    if backend not in _KERNELS:
+        raise ValueError(f"unknown SDPA backend {backend!r}")
+    if backend == "auto":
+        return SDPAttention
+    return type(f"SDPAttention_{backend}", (SDPAttention,), {"backend": backend})

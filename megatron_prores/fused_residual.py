@@ -1,0 +1,174 @@
+"""The residual op of a ProRes/GPAS block in one pass: bias + dropout + ProRes + residual add + GPAS.
+
+With F the sublayer output, b its bias, D dropout (mask M, keep probability q), r the residual
+stream, a the ProRes value, c the DeepNorm shortcut factor and s = 1 - SiLU(g) the GPAS scale:
+
+    pre styles  (GPAS on the sum):      y = s * z,          z = r + a * D(F + b)
+    post styles (GPAS on the shortcut): y = c * s * r + a * D(F + b)
+
+GPAS passes gradients through unscaled (y = x - SiLU(g) * stopgrad(x)), so
+
+    dF = a * M / q * dy,   db = sum(dF),   dr = dy (pre) or c * dy (post),
+    dg = -SiLU'(g) * sum(dy * z) (pre)  or  -SiLU'(g) * c * sum(dy * r) (post).
+
+Memory. The gate gradient needs the pre-GPAS value z. Autograd's unfused graph keeps z next to
+y (two activations per residual add). This op keeps only y, which the next layer's norm keeps
+anyway (one shared storage), and recomputes z = y / s in the backward. That needs |s| safely
+away from 0; the caller decides once per step, on the host, with ``recompute_safe`` (the gates
+change only at the optimizer step), and the op keeps z instead when it is not. Post styles keep
+r, which is the layer input and kept by the first linear anyway.
+
+Speed. The forward and backward math are plain functions; ``compiled=True`` runs them through
+torch.compile (one generated kernel each way on GPUs, as megatron-core's own fused
+bias-dropout-add), ``compiled=False`` runs them eagerly (same formulas, more kernels).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+# |s| below this: keep z rather than divide by a scale near 0 (fp16 would lose digits in s * z).
+MIN_RECOMPUTE_SCALE = 2.0 ** -6
+
+
+def _wide(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the compute precision: fp32, or fp64 for fp64 tensors."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
+
+
+def gpas_scale_fp32(gate: torch.Tensor) -> torch.Tensor:
+    return 1.0 - F.silu(_wide(gate))
+
+
+def recompute_safe(gates) -> list:
+    """For each gate, whether y / s recovers the pre-GPAS value (one host sync for all)."""
+    if not gates:
+        return []
+    s = torch.cat([gpas_scale_fp32(g.detach()).reshape(-1) for g in gates])
+    ok = (s.abs() >= MIN_RECOMPUTE_SCALE).tolist()
+    out, i = [], 0
+    for g in gates:
+        out.append(all(ok[i:i + g.numel()]))
+        i += g.numel()
+    return out
+
+
+# ---- the math (compiled or eager) ---------------------------------------------------------------
+def _branch(f, bias, mask, keep: float, a):
+    """a * D(F + b) in fp32."""
+    f = _wide(f)
+    if bias is not None:
+        f = f + _wide(bias)
+    if mask is not None:
+        f = f * mask / keep
+    if a is not None:
+        f = f * a
+    return f
+
+
+def _pre_forward(r, f, bias, mask, keep: float, a, gate, keep_z: bool):
+    z = _wide(r) + _branch(f, bias, mask, keep, a)
+    y = z if gate is None else z * gpas_scale_fp32(gate)
+    y = y.to(f.dtype)
+    return (y, z.to(f.dtype)) if keep_z else (y, None)
+
+
+def _post_forward(r, f, bias, mask, keep: float, a, gate, c: Optional[float]):
+    shortcut = _wide(r)
+    if gate is not None:
+        shortcut = shortcut * gpas_scale_fp32(gate)
+    if c is not None:
+        shortcut = shortcut * c
+    return (shortcut + _branch(f, bias, mask, keep, a)).to(f.dtype)
+
+
+def _gate_grad(gate, dy, v, divide: bool, c: Optional[float]):
+    """-SiLU'(g) * c * sum(dy * v) (v / s when ``divide``), accumulated in fp32."""
+    g = _wide(gate)
+    sig = torch.sigmoid(g)
+    dsilu = sig * (1.0 + g * (1.0 - sig))
+    total = (_wide(dy) * _wide(v)).sum()
+    if divide:
+        total = total / (1.0 - g * sig)
+    if c is not None:
+        total = total * c
+    return (-dsilu * total).to(gate.dtype)
+
+
+def _branch_grad(dy, mask, keep: float, a, need_bias: bool):
+    d = dy
+    if mask is not None or a is not None:
+        d = _wide(dy)
+        if mask is not None:
+            d = d * mask / keep
+        if a is not None:
+            d = d * a
+        d = d.to(dy.dtype)
+    db = _wide(d).sum(dim=tuple(range(d.dim() - 1))) if need_bias else None
+    return d, db
+
+
+_compiled = {}
+
+
+def _kernel(fn, compiled: bool):
+    if not compiled:
+        return fn
+    if fn not in _compiled:
+        _compiled[fn] = torch.compile(fn, dynamic=False)
+    return _compiled[fn]
+
+
+# ---- autograd --------------------------------------------------------------------------------
+class _ResidualOp(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, r, f, bias, gate, a, mask, keep, c, post, recompute, compiled):
+        if post:
+            y = _kernel(_post_forward, compiled)(r, f, bias, mask, keep, a, gate, c)
+            saved = r if gate is not None else None
+            ctx.divide = False
+        else:
+            keep_z = gate is not None and not recompute
+            y, z = _kernel(_pre_forward, compiled)(r, f, bias, mask, keep, a, gate, keep_z)
+            saved = (z if keep_z else y) if gate is not None else None
+            ctx.divide = gate is not None and recompute
+        ctx.save_for_backward(saved, gate, a, mask)
+        ctx.keep, ctx.c, ctx.post, ctx.compiled = keep, c, post, compiled
+        ctx.has_bias = bias is not None
+        ctx.bias_dtype = None if bias is None else bias.dtype
+        ctx.r_dtype = r.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        saved, gate, a, mask = ctx.saved_tensors
+        c = ctx.c
+        df, db = _kernel(_branch_grad, ctx.compiled)(dy, mask, ctx.keep, a, ctx.has_bias)
+        dr = dy if not ctx.post or c is None else dy * c
+        dr = dr.to(ctx.r_dtype)
+        dg = None
+        if gate is not None and ctx.needs_input_grad[3]:
+            dg = _kernel(_gate_grad, ctx.compiled)(gate, dy, saved, ctx.divide, c if ctx.post else None)
+        if db is not None:
+            db = db.to(ctx.bias_dtype)
+        return dr, df, db, dg, None, None, None, None, None, None, None
+
+
+def dropout_mask(like: torch.Tensor, prob: float) -> torch.Tensor:
+    """Keep mask of dropout with drop probability ``prob`` (drawn from the current generator,
+    i.e. inside megatron's RNG-tracker fork where the caller is)."""
+    return torch.empty_like(like, dtype=torch.bool).bernoulli_(1.0 - prob)
+
+
+def residual_op(r, f, bias=None, *, prob: float = 0.0, training: bool = True,
+                prores: Optional[torch.Tensor] = None, gate: Optional[torch.Tensor] = None,
+                shortcut: Optional[float] = None, post: bool = False, recompute: bool = False,
+                compiled: bool = False) -> torch.Tensor:
+    """The fused residual op (see the module docstring). ``prores`` is the 0-d fp32 value a
+    (None: 1), ``gate`` the 1-element GPAS gate (None: no GPAS), ``shortcut`` the DeepNorm c
+    (post styles only), ``recompute`` whether the pre-GPAS value may be recomputed as y / s."""
+    mask = dropout_mask(f, prob) if training and prob > 0.0 else None
+    return _ResidualOp.apply(r, f, bias, gate, prores, mask, 1.0 - prob, shortcut, post, recompute, compiled)

@@ -1,0 +1,126 @@
+"""SDPAttention (the local spec's core attention) against megatron-core's DotProductAttention:
+same outputs and gradients (causal, explicit mask, GQA), dropout semantics, and the spec wiring."""
+
+from unittest import mock
+
+import pytest
+import torch
+
+from megatron.core.transformer.dot_product_attention import DotProductAttention
+from megatron.core.transformer.enums import AttnMaskType
+
+from megatron_prores.attention import SDPAttention, sdpa_attention
+from megatron_prores.config import MethodConfig, ModelConfig
+
+SEQ, B, HEADS, DIM = 12, 2, 4, 8
+
+
+def tconfig(groups, dtype=torch.float32, dropout=0.0):
+    cfg = ModelConfig(num_layers=2, hidden_size=HEADS * DIM, num_attention_heads=HEADS, num_query_groups=groups,
+                      seq_length=SEQ, attention_dropout=dropout, params_dtype=dtype)
+    return cfg.transformer_config()
+
+
+def qkv(groups, dtype, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(SEQ, B, HEADS, DIM, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    k = torch.randn(SEQ, B, groups, DIM, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    v = torch.randn(SEQ, B, groups, DIM, generator=g, dtype=torch.float64).to(dtype).requires_grad_()
+    return q, k, v
+
+
+def run(module, q, k, v, mask=None):
+    out = module(q, k, v, mask)
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(out.dtype)
+    return (out, *torch.autograd.grad(out, (q, k, v), dy))
+
+
+@pytest.mark.parametrize("groups", [HEADS, 2, 1])
+@pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 2e-6), (torch.bfloat16, 3e-2)])
+def test_sdpa_equals_dot_product_attention_causal(single_process, groups, dtype, tol):
+    cfg = tconfig(groups, dtype)
+    ref = DotProductAttention(cfg, 1, AttnMaskType.causal, "self")
+    new = SDPAttention(cfg, 1, AttnMaskType.causal, "self")
+    q, k, v = qkv(groups, dtype)
+    for name, a, b in zip(["out", "dq", "dk", "dv"], run(new, q, k, v), run(ref, q, k, v)):
+        assert a.shape == b.shape, name
+        torch.testing.assert_close(a.double(), b.double(), rtol=tol, atol=tol, msg=name)
+
+
+def test_sdpa_equals_dot_product_attention_explicit_mask(single_process):
+    """A megatron mask (True = masked), here causal plus two padded key positions."""
+    cfg = tconfig(2, torch.float64)
+    mask = torch.ones(SEQ, SEQ, dtype=torch.bool).triu(1)[None, None].repeat(B, 1, 1, 1)
+    mask[1, :, :, -2:] = True
+    mask[1, :, -2:, :] = False  # keep every query row attending somewhere
+    q, k, v = qkv(2, torch.float64)
+    for mtype in (AttnMaskType.causal, AttnMaskType.padding):
+        ref = DotProductAttention(cfg, 1, mtype, "self")
+        new = SDPAttention(cfg, 1, mtype, "self")
+        for a, b in zip(run(new, q, k, v, mask), run(ref, q, k, v, mask)):
+            torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+
+
+def test_dropout_is_unbiased_and_off_in_eval(single_process):
+    cfg = tconfig(2, torch.float64, dropout=0.3)
+    att = SDPAttention(cfg, 1, AttnMaskType.causal, "self")
+    q, k, v = (t.detach() for t in qkv(2, torch.float64))
+    att.eval()
+    clean = att(q, k, v, None)
+    torch.testing.assert_close(clean, DotProductAttention(cfg, 1, AttnMaskType.causal, "self").eval()(q, k, v, None))
+    att.train()
+    torch.manual_seed(0)
+    draws = torch.stack([att(q, k, v, None) for _ in range(400)])
+    assert not torch.allclose(draws[0], clean)
+    # E[dropout(P) V] = P V: the mean of 400 draws is within a few standard errors
+    err = (draws.mean(0) - clean).abs() / (draws.std(0) / 20 + 1e-12)
+    assert err.median() < 2.0 and err.max() < 6.0
+
+
+def test_dropout_draws_in_the_tensor_parallel_rng_fork_unless_sequence_parallel(single_process):
+    cfg = tconfig(2, torch.float32, dropout=0.1)
+    att = SDPAttention(cfg, 1, AttnMaskType.causal, "self").train()
+    q, k, v = (t.detach() for t in qkv(2, torch.float32))
+    with mock.patch("megatron_prores.attention.tensor_parallel.get_cuda_rng_tracker") as tracker:
+        att(q, k, v, None)
+        assert tracker.return_value.fork.call_count == 1
+        att.config.sequence_parallel = True
+        try:
+            att(q, k, v, None)
+        finally:
+            att.config.sequence_parallel = False
+        assert tracker.return_value.fork.call_count == 1
+
+
+def test_backend_choice(single_process):
+    cfg = tconfig(2)
+    q, k, v = (t.detach() for t in qkv(2, torch.float32))
+    flash = sdpa_attention("flash")(cfg, 1, AttnMaskType.causal, "self")
+    torch.testing.assert_close(flash(q, k, v, None), SDPAttention(cfg, 1, AttnMaskType.causal, "self")(q, k, v, None))
+    with pytest.raises(ValueError):
+        sdpa_attention("cudnn")
+
+
+def test_spec_wiring_and_model_equality(single_process):
+    """--attention-backend auto builds SDPAttention, unfused megatron's; same loss and grads."""
+    from megatron_prores.layer import set_prores_step
+    from megatron_prores.model import build_model
+    from megatron_prores.parallel import seed_everything
+
+    results = {}
+    for backend in ("auto", "unfused"):
+        cfg = ModelConfig(num_layers=2, hidden_size=32, num_attention_heads=4, num_query_groups=2, vocab_size=64,
+                          seq_length=SEQ, params_dtype=torch.float64, attention_backend=backend,
+                          method=MethodConfig(prores_schedule="linear", prores_warmup_steps=10, gpas=True))
+        seed_everything(3)
+        [model] = build_model(cfg)
+        core = model.decoder.layers[0].self_attention.core_attention
+        assert isinstance(core, SDPAttention) == (backend == "auto")
+        set_prores_step(model, 4)
+        tokens = torch.randint(0, 64, (B, SEQ), generator=torch.Generator().manual_seed(0))
+        loss = model(tokens, torch.arange(SEQ)[None].expand(B, SEQ), None, labels=tokens).sum()
+        loss.backward()
+        results[backend] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
+    torch.testing.assert_close(results["auto"][0], results["unfused"][0], rtol=1e-12, atol=0)
+    for a, b in zip(results["auto"][1], results["unfused"][1]):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
