@@ -339,7 +339,8 @@ def train(args) -> int:
                         f"lm loss: {window['loss'] / window['n']:.6E} | grad norm: {grad_norm:.3f} | "
                         f"skipped iterations: {state['skipped_iters']:3d} | tokens/s: {tps:.0f} | "
                         f"TFLOP/s per device: {tflops:.3f}" + (f" | MFU: {100 * tflops / peak:.1f}%" if peak else "")
-                        + (f" | gate grad norm: {gate_norm.item():.6E}" if gate_norm is not None else ""))
+                        + (f" | gate grad norm: {gate_norm.item():.6E}" if gate_norm is not None else "")
+                        + f" | peak memory (GiB): {peak_memory_gib():.2f}")
                 print(line, flush=True)
             if writer:
                 writer.add_scalar("lm-loss-training/lm loss", window["loss"] / window["n"], iteration)
@@ -429,6 +430,15 @@ class StreamRMS:
 
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+def peak_memory_gib() -> float:
+    """Peak memory of this process so far: allocated CUDA memory on a GPU, resident set on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
 
 
 def peak_tflops() -> float | None:

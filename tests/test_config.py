@@ -44,6 +44,10 @@ BAD = [
     (model(tensor_model_parallel_size=2, sequence_parallel=True, seq_length=15),
      "--seq-length 15 is not divisible by --tensor-model-parallel-size 2, which --sequence-parallel needs"),
     (model(hidden_dropout=1.5), "--hidden-dropout 1.5 is not valid; it must be in [0, 1)"),
+    (model(fp8_format="hybrid"), "--fp8-format needs --transformer-impl transformer_engine"),
+    (model(transformer_impl="transformer_engine", fp8_format="e4m3"), "--fp8-format needs --bf16"),
+    (model(fp8_recipe="linear"), "--fp8-recipe 'linear' is not valid; choose one of: delayed, tensorwise"),
+    (model(attention_backend="cudnn"), "--attention-backend 'cudnn' is not valid; choose one of: auto, flash"),
 ]
 
 
@@ -70,6 +74,16 @@ def test_te_spec_without_te_is_a_clear_error():
 
     with pytest.raises(ConfigError, match="needs Transformer Engine, which is not importable here"):
         layer_spec(MethodConfig(), "pre", "transformer_engine")
+
+
+def test_fp8_shapes_must_be_multiples_of_16():
+    cfg = model(transformer_impl="transformer_engine", fp8_format="hybrid", bf16=True, hidden_size=72,
+                num_attention_heads=4, ffn_hidden_size=160)
+    with pytest.raises(ConfigError, match="--hidden-size 72 is not a multiple of 16, which FP8 GEMMs need"):
+        cfg.validate(check_installed=False)
+    cfg.replace(hidden_size=64).validate(check_installed=False)
+    with pytest.raises(ConfigError, match="--ffn-hidden-size / TP 40 is not a multiple of 16"):
+        cfg.replace(hidden_size=64, tensor_model_parallel_size=4).validate(check_installed=False)
 
 
 def test_vocab_is_padded_for_tensor_parallelism():

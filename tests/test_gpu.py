@@ -72,3 +72,82 @@ def test_bf16_training_step_keeps_fp32_schedule_buffer(single_process):
     logits = forward([model])
     logits.float().mean().backward()
     assert all(l.gpas_gate.grad is not None for l in prores_layers(model))
+
+
+@needs_cuda
+@pytest.mark.parametrize("style", ["pre", "post"])
+def test_compiled_residual_op_on_gpu_matches_float64_formula(style):
+    """Triton-compiled residual op in bf16 (CPU counterpart: test_fused_residual, inductor C++)."""
+    import torch.nn.functional as F
+
+    from megatron_prores.fused_residual import residual_op
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    r, f = (torch.randn(256, 2, 512, device="cuda", generator=gen).bfloat16().requires_grad_() for _ in range(2))
+    gate = torch.tensor([0.4], device="cuda", requires_grad=True)
+    a = torch.tensor(0.3, device="cuda")
+    y = residual_op(r, f, prores=a, gate=gate, post=style == "post", shortcut=1.5 if style == "post" else None,
+                    recompute=True, compiled=True)
+    dy = torch.randn(y.shape, device="cuda", generator=gen).bfloat16()
+    got = torch.autograd.grad(y, (r, f, gate), dy)
+    r64, f64, g64 = (t.detach().double().requires_grad_() for t in (r, f, gate))
+    if style == "post":
+        y64 = 1.5 * (r64 - F.silu(g64) * r64.detach()) + a.double() * f64
+    else:
+        z = r64 + a.double() * f64
+        y64 = z - F.silu(g64) * z.detach()
+    want = torch.autograd.grad(y64, (r64, f64, g64), dy.double())
+    torch.testing.assert_close(y.double(), y64, rtol=1e-2, atol=1e-2)
+    for x, w in zip(got, want):
+        torch.testing.assert_close(x.double(), w, rtol=1e-2, atol=1e-2)
+
+
+@needs_cuda
+@pytest.mark.parametrize("backend", ["auto", "flash"])
+def test_sdpa_flash_equals_dot_product_attention_bf16(single_process, backend):
+    """CPU counterpart: test_attention (fp64/fp32/bf16 on the CPU kernels)."""
+    from megatron.core.transformer.dot_product_attention import DotProductAttention
+    from megatron.core.transformer.enums import AttnMaskType
+
+    from megatron_prores.attention import sdpa_attention
+
+    cfg = ModelConfig(num_layers=2, hidden_size=1024, num_attention_heads=16, num_query_groups=4,
+                      seq_length=512, bf16=True).transformer_config()
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    q = torch.randn(512, 2, 16, 64, device="cuda", generator=gen).bfloat16().requires_grad_()
+    k, v = (torch.randn(512, 2, 4, 64, device="cuda", generator=gen).bfloat16().requires_grad_() for _ in range(2))
+    outs = []
+    for module in (sdpa_attention(backend)(cfg, 1, AttnMaskType.causal, "self"),
+                   DotProductAttention(cfg, 1, AttnMaskType.causal, "self")):
+        y = module(q, k, v, None)
+        outs.append((y, *torch.autograd.grad(y, (q, k, v), torch.ones_like(y))))
+    for a, b in zip(*outs):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+
+
+@needs_te
+@pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
+@pytest.mark.parametrize("norm", NORMS)
+def test_te_fp8_trains_with_every_norm_type(single_process, norm, recipe):
+    """FP8 GEMMs through TE; ProRes/GPAS stay outside them (residual op in bf16/fp32): finite loss
+    and gate gradients, logits close to the same model without FP8."""
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_prores.layer import prores_layers
+    from megatron_prores.model import build_model
+    from megatron_prores.parallel import seed_everything
+
+    outs = []
+    for fp8 in (None, "hybrid"):
+        seed_everything(5)
+        cfg = config(norm, "transformer_engine").replace(bf16=True, fp8_format=fp8, fp8_recipe=recipe)
+        [model] = build_model(cfg)
+        model = Float16Module(model.config, model.cuda())
+        logits = forward([model])
+        logits.float().mean().backward()
+        assert torch.isfinite(logits).all()
+        gates = [l.gpas_gate for l in prores_layers(model) if l.gpas_gate is not None]
+        assert all(g.grad is not None and torch.isfinite(g.grad).all() for g in gates)
+        outs.append(logits.float())
+    rel = (outs[1] - outs[0]).norm() / outs[0].norm()
+    assert rel < 0.1, f"FP8 logits differ from bf16 by {rel:.3f}"

@@ -1,0 +1,353 @@
+"""Training step time of ProRes + GPAS against plain megatron-core and a Hugging Face reference.
+
+    python benchmarks/step_time.py                     # GPU: 1.3B and 48-layer shapes; CPU: small shape
+    python benchmarks/step_time.py --shapes 1.3b --steps 30 --micro-batch-size 4
+    python benchmarks/step_time.py --extra "--transformer-impl transformer_engine --fp8-format hybrid"
+
+Variants, each a full training step (forward/backward over the microbatches of a global batch,
+optimizer step) on synthetic tokens, in a process of its own:
+  megatron     the driver (megatron_prores.train --mock-data) with every method off: its layers
+               are megatron-core's own (same spec, same core attention, megatron's residual add)
+  prores_mid   the driver with ProRes (linear, mid-warmup: every block's multiply active) + GPAS
+  prores_done  the driver with ProRes after its warmup (multiply skipped) + GPAS
+  hf           a reference built like the papers' published code: transformers' LlamaForCausalLM
+               (SDPA attention) whose decoder layers apply the same ProRes/GPAS math in eager
+               PyTorch (host-side ProRes value, y = x - SiLU(g) * x.detach()), autocast bf16 on
+               fp32 weights, torch AdamW as megatron-core uses without TE/apex, grad clip 1.0
+Time: median over --steps timed steps after --warmup steps (times --rounds, run round-robin). Tokens/s = global batch x seq / time;
+TFLOP/s from the dense-GPT FLOP count of the driver (megatron_prores.train.flops_per_token); MFU
+against the matmul peak this script measures on the device (bf16 on GPUs, fp32 on CPU), printed too.
+Peak memory: max allocated CUDA memory (GPU) or max resident set (CPU) of the variant's process.
+--micro-batch-size auto (the GPU default) doubles the micro batch of the prores_mid variant until it
+runs out of memory and uses the largest that fits for every variant (the hf variant halves it
+further if it has to; the table says which it used).
+Results: benchmarks/results/<device>-<date>-step-time.json; the table is printed last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import shlex
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SHAPES = {
+    # name: layers, hidden, heads, query groups, ffn, seq
+    "1.3b": (24, 2048, 32, 16, 5632, 2048),
+    "48x512": (48, 512, 8, 4, 1408, 2048),
+    "cpu": (4, 128, 4, 2, 344, 128),
+}
+VARIANTS = ["megatron", "prores_mid", "prores_done", "hf"]
+VOCAB = 32000
+TARGETS = [  # (what, variant, baseline, kind, bound): kind "time" compares step time, "speedup" tokens/s
+    ("(2)/(1) step time", "prores_mid", "megatron", "time", 1.01),
+    ("(2)/(1) peak memory", "prores_mid", "megatron", "memory", 1.01),
+    ("(3)/(1) step time", "prores_done", "megatron", "time", 1.005),
+    ("(2) tokens/s over (4)", "prores_mid", "hf", "speedup", 1.5),
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def device_name() -> str:
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name().replace(" ", "-")
+    return f"cpu-{os.cpu_count()}cores"
+
+
+def matmul_peak_tflops() -> float:
+    """Measured dense matmul rate: bf16 8192^3 on a GPU, fp32 1024^3 on CPU."""
+    cuda = torch.cuda.is_available()
+    n, dtype = (8192, torch.bfloat16) if cuda else (1024, torch.float32)
+    dev = "cuda" if cuda else "cpu"
+    a, b = torch.randn(n, n, device=dev, dtype=dtype), torch.randn(n, n, device=dev, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    reps = 50 if cuda else 10
+    times = []
+    for _ in range(5):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for _ in range(reps):
+            a @ b
+        if cuda:
+            torch.cuda.synchronize()
+        times.append((time.perf_counter() - t) / reps)
+    return 2 * n ** 3 / min(times) / 1e12
+
+
+def flops_per_token(shape) -> float:
+    sys.path.insert(0, os.path.dirname(HERE))
+    from megatron_prores.config import ModelConfig
+    from megatron_prores.train import flops_per_token as fpt
+
+    L, h, heads, groups, ffn, seq = shape
+    return fpt(ModelConfig(num_layers=L, hidden_size=h, num_attention_heads=heads, num_query_groups=groups,
+                           ffn_hidden_size=ffn, seq_length=seq, vocab_size=VOCAB))
+
+
+# ---- megatron variants: the driver ------------------------------------------------------------
+def driver_flags(variant, shape, mb, acc, iters, extra):
+    L, h, heads, groups, ffn, seq = shape
+    flags = [
+        "--num-layers", L, "--hidden-size", h, "--num-attention-heads", heads, "--num-query-groups", groups,
+        "--ffn-hidden-size", ffn, "--seq-length", seq, "--max-position-embeddings", seq,
+        "--micro-batch-size", mb, "--global-batch-size", mb * acc, "--train-iters", iters,
+        "--lr", "3e-4", "--lr-decay-style", "constant", "--mock-data", "--vocab-size", VOCAB,
+        "--log-interval", 1, "--eval-iters", 0,
+    ]
+    if torch.cuda.is_available():
+        flags.append("--bf16")
+    if variant == "prores_mid":
+        flags += ["--prores-schedule", "linear", "--prores-warmup-steps", 10 ** 6, "--gpas"]
+    elif variant == "prores_done":
+        flags += ["--prores-schedule", "linear", "--prores-warmup-steps", 1, "--gpas"]
+    return [str(f) for f in flags] + shlex.split(extra)
+
+
+LINE = re.compile(r"iteration\s+(\d+)/.*elapsed time per iteration \(ms\): ([\d.]+).*peak memory \(GiB\): ([\d.]+)")
+
+
+def run_driver(variant, shape, mb, acc, steps, warmup, extra, timeout):
+    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", f"--master-port={free_port()}",
+           "-m", "megatron_prores.train"] + driver_flags(variant, shape, mb, acc, warmup + steps, extra)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    rows = [(int(i), float(ms), float(mem)) for i, ms, mem in LINE.findall(proc.stdout)]
+    if proc.returncode != 0 or len(rows) < warmup + steps:
+        text = proc.stdout + proc.stderr
+        oom = "out of memory" in text.lower()
+        tail = [l for l in text.strip().splitlines() if l.strip()][-3:]
+        return {"error": "out of memory" if oom else " / ".join(tail)[-400:], "oom": oom}
+    timed = [ms for i, ms, _ in rows if i > warmup]
+    return {"times_ms": timed, "peak_gib": max(m for _, _, m in rows)}
+
+
+# ---- the Hugging Face reference ------------------------------------------------------------------
+def hf_worker(shape, mb, acc, steps, warmup, out_path):
+    """Runs in its own process; writes its figures to ``out_path``."""
+    import resource
+
+    import torch.nn.functional as F
+    import transformers
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    L, h, heads, groups, ffn, seq = shape
+    cuda = torch.cuda.is_available()
+    dev = "cuda" if cuda else "cpu"
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=h, intermediate_size=ffn, num_hidden_layers=L,
+                         num_attention_heads=heads, num_key_value_heads=groups, max_position_embeddings=seq,
+                         rms_norm_eps=1e-5, tie_word_embeddings=False, attn_implementation="sdpa")
+    model = LlamaForCausalLM(config).to(dev)
+    returns_tuple = int(transformers.__version__.split(".")[0]) < 5
+
+    # ProRes / GPAS as the papers' code does it: a host-side float per block and an eager GPAS
+    def make_forward(layer, l):
+        layer.gpas_gate = torch.nn.Parameter(torch.zeros(1, device=dev))
+        layer.prores_alpha = 0.0
+
+        def gpas(x):
+            return x - F.silu(layer.gpas_gate) * x.detach()
+
+        def forward(hidden_states, attention_mask=None, position_ids=None, past_key_values=None,
+                    use_cache=False, position_embeddings=None, **kwargs):
+            kwargs.pop("past_key_value", None)
+            a = layer.prores_alpha
+            attn = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), attention_mask=attention_mask,
+                                   position_ids=position_ids, position_embeddings=position_embeddings, **kwargs)[0]
+            x = gpas(hidden_states + a * attn)
+            x = gpas(x + a * layer.mlp(layer.post_attention_layernorm(x)))
+            return (x,) if returns_tuple else x
+
+        layer.forward = forward
+
+    for l, layer in enumerate(model.model.layers, start=1):
+        make_forward(layer, l)
+    warm = 10 ** 6  # mid-warmup, as the prores_mid variant
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
+    gen = torch.Generator().manual_seed(1)
+    times = []
+    for step in range(warmup + steps):
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        for l, layer in enumerate(model.model.layers, start=1):
+            layer.prores_alpha = min(1.0, step / (warm * l / L))
+        for _ in range(acc):
+            tokens = torch.randint(0, VOCAB, (mb, seq), generator=gen).to(dev)
+            with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
+                loss = model(input_ids=tokens, labels=tokens).loss / acc
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    peak = (torch.cuda.max_memory_allocated() if cuda
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2 ** 30
+    with open(out_path, "w") as f:
+        json.dump({"times_ms": [1000 * t for t in times[warmup:]], "peak_gib": peak}, f)
+
+
+def run_hf(shape, mb, acc, steps, warmup, timeout, tmp):
+    out = os.path.join(tmp, f"hf-{os.getpid()}-{time.time_ns()}.json")
+    cmd = [sys.executable, os.path.abspath(__file__), "--hf-worker", json.dumps([shape, mb, acc, steps, warmup, out])]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {timeout} s"}
+    if proc.returncode != 0 or not os.path.exists(out):
+        text = proc.stdout + proc.stderr
+        oom = "out of memory" in text.lower()
+        return {"error": "out of memory" if oom else text.strip()[-400:], "oom": oom}
+    with open(out) as f:
+        res = json.load(f)
+    os.remove(out)
+    return res
+
+
+# ---- driver of the benchmark ---------------------------------------------------------------------
+def run_variant(variant, shape, mb, args):
+    if variant == "hf":
+        return run_hf(shape, mb, args.accumulation, args.steps, args.warmup, args.timeout, args.tmp)
+    return run_driver(variant, shape, mb, args.accumulation, args.steps, args.warmup, args.extra, args.timeout)
+
+
+def largest_micro_batch(shape, args) -> int:
+    mb, best = 1, None
+    while mb <= 64:
+        res = run_driver("prores_mid", shape, mb, 1, 2, 1, args.extra, args.timeout)
+        print(f"  micro batch {mb}: {'fits' if 'error' not in res else res['error']}", flush=True)
+        if "error" in res:
+            if not res.get("oom"):
+                raise SystemExit(f"error: the megatron variant failed at micro batch {mb}: {res['error']}")
+            break
+        best, mb = mb, mb * 2
+    if best is None:
+        raise SystemExit("error: micro batch 1 does not fit on this device")
+    return best
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    gpu = torch.cuda.is_available()
+    p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=["1.3b", "48x512"] if gpu else ["cpu"])
+    p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
+    p.add_argument("--micro-batch-size", default="auto" if gpu else "2",
+                   help="an integer, or auto: the largest that fits (megatron variant with ProRes+GPAS)")
+    p.add_argument("--accumulation", type=int, default=4 if gpu else 2, help="microbatches per step")
+    p.add_argument("--steps", type=int, default=20, help="timed steps (median)")
+    p.add_argument("--warmup", type=int, default=5 if gpu else 3, help="untimed steps first")
+    p.add_argument("--rounds", type=int, default=1 if gpu else 3,
+                   help="run every variant this many times, round-robin; medians over all timed steps")
+    p.add_argument("--extra", default="", help="more driver flags for the megatron variants")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per variant")
+    p.add_argument("--out", default=os.path.join(HERE, "results"))
+    p.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.hf_worker:
+        shape, mb, acc, steps, warmup, out = json.loads(args.hf_worker)
+        hf_worker(tuple(shape), mb, acc, steps, warmup, out)
+        return 0
+    if args.steps < 20:
+        print(f"note: --steps {args.steps} is below the 20 timed steps the issue asks for", flush=True)
+    args.tmp = args.out
+    os.makedirs(args.out, exist_ok=True)
+
+    peak = matmul_peak_tflops()
+    dev = device_name()
+    print(f"device {dev}: measured {'bf16' if gpu else 'fp32'} matmul peak {peak:.1f} TFLOP/s", flush=True)
+    results = {"device": dev, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+               "matmul_peak_tflops": peak, "extra_flags": args.extra, "accumulation": args.accumulation,
+               "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "shapes": {}}
+    for name in args.shapes:
+        shape = SHAPES[name]
+        mb = largest_micro_batch(shape, args) if args.micro_batch_size == "auto" else int(args.micro_batch_size)
+        fpt = flops_per_token(shape)
+        rows = {v: {"micro_batch": mb, "times_ms": [], "peak_gib": 0.0} for v in args.variants}
+        for rnd in range(args.rounds):  # round-robin over the variants: drift hits all alike
+            for variant in args.variants:
+                row = rows[variant]
+                if "error" in row:
+                    continue
+                while True:
+                    print(f"{name}: {variant} at micro batch {row['micro_batch']} (round {rnd + 1}) ...", flush=True)
+                    res = run_variant(variant, shape, row["micro_batch"], args)
+                    if variant == "hf" and res.get("oom") and row["micro_batch"] > 1:
+                        row["micro_batch"] //= 2
+                        continue
+                    break
+                if "error" in res:
+                    row["error"] = res["error"]
+                    print(f"  error: {res['error']}", flush=True)
+                    continue
+                row["times_ms"] += res["times_ms"]
+                row["peak_gib"] = max(row["peak_gib"], res["peak_gib"])
+                print(f"  median {statistics.median(res['times_ms']):.1f} ms, peak {res['peak_gib']:.2f} GiB", flush=True)
+        for variant, res in rows.items():
+            if "error" not in res:
+                res["step_ms"] = statistics.median(res["times_ms"])
+                tokens = res["micro_batch"] * args.accumulation * shape[5]
+                res["tokens_per_s"] = tokens / (res["step_ms"] / 1000)
+                res["tflops"] = res["tokens_per_s"] * fpt / 1e12
+                res["mfu"] = res["tflops"] / peak
+        checks = []
+        for what, a, b, kind, bound in TARGETS:
+            if a not in rows or b not in rows or "error" in rows[a] or "error" in rows[b]:
+                continue
+            if kind == "time":
+                value = rows[a]["step_ms"] / rows[b]["step_ms"]
+            elif kind == "memory":
+                value = rows[a]["peak_gib"] / rows[b]["peak_gib"]
+            else:
+                value = rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"]
+            ok = value >= bound if kind == "speedup" else value <= bound
+            checks.append({"what": what, "value": value, "target": bound, "met": ok})
+        results["shapes"][name] = {"shape": dict(zip(["layers", "hidden", "heads", "query_groups", "ffn", "seq"], shape)),
+                                   "flops_per_token": fpt, "variants": rows, "ratios": checks}
+
+    stamp = f"{dev}-{results['date']}"
+    path = os.path.join(args.out, f"{stamp}-step-time.json")
+    with open(path, "w") as f:
+        json.dump(results, f, indent=1)
+    print(f"\nresults written to {path}\n")
+    print(f"device {dev}, matmul peak {peak:.1f} TFLOP/s, {args.accumulation} microbatches per step, "
+          f"median of {args.steps} steps x {args.rounds} round(s), extra flags: {args.extra or '-'}")
+    for name, shp in results["shapes"].items():
+        print(f"\nshape {name} {shp['shape']}")
+        print(f"{'variant':<12} {'mb':>3} {'step ms':>10} {'tokens/s':>11} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9}")
+        for v, r in shp["variants"].items():
+            if "error" in r:
+                print(f"{v:<12} {r['micro_batch']:>3} error: {r['error']}")
+            else:
+                print(f"{v:<12} {r['micro_batch']:>3} {r['step_ms']:>10.1f} {r['tokens_per_s']:>11.0f} "
+                      f"{r['tflops']:>9.2f} {100 * r['mfu']:>6.1f}% {r['peak_gib']:>9.2f}")
+        for c in shp["ratios"]:
+            cmp = ">=" if "over" in c["what"] else "<="
+            print(f"  {c['what']:<24} {c['value']:.4f}  (target {cmp} {c['target']}: "
+                  f"{'met' if c['met'] else 'NOT met'})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
