@@ -5,7 +5,8 @@
 
 Forward + backward of one micro batch (no optimizer), variants measured round-robin so that
 drift hits all alike; the median over the timed steps is reported. Variants:
-  megatron    megatron-core's own local GPT layer spec (get_gpt_layer_local_spec)
+  megatron    megatron-core's own local GPT layer spec (get_gpt_layer_local_spec), with the same
+              core attention as the others (--attention-backend; SDPA by default)
   off         this project's layer with every method off (pre-LN, no ProRes, no GPAS)
   prores      ProRes mid-warmup, GPAS off
   prores+gpas ProRes mid-warmup and GPAS (the target configuration)
@@ -36,7 +37,7 @@ SHAPES = {
 VARIANTS = ["megatron", "off", "prores", "prores+gpas", "done+gpas"]
 
 
-def build(variant, shape, bf16, warmup):
+def build(variant, shape, bf16, warmup, attention_backend="auto"):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -54,11 +55,17 @@ def build(variant, shape, bf16, warmup):
         "done+gpas": MethodConfig(prores_schedule="linear", prores_warmup_steps=warmup, gpas=True),
     }[variant]
     cfg = ModelConfig(num_layers=L, hidden_size=h, num_attention_heads=heads, ffn_hidden_size=ffn,
-                      vocab_size=32000, seq_length=seq, bf16=bf16, method=method)
+                      vocab_size=32000, seq_length=seq, bf16=bf16, method=method,
+                      attention_backend=attention_backend)
     seed_everything(0)
     if variant == "megatron":
         tcfg = cfg.transformer_config()
-        model = GPTModel(tcfg, get_gpt_layer_local_spec(normalization="RMSNorm"), vocab_size=32000,
+        spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+        if attention_backend not in ("unfused", "local"):  # the same core attention as the others
+            from megatron_prores.attention import sdpa_attention
+
+            spec.submodules.self_attention.submodules.core_attention = sdpa_attention(attention_backend)
+        model = GPTModel(tcfg, spec, vocab_size=32000,
                          max_sequence_length=seq, position_embedding_type="rope")
     else:
         [model] = build_model(cfg)
@@ -95,6 +102,8 @@ def main():
     p.add_argument("--shape", choices=SHAPES, default=None, help="default: 1.3b on GPU, small on CPU")
     p.add_argument("--steps", type=int, default=None, help="timed steps per variant")
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps per variant")
+    p.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "fused", "unfused"],
+                   help="core attention of every variant (megatron's spec gets the same one)")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args()
 
@@ -117,7 +126,7 @@ def main():
     positions = torch.arange(seq, device=dev)[None].expand(mbs, seq)
     warmup = 1000 * L
 
-    models = {v: build(v, shape, bf16, warmup) for v in VARIANTS}
+    models = {v: build(v, shape, bf16, warmup, args.attention_backend) for v in VARIANTS}
     times = {v: [] for v in VARIANTS}
     act = {v: step(models[v], tokens, positions, labels, count_activations=True) for v in VARIANTS}
     peak = {}
@@ -151,7 +160,7 @@ def main():
     result = {
         "device": device, "date": datetime.date.today().isoformat(), "shape": shape_name,
         "layers": L, "hidden": h, "heads": heads, "ffn": ffn, "seq": seq, "micro_batch": mbs,
-        "dtype": "bf16" if bf16 else "fp32", "timed_steps": steps, "torch": torch.__version__,
+        "dtype": "bf16" if bf16 else "fp32", "attention_backend": args.attention_backend, "timed_steps": steps, "torch": torch.__version__,
         "rows": rows,
     }
     os.makedirs(args.out, exist_ok=True)

@@ -5,12 +5,15 @@ same [s, b, heads, dim] -> [s, b, heads * dim] layout), so a run without Transfo
 flash / memory-efficient attention kernels on GPUs instead of the materialized s x s softmax:
 
 - causal masking with no mask tensor (``is_causal``), or an explicit megatron mask (True = masked);
-- grouped-query attention without copying K/V (``enable_gqa``);
+- grouped-query attention without copying K/V where the flash kernel runs (``enable_gqa``), with
+  K/V repeated per head (as DotProductAttention does) where it cannot (explicit mask, fp32 on GPUs,
+  the memory-efficient kernel);
 - attention dropout inside the tensor-parallel RNG fork (as DotProductAttention: each TP rank holds
   other heads, so it draws its own mask), or outside it under sequence parallelism;
 - ``backend`` restricts the kernel choice: "auto" lets PyTorch pick, "flash" and "fused" force the
   flash / memory-efficient kernel (an error where that kernel cannot run these inputs).
-Megatron's query-key layer scaling is a numerical device of the fp16 softmax that leaves the math
+A query row whose keys are all masked gives zeros (DotProductAttention: the mean of the values);
+causal language modelling never has one. Megatron's query-key layer scaling is a numerical device of the fp16 softmax that leaves the math
 unchanged, so the scale here is always softmax_scale (default 1/sqrt(head dim)).
 """
 
@@ -65,17 +68,29 @@ class SDPAttention(MegatronModule):
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
         mask = None
         causal = mask_type == AttnMaskType.causal and attention_mask is None
+        if causal and key.shape[0] != sq:
+            raise ValueError("SDPAttention: causal attention without a mask needs as many keys as queries")
         if attention_mask is not None:
             mask = ~attention_mask  # megatron: True = masked; SDPA: True = attend
+        groups = k.shape[1]
+        gqa = groups != heads
+        if gqa and (mask is not None or self.backend == "fused" or not _flash_dtype(q)):
+            # only the flash kernel reads grouped K/V directly: give the others one K/V per head
+            k, v = (t.repeat_interleave(heads // groups, dim=1) for t in (k, v))
+            gqa = False
         p = self.dropout_p if self.training else 0.0
         rng = (tensor_parallel.get_cuda_rng_tracker().fork()
                if p > 0.0 and not self.config.sequence_parallel else contextlib.nullcontext())
         with rng, self._kernel():
             out = F.scaled_dot_product_attention(
-                q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, scale=self.scale,
-                enable_gqa=k.shape[1] != heads)
+                q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, scale=self.scale, enable_gqa=gqa)
         # [b, n, s, d] -> [s, b, n * d]
         return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
+
+
+def _flash_dtype(t: torch.Tensor) -> bool:
+    """Inputs the flash kernel takes (fp16/bf16 on GPUs; any float on CPU)."""
+    return t.dtype in (torch.float16, torch.bfloat16) or not t.is_cuda
 
 
 def sdpa_attention(backend: str) -> type:

@@ -30,13 +30,18 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-# |s| below this: keep z rather than divide by a scale near 0 (fp16 would lose digits in s * z).
+# |s| below this: keep z rather than recompute it. The relative error of y / s does not depend on
+# |s| (y = s * z is rounded once), but at s = 0 z is lost, and near 0 fp16's s * z turns subnormal.
 MIN_RECOMPUTE_SCALE = 2.0 ** -6
+# Every layer shares one compiled function per direction; its variants (training/eval, ProRes
+# on/after warmup, keep z or not, bias, dropout, shapes) must not exceed dynamo's default
+# recompile limit of 8, or the op silently falls back to eager.
+RECOMPILE_LIMIT = 64
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
     """``t`` in the compute precision: fp32, or fp64 for fp64 tensors."""
-    return t.to(torch.promote_types(t.dtype, torch.float32))
+    return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
 def gpas_scale_fp32(gate: torch.Tensor) -> torch.Tensor:
@@ -85,30 +90,31 @@ def _post_forward(r, f, bias, mask, keep: float, a, gate, c: Optional[float]):
     return (shortcut + _branch(f, bias, mask, keep, a)).to(f.dtype)
 
 
-def _gate_grad(gate, dy, v, divide: bool, c: Optional[float]):
-    """-SiLU'(g) * c * sum(dy * v) (v / s when ``divide``), accumulated in fp32."""
-    g = _wide(gate)
-    sig = torch.sigmoid(g)
-    dsilu = sig * (1.0 + g * (1.0 - sig))
-    total = (_wide(dy) * _wide(v)).sum()
-    if divide:
-        total = total / (1.0 - g * sig)
-    if c is not None:
-        total = total * c
-    return (-dsilu * total).to(gate.dtype)
+def _backward(dy, saved, gate, mask, keep: float, a, c: Optional[float], divide: bool,
+              need_bias: bool, need_gate: bool):
+    """dF, db and dg in one function (one pass over dy on GPUs).
 
-
-def _branch_grad(dy, mask, keep: float, a, need_bias: bool):
-    d = dy
+    dF = a * M / q * dy; db = sum(dF); dg = -SiLU'(g) * c * sum(dy * v), v = saved (/ s)."""
+    df = dy
     if mask is not None or a is not None:
-        d = _wide(dy)
+        df = _wide(dy)
         if mask is not None:
-            d = d * mask / keep
+            df = df * mask / keep
         if a is not None:
-            d = d * a
-        d = d.to(dy.dtype)
-    db = _wide(d).sum(dim=tuple(range(d.dim() - 1))) if need_bias else None
-    return d, db
+            df = df * a
+        df = df.to(dy.dtype)
+    db = _wide(df).sum(dim=tuple(range(df.dim() - 1))) if need_bias else None
+    dg = None
+    if need_gate:
+        g = _wide(gate)
+        sig = torch.sigmoid(g)
+        total = (_wide(dy) * _wide(saved)).sum()
+        if divide:
+            total = total / (1.0 - g * sig)
+        if c is not None:
+            total = total * c
+        dg = (-(sig * (1.0 + g * (1.0 - sig))) * total).to(gate.dtype)
+    return df, db, dg
 
 
 _compiled = {}
@@ -118,6 +124,9 @@ def _kernel(fn, compiled: bool):
     if not compiled:
         return fn
     if fn not in _compiled:
+        import torch._dynamo.config as dynamo_config
+
+        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
         _compiled[fn] = torch.compile(fn, dynamic=False)
     return _compiled[fn]
 
@@ -126,18 +135,22 @@ def _kernel(fn, compiled: bool):
 class _ResidualOp(torch.autograd.Function):
     @staticmethod
     def forward(ctx, r, f, bias, gate, a, mask, keep, c, post, recompute, compiled):
+        # detached inputs: the compiled kernels see the same tensor properties in training and eval
+        r_, f_ = r.detach(), f.detach()
+        bias_ = None if bias is None else bias.detach()
+        gate_ = None if gate is None else gate.detach()
+        gate_grad = gate is not None and ctx.needs_input_grad[3]  # not in eval, not for a frozen gate
         if post:
-            y = _kernel(_post_forward, compiled)(r, f, bias, mask, keep, a, gate, c)
-            saved = r if gate is not None else None
+            y = _kernel(_post_forward, compiled)(r_, f_, bias_, mask, keep, a, gate_, c)
+            saved = r_ if gate_grad else None
             ctx.divide = False
         else:
-            keep_z = gate is not None and not recompute
-            y, z = _kernel(_pre_forward, compiled)(r, f, bias, mask, keep, a, gate, keep_z)
-            saved = (z if keep_z else y) if gate is not None else None
-            ctx.divide = gate is not None and recompute
-        ctx.save_for_backward(saved, gate, a, mask)
+            keep_z = gate_grad and not recompute
+            y, z = _kernel(_pre_forward, compiled)(r_, f_, bias_, mask, keep, a, gate_, keep_z)
+            saved = (z if keep_z else y) if gate_grad else None
+            ctx.divide = gate_grad and not keep_z
+        ctx.save_for_backward(saved, gate_, a, mask)
         ctx.keep, ctx.c, ctx.post, ctx.compiled = keep, c, post, compiled
-        ctx.has_bias = bias is not None
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.r_dtype = r.dtype
         return y
@@ -146,20 +159,21 @@ class _ResidualOp(torch.autograd.Function):
     def backward(ctx, dy):
         saved, gate, a, mask = ctx.saved_tensors
         c = ctx.c
-        df, db = _kernel(_branch_grad, ctx.compiled)(dy, mask, ctx.keep, a, ctx.has_bias)
+        need_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+        need_gate = gate is not None and ctx.needs_input_grad[3]
+        df, db, dg = _kernel(_backward, ctx.compiled)(
+            dy, saved, gate, mask, ctx.keep, a, c if ctx.post else None, ctx.divide, need_bias, need_gate)
         dr = dy if not ctx.post or c is None else dy * c
         dr = dr.to(ctx.r_dtype)
-        dg = None
-        if gate is not None and ctx.needs_input_grad[3]:
-            dg = _kernel(_gate_grad, ctx.compiled)(gate, dy, saved, ctx.divide, c if ctx.post else None)
         if db is not None:
             db = db.to(ctx.bias_dtype)
         return dr, df, db, dg, None, None, None, None, None, None, None
 
 
 def dropout_mask(like: torch.Tensor, prob: float) -> torch.Tensor:
-    """Keep mask of dropout with drop probability ``prob`` (drawn from the current generator,
-    i.e. inside megatron's RNG-tracker fork where the caller is)."""
+    """Keep mask of dropout with drop probability ``prob``, drawn from the current generator (as
+    megatron's bias-dropout-add: outside the tensor-parallel RNG fork, since TP ranks hold copies
+    of the same hidden states, or their sequence shards under sequence parallelism)."""
     return torch.empty_like(like, dtype=torch.bool).bernoulli_(1.0 - prob)
 
 

@@ -184,6 +184,13 @@ def prores_layers(model):
                 yield module
 
 
+def _offloads_residual(config) -> bool:
+    """megatron's fine-grained activation offloading frees the norm inputs (the residual stream,
+    i.e. the op's saved output) in place: the recompute must not rely on them there."""
+    return bool(getattr(config, "fine_grained_activation_offloading", False)) and bool(
+        {"attn_norm", "mlp_norm"} & set(getattr(config, "offload_modules", None) or ()))
+
+
 def set_prores_step(model, step: int) -> None:
     """Set every block's ProRes value for optimizer step ``step`` and decide, for every GPAS
     gate, whether the residual op may recompute its input from its output this step.
@@ -195,10 +202,7 @@ def set_prores_step(model, step: int) -> None:
     layers = list(prores_layers(model))
     for layer in layers:
         layer.set_prores_step(step)
-    gated = [l for l in layers if l.gpas_gate is not None]
-    # A pipeline stage may free its output after sending it (deallocate_pipeline_outputs):
-    # the recompute would read freed memory, so keep the pre-GPAS value there.
-    gated = [l for l in gated if not l.config.deallocate_pipeline_outputs]
+    gated = [l for l in layers if l.gpas_gate is not None and not _offloads_residual(l.config)]
     safe = fused_residual.recompute_safe([l.gpas_gate for l in gated])
     for layer, ok in zip(gated, safe):
         layer.gpas_recompute = [ok, ok]

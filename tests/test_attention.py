@@ -92,6 +92,19 @@ def test_dropout_draws_in_the_tensor_parallel_rng_fork_unless_sequence_parallel(
         assert tracker.return_value.fork.call_count == 1
 
 
+def test_softmax_scale(single_process):
+    """A given softmax scale is used, the default is 1/sqrt(head dim), for any layer number; causal
+    attention without a mask needs square scores."""
+    q, k, v = qkv(2, torch.float64)
+    cfg = tconfig(2, torch.float64)
+    for kw in ({"softmax_scale": 0.05}, {}):
+        a = SDPAttention(cfg, 7, AttnMaskType.causal, "self", **kw)
+        b = DotProductAttention(cfg, 7, AttnMaskType.causal, "self", **kw)
+        torch.testing.assert_close(a(q, k, v, None), b(q, k, v, None), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="as many keys as queries"):
+        SDPAttention(cfg, 1, AttnMaskType.causal, "self")(q[:1], k, v, None)
+
+
 def test_backend_choice(single_process):
     cfg = tconfig(2)
     q, k, v = (t.detach() for t in qkv(2, torch.float32))

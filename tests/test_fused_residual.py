@@ -46,6 +46,7 @@ CASES = [  # style, bias, dropout, ProRes value, gate, DeepNorm c
     ("pre", False, 0.0, 0.37, 0.3, None),
     ("pre", True, 0.25, 0.37, -0.6, None),
     ("pre", False, 0.0, None, 0.9, None),
+    ("pre", False, 0.0, 0.2, 2.0, None),  # s = 1 - SiLU(2) < 0: the recompute divides by a negative s
     ("pre", True, 0.1, 0.8, None, None),
     ("post", False, 0.0, 0.5, 0.4, None),
     ("post", True, 0.2, 0.5, 0.4, 1.6818),
@@ -94,6 +95,38 @@ def test_recompute_backward_equals_keeping_the_input(dtype, tol):
     y64 = reference(r64, f64, None, None, 1.0, a.double(), g64, None, False)
     (dg64,) = torch.autograd.grad(y64, [g64], dy.double())
     torch.testing.assert_close(outs[True][3].double(), dg64, rtol=4 * tol, atol=0)
+
+
+def test_eval_applies_no_dropout_and_frozen_gate_needs_nothing_saved():
+    r, f, b, gate = inputs(torch.float64, True, 0.3)
+    a = torch.tensor(0.5)
+    with torch.no_grad():
+        y = residual_op(r, f, b, prob=0.5, training=False, prores=a, gate=gate)
+        expect = reference(r, f, b, None, 1.0, a.double(), gate, None, False)
+    torch.testing.assert_close(y, expect, rtol=1e-12, atol=1e-12)
+    frozen = gate.detach()
+    y, kept = saved_storages(lambda: residual_op(r, f, prores=a, gate=frozen, recompute=False))
+    assert not any(n >= S * B * H * 8 for n in kept.values())  # no pre-GPAS copy when g needs no grad
+    dr, df = torch.autograd.grad(y, (r, f), torch.ones_like(y))
+    assert torch.equal(dr, torch.ones_like(r)) and torch.allclose(df, a.double() * torch.ones_like(f))
+
+
+def test_fp32_residual_with_bf16_branch():
+    """fp32 residual stream (megatron's fp32_residual_connection) with a bf16 sublayer output:
+    the op computes in fp32, returns the branch dtype, and gives the residual an fp32 gradient."""
+    r, f, _, gate = inputs(torch.float32, False, 0.3)
+    fb = f.detach().bfloat16().requires_grad_()
+    a = torch.tensor(0.5)
+    y = residual_op(r, fb, prores=a, gate=gate, recompute=True)
+    assert y.dtype == torch.bfloat16
+    dr, df, dg = grads(y, [r, fb, gate])
+    assert dr.dtype == torch.float32 and df.dtype == torch.bfloat16
+    r64, f64, g64 = (t.detach().double().requires_grad_() for t in (r, fb, gate))
+    y64 = reference(r64, f64, None, None, 1.0, a.double(), g64, None, False)
+    torch.testing.assert_close(y.double(), y64, rtol=1e-2, atol=1e-2)
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(1), dtype=torch.bfloat16)
+    (dg64,) = torch.autograd.grad(y64, [g64], dy.double())
+    torch.testing.assert_close(dg.double(), dg64, rtol=2e-2, atol=0)
 
 
 def saved_storages(fn):
