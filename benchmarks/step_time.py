@@ -30,6 +30,7 @@ import argparse
 import datetime
 import json
 import os
+import platform
 import re
 import shlex
 import socket
@@ -66,7 +67,7 @@ def free_port() -> int:
 def device_name() -> str:
     if torch.cuda.is_available():
         return torch.cuda.get_device_name().replace(" ", "-")
-    return f"cpu-{os.cpu_count()}cores"
+    return f"cpu-{platform.machine()}-{os.cpu_count()}cores"
 
 
 def matmul_peak_tflops() -> float:

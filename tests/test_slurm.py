@@ -18,7 +18,7 @@ from tests.test_train import assert_same_weights, train_state
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RECIPES = sorted(glob.glob(os.path.join(ROOT, "slurm", "*.sbatch")))
 SCRIPTS = RECIPES + [os.path.join(ROOT, "slurm", "launch.sh"), os.path.join(ROOT, ".ci", "run")] + \
-    sorted(glob.glob(os.path.join(ROOT, "examples", "*.sh")))
+    sorted(glob.glob(os.path.join(ROOT, "examples", "*.sh"))) + sorted(glob.glob(os.path.join(ROOT, "benchmarks", "*.sh")))
 GIB = 1024 ** 3
 
 
