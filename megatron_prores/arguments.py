@@ -240,6 +240,13 @@ def check_layout(args, cfg: ModelConfig, world: int) -> tuple:
         raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by "
                           f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
     num_micro = args.global_batch_size // (args.micro_batch_size * dp)
+    if cfg.fp8_format is not None:
+        shards = cfg.context_parallel_size * (cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
+        tokens = cfg.seq_length // shards * args.micro_batch_size
+        if tokens % 16:
+            raise ConfigError(f"FP8 GEMMs need the tokens of a micro batch per rank ({tokens} = --seq-length / "
+                              f"(CP x SP-TP) x --micro-batch-size) to be a multiple of 16; change --seq-length "
+                              f"or --micro-batch-size, or drop --fp8-format")
     if cfg.virtual_pipeline_size and num_micro % cfg.pipeline_model_parallel_size:
         raise ConfigError(f"the interleaved pipeline needs the number of microbatches ({num_micro}) "
                           f"to be a multiple of --pipeline-model-parallel-size")

@@ -106,3 +106,24 @@ def test_driver_flags_from_a_recipe_file(tmp_path):
     with pytest.raises(ConfigError, match="no training data"):
         parse_args(["--num-layers", "2", "--hidden-size", "8", "--num-attention-heads", "2", "--seq-length", "8",
                     "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1", "--lr", "1e-3"])
+
+
+def test_driver_flags_for_fp8_and_kernels():
+    """The kernel flags reach the model config; FP8 token counts are checked per rank."""
+    from megatron_prores.arguments import check_recipe
+
+    def base(mbs=1):
+        return ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "24",
+                "--micro-batch-size", str(mbs), "--global-batch-size", "16", "--train-iters", "10", "--lr", "1e-3",
+                "--mock-data", "--vocab-size", "128"]
+
+    fp8 = ["--transformer-impl", "transformer_engine", "--bf16", "--fp8-format", "hybrid",
+           "--fp8-recipe", "tensorwise"]
+    with pytest.raises(ConfigError, match=r"tokens of a micro batch per rank \(24 = "):
+        check_recipe(base() + fp8, 8)
+    _, cfg, _, _ = check_recipe(base(2) + fp8, 8)
+    assert (cfg.fp8_format, cfg.fp8_recipe, cfg.transformer_impl) == ("hybrid", "tensorwise", "transformer_engine")
+    _, cfg, _, _ = check_recipe(base() + ["--attention-backend", "flash", "--no-bias-dropout-fusion"], 8)
+    assert cfg.attention_backend == "flash" and cfg.bias_dropout_fusion is False
+    with pytest.raises(ConfigError, match="--fp8-format needs --transformer-impl transformer_engine"):
+        check_recipe(base() + ["--fp8-format", "hybrid"], 8)
