@@ -126,7 +126,8 @@ def _kernel(fn, compiled: bool):
     if fn not in _compiled:
         import torch._dynamo.config as dynamo_config
 
-        dynamo_config.recompile_limit = max(dynamo_config.recompile_limit, RECOMPILE_LIMIT)
+        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
         _compiled[fn] = torch.compile(fn, dynamic=False)
     return _compiled[fn]
 

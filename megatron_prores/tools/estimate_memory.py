@@ -9,9 +9,10 @@ measurement (what the allocator really holds can be 10-30% more). What the drive
   weights + Adam moments (12 B/param, divided over data x context parallel ranks with
   --use-distributed-optimizer);
   activations of one micro batch per block, in bytes (bf16, s = seq, b = micro batch, h = hidden,
-  f = ffn, kv = key/value width): s*b*(10h + 2(h + 2kv) + 6f), plus 4*s*b*h with GPAS (its two
-  inputs), plus 4*s*b*h for Sandwich-LN's branch norms, plus 2*a*s*s*b for the unfused local
-  attention (Transformer Engine's flash attention keeps none); the stream-sized parts are split
+  f = ffn, kv = key/value width): s*b*(10h + 2(h + 2kv) + 6f) (GPAS adds nothing: the fused
+  residual op recomputes its input from its output), plus 4*s*b*h for Sandwich-LN's branch norms,
+  plus 2*a*s*s*b for unfused attention (--attention-backend unfused/local: megatron-core's
+  DotProductAttention or TE's unfused kernel; the default SDPA / TE flash attention keeps none); the stream-sized parts are split
   over TP only with sequence parallelism, everything over CP; --recompute-granularity full keeps
   2*s*b*h per block plus one block's activations, selective drops the attention part;
   micro batches in flight on the first pipeline stage: min(PP, microbatches), times
@@ -51,11 +52,12 @@ def estimate(args, cfg, dp: int, num_micro: int) -> dict:
     shard = dp * cp if args.use_distributed_optimizer else 1
 
     b = args.micro_batch_size
-    stream = 10 * h + (4 * h if m.gpas else 0) + (4 * h if sandwich else 0)
+    stream = 10 * h + (4 * h if sandwich else 0)
     split = 2 * (h + 2 * kv) + 6 * f
     stream_bytes = s * b * stream / ((tp if cfg.sequence_parallel else 1) * cp)
     split_bytes = s * b * split / (tp * cp)
-    attn = 0 if cfg.transformer_impl == "transformer_engine" else 2 * cfg.num_attention_heads * s * s * b / (tp * cp)
+    unfused = cfg.attention_backend in ("unfused", "local")  # probabilities kept: s x s per head
+    attn = 2 * cfg.num_attention_heads * s * s * b / (tp * cp) if unfused else 0
     block = stream_bytes + split_bytes + attn
     if cfg.recompute_granularity == "full":
         kept = 2 * s * b * h / ((tp if cfg.sequence_parallel else 1) * cp) * per_stage + block
