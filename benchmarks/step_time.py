@@ -18,9 +18,12 @@ Time: median over --steps timed steps after --warmup steps (times --rounds, run 
 TFLOP/s from the dense-GPT FLOP count of the driver (megatron_prores.train.flops_per_token); MFU
 against the matmul peak this script measures on the device (bf16 on GPUs, fp32 on CPU), printed too.
 Peak memory: max allocated CUDA memory (GPU) or max resident set (CPU) of the variant's process.
---micro-batch-size auto (the GPU default) doubles the micro batch of the prores_mid variant until it
-runs out of memory and uses the largest that fits for every variant (the hf variant halves it
-further if it has to; the table says which it used).
+--micro-batch-size auto (the GPU default) measures the peak memory of the prores_mid variant at
+micro batch 1 and 2, extrapolates to the largest power of two under 90% of the device, confirms it
+(halving until it fits) and uses it for every variant; a variant that runs out of memory halves its
+micro batch and doubles its microbatches (same global batch; the table says which it used).
+Every child process's output is appended to a .log next to the results; --budget bounds the
+whole run (results are written after every variant).
 Results: benchmarks/results/<device>-<date>-step-time.json; the table is printed last.
 """
 
@@ -124,20 +127,58 @@ def driver_flags(variant, shape, mb, acc, iters, extra):
 LINE = re.compile(r"iteration\s+(\d+)/.*elapsed time per iteration \(ms\): ([\d.]+).*peak memory \(GiB\): ([\d.]+)")
 
 
-def run_driver(variant, shape, mb, acc, steps, warmup, extra, timeout):
-    env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+class Runner:
+    """Runs the variants' processes: one environment, one log of every child's output, a time
+    budget for the whole benchmark (so that a run under a wall-clock limit ends with results)."""
+
+    def __init__(self, log_path, budget_s=None, timeout_s=900):
+        self.log_path, self.timeout_s = log_path, timeout_s
+        self.deadline = None if budget_s is None else time.monotonic() + budget_s
+        self.env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        self.env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # same for every variant
+
+    def left(self):
+        return None if self.deadline is None else self.deadline - time.monotonic()
+
+    def run(self, cmd, what):
+        left = self.left()
+        if left is not None and left < 30:
+            return None, "time budget used up"
+        timeout = self.timeout_s if left is None else min(self.timeout_s, left - 10)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env)
+        except subprocess.TimeoutExpired as e:
+            self._log(what, " ".join(cmd), (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes)
+                      else (e.stdout or ""), "")
+            return None, f"timed out after {timeout:.0f} s"
+        self._log(what, " ".join(cmd), proc.stdout, proc.stderr)
+        return proc, None
+
+    def _log(self, what, cmd, out, err):
+        with open(self.log_path, "a") as f:
+            f.write(f"\n===== {what}\n$ {cmd}\n{out}\n----- stderr\n{err}\n")
+
+
+def failure(proc) -> dict:
+    """The error of a failed child in one line: out of memory, else its last '...Error: ...' line."""
+    text = proc.stdout + "\n" + proc.stderr
+    if re.search(r"out of memory|CUBLAS_STATUS_ALLOC_FAILED|OutOfMemoryError", text):
+        return {"error": "out of memory", "oom": True}
+    lines = [l.strip() for l in text.splitlines() if l.strip()]
+    ours = [l[len("error: "):] for l in lines if l.startswith("error: ")]  # the driver's one-line errors
+    raised = [l for l in lines if re.match(r"[\w.]*(Error|Exception): ", l) and ".elastic." not in l]
+    return {"error": (ours or raised or lines or ["(no output)"])[-1][-300:], "oom": False}
+
+
+def run_driver(runner, variant, shape, mb, acc, steps, warmup, extra):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", f"--master-port={free_port()}",
            "-m", "megatron_prores.train"] + driver_flags(variant, shape, mb, acc, warmup + steps, extra)
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
+    proc, err = runner.run(cmd, f"{variant} mb={mb} acc={acc}")
+    if err:
+        return {"error": err, "oom": False}
     rows = [(int(i), float(ms), float(mem)) for i, ms, mem in LINE.findall(proc.stdout)]
     if proc.returncode != 0 or len(rows) < warmup + steps:
-        text = proc.stdout + proc.stderr
-        oom = "out of memory" in text.lower()
-        tail = [l for l in text.strip().splitlines() if l.strip()][-3:]
-        return {"error": "out of memory" if oom else " / ".join(tail)[-400:], "oom": oom}
+        return failure(proc)
     timed = [ms for i, ms, _ in rows if i > warmup]
     return {"times_ms": timed, "peak_gib": max(m for _, _, m in rows)}
 
@@ -196,7 +237,7 @@ def hf_worker(shape, mb, acc, steps, warmup, out_path):
         for _ in range(acc):
             tokens = torch.randint(0, VOCAB, (mb, seq), generator=gen).to(dev)
             with torch.autocast(dev, dtype=torch.bfloat16, enabled=cuda):
-                loss = model(input_ids=tokens, labels=tokens).loss / acc
+                loss = model(input_ids=tokens, labels=tokens, use_cache=False).loss / acc
             loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
@@ -210,17 +251,14 @@ def hf_worker(shape, mb, acc, steps, warmup, out_path):
         json.dump({"times_ms": [1000 * t for t in times[warmup:]], "peak_gib": peak}, f)
 
 
-def run_hf(shape, mb, acc, steps, warmup, timeout, tmp):
+def run_hf(runner, shape, mb, acc, steps, warmup, tmp):
     out = os.path.join(tmp, f"hf-{os.getpid()}-{time.time_ns()}.json")
     cmd = [sys.executable, os.path.abspath(__file__), "--hf-worker", json.dumps([shape, mb, acc, steps, warmup, out])]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return {"error": f"timed out after {timeout} s"}
+    proc, err = runner.run(cmd, f"hf mb={mb} acc={acc}")
+    if err:
+        return {"error": err, "oom": False}
     if proc.returncode != 0 or not os.path.exists(out):
-        text = proc.stdout + proc.stderr
-        oom = "out of memory" in text.lower()
-        return {"error": "out of memory" if oom else text.strip()[-400:], "oom": oom}
+        return failure(proc)
     with open(out) as f:
         res = json.load(f)
     os.remove(out)
@@ -228,25 +266,80 @@ def run_hf(shape, mb, acc, steps, warmup, timeout, tmp):
 
 
 # ---- driver of the benchmark ---------------------------------------------------------------------
-def run_variant(variant, shape, mb, args):
+def run_variant(runner, variant, shape, mb, acc, args):
     if variant == "hf":
-        return run_hf(shape, mb, args.accumulation, args.steps, args.warmup, args.timeout, args.tmp)
-    return run_driver(variant, shape, mb, args.accumulation, args.steps, args.warmup, args.extra, args.timeout)
+        return run_hf(runner, shape, mb, acc, args.steps, args.warmup, args.out)
+    return run_driver(runner, variant, shape, mb, acc, args.steps, args.warmup, args.extra)
 
 
-def largest_micro_batch(shape, args) -> int:
-    mb, best = 1, None
-    while mb <= 64:
-        res = run_driver("prores_mid", shape, mb, 1, 2, 1, args.extra, args.timeout)
-        print(f"  micro batch {mb}: {'fits' if 'error' not in res else res['error']}", flush=True)
+def largest_micro_batch(runner, shape, args) -> int:
+    """Peak memory at micro batch 1 and 2 (ProRes+GPAS, 3 steps) -> the largest power of two whose
+    extrapolated peak stays under 90% of the device, confirmed by a run (halved until it fits)."""
+    total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
+    peaks = {}
+    for mb in (1, 2):
+        res = run_driver(runner, "prores_mid", shape, mb, 1, 2, 1, args.extra)
+        print(f"  micro batch {mb}: " + (res["error"] if "error" in res else f"peak {res['peak_gib']:.2f} GiB"),
+              flush=True)
         if "error" in res:
-            if not res.get("oom"):
-                raise SystemExit(f"error: the megatron variant failed at micro batch {mb}: {res['error']}")
-            break
-        best, mb = mb, mb * 2
-    if best is None:
-        raise SystemExit("error: micro batch 1 does not fit on this device")
-    return best
+            if mb == 1:
+                raise SystemExit(f"error: the driver fails at micro batch 1: {res['error']} (see the log)")
+            return 1
+        peaks[mb] = res["peak_gib"]
+    per_mb = max(peaks[2] - peaks[1], 1e-3)
+    mb = 2
+    while mb < 256 and peaks[1] + (2 * mb - 1) * per_mb < 0.9 * total:
+        mb *= 2
+    while mb > 2:
+        res = run_driver(runner, "prores_mid", shape, mb, 1, 2, 1, args.extra)
+        print(f"  micro batch {mb}: {res.get('error') or 'fits'}", flush=True)
+        if "error" not in res:
+            return mb
+        mb //= 2  # out of memory, or any failure near the limit: does not fit
+    return mb
+
+
+def summarize(rows, shape, fpt, peak):
+    """Medians, tokens/s, TFLOP/s, MFU per variant and the target ratios of one shape."""
+    for res in rows.values():
+        if "error" not in res and res["times_ms"]:
+            res["step_ms"] = statistics.median(res["times_ms"])
+            tokens = res["micro_batch"] * res["accumulation"] * shape[5]
+            res["tokens_per_s"] = tokens / (res["step_ms"] / 1000)
+            res["tflops"] = res["tokens_per_s"] * fpt / 1e12
+            res["mfu"] = res["tflops"] / peak
+    checks = []
+    for what, a, b, kind, bound in TARGETS:
+        if any(v not in rows or "step_ms" not in rows[v] for v in (a, b)):
+            continue
+        if kind == "time":
+            value = rows[a]["step_ms"] / rows[b]["step_ms"]
+        elif kind == "memory":
+            value = rows[a]["peak_gib"] / rows[b]["peak_gib"]
+        else:
+            value = rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"]
+        ok = value >= bound if kind == "speedup" else value <= bound
+        checks.append({"what": what, "value": value, "target": bound, "met": ok})
+    return checks
+
+
+def print_table(results):
+    print(f"device {results['device']}, measured matmul peak {results['matmul_peak_tflops']:.1f} TFLOP/s "
+          f"(MFU below is against it), {results['accumulation']} microbatches per step, median of "
+          f"{results['steps']} steps x {results['rounds']} round(s), extra flags: {results['extra_flags'] or '-'}")
+    for name, shp in results["shapes"].items():
+        print(f"\nshape {name} {shp['shape']}")
+        print(f"{'variant':<12} {'mb':>3} {'step ms':>10} {'tokens/s':>11} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9}")
+        for v, r in shp["variants"].items():
+            if "step_ms" not in r:
+                print(f"{v:<12} {r['micro_batch']:>3} error: {r.get('error', 'not run')}")
+            else:
+                print(f"{v:<12} {r['micro_batch']:>3} {r['step_ms']:>10.1f} {r['tokens_per_s']:>11.0f} "
+                      f"{r['tflops']:>9.2f} {100 * r['mfu']:>6.1f}% {r['peak_gib']:>9.2f}")
+        for c in shp["ratios"]:
+            cmp = ">=" if "over" in c["what"] else "<="
+            print(f"  {c['what']:<24} {c['value']:.4f}  (target {cmp} {c['target']}: "
+                  f"{'met' if c['met'] else 'NOT met'})")
 
 
 def main(argv=None):
@@ -255,14 +348,17 @@ def main(argv=None):
     p.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=["1.3b", "48x512"] if gpu else ["cpu"])
     p.add_argument("--variants", nargs="+", choices=VARIANTS, default=VARIANTS)
     p.add_argument("--micro-batch-size", default="auto" if gpu else "2",
-                   help="an integer, or auto: the largest that fits (megatron variant with ProRes+GPAS)")
+                   help="an integer, or auto (GPU): the largest that fits the prores_mid variant")
     p.add_argument("--accumulation", type=int, default=4 if gpu else 2, help="microbatches per step")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=5 if gpu else 3, help="untimed steps first")
     p.add_argument("--rounds", type=int, default=1 if gpu else 3,
                    help="run every variant this many times, round-robin; medians over all timed steps")
     p.add_argument("--extra", default="", help="more driver flags for the megatron variants")
-    p.add_argument("--timeout", type=int, default=900, help="seconds per variant")
+    p.add_argument("--timeout", type=int, default=900, help="seconds per variant process")
+    p.add_argument("--budget", type=float, default=None,
+                   help="seconds for the whole benchmark: what is done by then is written (e.g. under a "
+                        "wall-clock limit); results are also written after every variant")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -272,81 +368,63 @@ def main(argv=None):
         return 0
     if args.steps < 20:
         print(f"note: --steps {args.steps} is below the 20 timed steps the issue asks for", flush=True)
-    args.tmp = args.out
     os.makedirs(args.out, exist_ok=True)
 
     peak = matmul_peak_tflops()
+    if gpu:
+        torch.cuda.empty_cache()  # leave the device to the variants' processes
     dev = device_name()
-    print(f"device {dev}: measured {'bf16' if gpu else 'fp32'} matmul peak {peak:.1f} TFLOP/s", flush=True)
+    stamp = f"{dev}-{datetime.date.today().isoformat()}"
+    path = os.path.join(args.out, f"{stamp}-step-time.json")
+    runner = Runner(os.path.join(args.out, f"{stamp}-step-time.log"), args.budget, args.timeout)
+    print(f"device {dev}: measured {'bf16' if gpu else 'fp32'} matmul peak {peak:.1f} TFLOP/s; "
+          f"every process's output goes to {runner.log_path}", flush=True)
     results = {"device": dev, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
                "matmul_peak_tflops": peak, "extra_flags": args.extra, "accumulation": args.accumulation,
                "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "shapes": {}}
+
+    def write():
+        with open(path, "w") as f:
+            json.dump(results, f, indent=1)
+
     for name in args.shapes:
         shape = SHAPES[name]
-        mb = largest_micro_batch(shape, args) if args.micro_batch_size == "auto" else int(args.micro_batch_size)
+        mb = largest_micro_batch(runner, shape, args) if args.micro_batch_size == "auto" else int(args.micro_batch_size)
         fpt = flops_per_token(shape)
-        rows = {v: {"micro_batch": mb, "times_ms": [], "peak_gib": 0.0} for v in args.variants}
+        rows = {v: {"micro_batch": mb, "accumulation": args.accumulation, "times_ms": [], "peak_gib": 0.0}
+                for v in args.variants}
+        entry = {"shape": dict(zip(["layers", "hidden", "heads", "query_groups", "ffn", "seq"], shape)),
+                 "flops_per_token": fpt, "variants": rows, "ratios": []}
+        results["shapes"][name] = entry
         for rnd in range(args.rounds):  # round-robin over the variants: drift hits all alike
             for variant in args.variants:
                 row = rows[variant]
                 if "error" in row:
                     continue
                 while True:
-                    print(f"{name}: {variant} at micro batch {row['micro_batch']} (round {rnd + 1}) ...", flush=True)
-                    res = run_variant(variant, shape, row["micro_batch"], args)
-                    if variant == "hf" and res.get("oom") and row["micro_batch"] > 1:
+                    print(f"{name}: {variant} at micro batch {row['micro_batch']} x {row['accumulation']} "
+                          f"(round {rnd + 1}) ...", flush=True)
+                    res = run_variant(runner, variant, shape, row["micro_batch"], row["accumulation"], args)
+                    if res.get("oom") and row["micro_batch"] > 1 and not row["times_ms"]:
+                        # same global batch in more, smaller microbatches
                         row["micro_batch"] //= 2
+                        row["accumulation"] *= 2
                         continue
                     break
                 if "error" in res:
                     row["error"] = res["error"]
                     print(f"  error: {res['error']}", flush=True)
-                    continue
-                row["times_ms"] += res["times_ms"]
-                row["peak_gib"] = max(row["peak_gib"], res["peak_gib"])
-                print(f"  median {statistics.median(res['times_ms']):.1f} ms, peak {res['peak_gib']:.2f} GiB", flush=True)
-        for variant, res in rows.items():
-            if "error" not in res:
-                res["step_ms"] = statistics.median(res["times_ms"])
-                tokens = res["micro_batch"] * args.accumulation * shape[5]
-                res["tokens_per_s"] = tokens / (res["step_ms"] / 1000)
-                res["tflops"] = res["tokens_per_s"] * fpt / 1e12
-                res["mfu"] = res["tflops"] / peak
-        checks = []
-        for what, a, b, kind, bound in TARGETS:
-            if a not in rows or b not in rows or "error" in rows[a] or "error" in rows[b]:
-                continue
-            if kind == "time":
-                value = rows[a]["step_ms"] / rows[b]["step_ms"]
-            elif kind == "memory":
-                value = rows[a]["peak_gib"] / rows[b]["peak_gib"]
-            else:
-                value = rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"]
-            ok = value >= bound if kind == "speedup" else value <= bound
-            checks.append({"what": what, "value": value, "target": bound, "met": ok})
-        results["shapes"][name] = {"shape": dict(zip(["layers", "hidden", "heads", "query_groups", "ffn", "seq"], shape)),
-                                   "flops_per_token": fpt, "variants": rows, "ratios": checks}
+                else:
+                    row["times_ms"] += res["times_ms"]
+                    row["peak_gib"] = max(row["peak_gib"], res["peak_gib"])
+                    print(f"  median {statistics.median(res['times_ms']):.1f} ms, peak {res['peak_gib']:.2f} GiB",
+                          flush=True)
+                entry["ratios"] = summarize(rows, shape, fpt, peak)
+                write()
 
-    stamp = f"{dev}-{results['date']}"
-    path = os.path.join(args.out, f"{stamp}-step-time.json")
-    with open(path, "w") as f:
-        json.dump(results, f, indent=1)
+    write()
     print(f"\nresults written to {path}\n")
-    print(f"device {dev}, matmul peak {peak:.1f} TFLOP/s, {args.accumulation} microbatches per step, "
-          f"median of {args.steps} steps x {args.rounds} round(s), extra flags: {args.extra or '-'}")
-    for name, shp in results["shapes"].items():
-        print(f"\nshape {name} {shp['shape']}")
-        print(f"{'variant':<12} {'mb':>3} {'step ms':>10} {'tokens/s':>11} {'TFLOP/s':>9} {'MFU':>7} {'peak GiB':>9}")
-        for v, r in shp["variants"].items():
-            if "error" in r:
-                print(f"{v:<12} {r['micro_batch']:>3} error: {r['error']}")
-            else:
-                print(f"{v:<12} {r['micro_batch']:>3} {r['step_ms']:>10.1f} {r['tokens_per_s']:>11.0f} "
-                      f"{r['tflops']:>9.2f} {100 * r['mfu']:>6.1f}% {r['peak_gib']:>9.2f}")
-        for c in shp["ratios"]:
-            cmp = ">=" if "over" in c["what"] else "<="
-            print(f"  {c['what']:<24} {c['value']:.4f}  (target {cmp} {c['target']}: "
-                  f"{'met' if c['met'] else 'NOT met'})")
+    print_table(results)
     return 0
 
 

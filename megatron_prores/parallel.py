@@ -56,7 +56,9 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1,
         if use_cuda:
             torch.cuda.set_device(local % torch.cuda.device_count())
         dist.init_process_group(
-            backend="nccl" if use_cuda else "gloo",
+            # NCCL for CUDA tensors; gloo beside it for the few host-side values the driver and
+            # the checkpointing reduce (loss, finite flags, exit flags): NCCL alone rejects them.
+            backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo",
             rank=rank,
             world_size=world,
             timeout=timedelta(minutes=timeout_minutes),
