@@ -203,7 +203,7 @@ def hf_worker(shape, mb, acc, steps, warmup, out_path):
     returns_tuple = int(transformers.__version__.split(".")[0]) < 5
 
     # ProRes / GPAS as the papers' code does it: a host-side float per block and an eager GPAS
-    def make_forward(layer, l):
+    def make_forward(layer):
         layer.gpas_gate = torch.nn.Parameter(torch.zeros(1, device=dev))
         layer.prores_alpha = 0.0
 
@@ -222,8 +222,8 @@ def hf_worker(shape, mb, acc, steps, warmup, out_path):
 
         layer.forward = forward
 
-    for l, layer in enumerate(model.model.layers, start=1):
-        make_forward(layer, l)
+    for layer in model.model.layers:
+        make_forward(layer)
     warm = 10 ** 6  # mid-warmup, as the prores_mid variant
     opt = torch.optim.AdamW(model.parameters(), lr=3e-4, betas=(0.9, 0.95), weight_decay=0.1)
     gen = torch.Generator().manual_seed(1)

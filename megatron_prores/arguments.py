@@ -185,8 +185,6 @@ def check_args(args, this_machine: bool = True) -> None:
     if args.recompute_granularity is not None and this_machine:
         need(torch.cuda.is_available(),
              "--recompute-granularity needs CUDA (megatron's recompute saves CUDA RNG states)")
-    if args.fp8_format is not None:
-        need(args.transformer_impl == "transformer_engine", "--fp8-format needs --transformer-impl transformer_engine")
     if args.bf16 and this_machine:
         need(torch.cuda.is_available(), "--bf16 needs a GPU; the CPU path trains in fp32 (drop --bf16)")
 

@@ -28,7 +28,8 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
+
+from megatron_prores.gpas import gpas_scale
 
 # |s| below this: keep z rather than recompute it. The relative error of y / s does not depend on
 # |s| (y = s * z is rounded once), but at s = 0 z is lost, and near 0 fp16's s * z turns subnormal.
@@ -44,15 +45,11 @@ def _wide(t: torch.Tensor) -> torch.Tensor:
     return t if t.dtype in (torch.float32, torch.float64) else t.float()
 
 
-def gpas_scale_fp32(gate: torch.Tensor) -> torch.Tensor:
-    return 1.0 - F.silu(_wide(gate))
-
-
 def recompute_safe(gates) -> list:
     """For each gate, whether y / s recovers the pre-GPAS value (one host sync for all)."""
     if not gates:
         return []
-    s = torch.cat([gpas_scale_fp32(g.detach()).reshape(-1) for g in gates])
+    s = torch.cat([gpas_scale(g.detach()).reshape(-1) for g in gates])
     ok = (s.abs() >= MIN_RECOMPUTE_SCALE).tolist()
     out, i = [], 0
     for g in gates:
@@ -76,7 +73,7 @@ def _branch(f, bias, mask, keep: float, a):
 
 def _pre_forward(r, f, bias, mask, keep: float, a, gate, keep_z: bool):
     z = _wide(r) + _branch(f, bias, mask, keep, a)
-    y = z if gate is None else z * gpas_scale_fp32(gate)
+    y = z if gate is None else z * gpas_scale(gate)
     y = y.to(f.dtype)
     return (y, z.to(f.dtype)) if keep_z else (y, None)
 
@@ -84,7 +81,7 @@ def _pre_forward(r, f, bias, mask, keep: float, a, gate, keep_z: bool):
 def _post_forward(r, f, bias, mask, keep: float, a, gate, c: Optional[float]):
     shortcut = _wide(r)
     if gate is not None:
-        shortcut = shortcut * gpas_scale_fp32(gate)
+        shortcut = shortcut * gpas_scale(gate)
     if c is not None:
         shortcut = shortcut * c
     return (shortcut + _branch(f, bias, mask, keep, a)).to(f.dtype)

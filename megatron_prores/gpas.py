@@ -13,15 +13,7 @@ import torch
 import torch.nn.functional as F
 
 
-def gpas(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
-    """Apply GPAS with a 0-d or 1-element ``gate`` to ``x``.
-
-    One fused multiply-add: x + (-SiLU(g)) * stopgrad(x). Autograd keeps ``x`` (shared storage
-    with the input, no copy): it is exactly what the gate gradient needs.
-    """
-    return torch.addcmul(x, F.silu(gate).neg().to(x.dtype), x.detach())
-
-
 def gpas_scale(gate: torch.Tensor) -> torch.Tensor:
-    """The forward scale 1 - SiLU(g) (for logging and export)."""
-    return 1.0 - F.silu(gate.float())
+    """The forward scale 1 - SiLU(g), in fp32 (fp64 for an fp64 gate). The op itself, with its
+    memory-saving backward, is fused_residual.residual_op."""
+    return 1.0 - F.silu(gate.to(torch.promote_types(gate.dtype, torch.float32)))

@@ -117,9 +117,9 @@ class ProResTransformerLayer(TransformerLayer):
         else:
             self.register_buffer("prores_scale", None, persistent=False)
 
-        # Whether the fused residual op may recompute each sublayer's pre-GPAS value from its
+        # Whether the fused residual op may recompute the pre-GPAS values from its outputs
         # output (decided per step by set_prores_step; keeping it is always correct).
-        self.gpas_recompute = [False, False]
+        self.gpas_recompute = False
 
         self.self_attn_bda = functools.partial(self._residual_op, 0)
         self.mlp_bda = functools.partial(self._residual_op, 1)
@@ -160,7 +160,7 @@ class ProResTransformerLayer(TransformerLayer):
             return get_bias_dropout_add(training, fused)  # exactly megatron-core's residual add
         post_norm = self.post_self_attn_layernorm if sublayer == 0 else self.post_mlp_layernorm
         post = style in POST_STYLES
-        recompute = self.gpas_recompute[sublayer]
+        recompute = self.gpas_recompute
 
         def residual_op(x_with_bias, residual, prob):
             x, bias = x_with_bias
@@ -205,4 +205,4 @@ def set_prores_step(model, step: int) -> None:
     gated = [l for l in layers if l.gpas_gate is not None and not _offloads_residual(l.config)]
     safe = fused_residual.recompute_safe([l.gpas_gate for l in gated])
     for layer, ok in zip(gated, safe):
-        layer.gpas_recompute = [ok, ok]
+        layer.gpas_recompute = ok
