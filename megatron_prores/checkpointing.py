@@ -30,6 +30,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
+from megatron_prores import mcore_compat
 from megatron_prores.config import ConfigError
 
 LATEST = "latest_checkpointed_iteration.txt"
@@ -266,7 +267,8 @@ class CheckpointSaver:
         request = None
         try:
             request = dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy(),
-                                              async_sharded_save=self.queue is not None)
+                                              async_sharded_save=self.queue is not None,
+                                              **(mcore_compat.async_save_kwargs() if self.queue is not None else {}))
             torch.save(_rng_state(), os.path.join(tmp, f"rng_rank{dist.get_rank():05d}.pt"))
             ok = torch.ones(1)
         except (Exception, CheckpointException) as e:  # disk full, quota, I/O error
@@ -348,7 +350,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, model_args: dict) ->
     if not os.path.isdir(directory):
         raise ConfigError(f"--load {root!r}: {LATEST} names iteration {iteration} but "
                           f"{directory} is missing")
-    common = dist_checkpointing.load_common_state_dict(directory)
+    common = mcore_compat.load_common_state(directory)
     check_model_args(common.get("model_args", {}), model_args, root)
     model_only = "optimizer" not in common  # e.g. imported from Hugging Face: fresh optimizer
     state = _load(_training_state(model, None if model_only else optimizer, is_loading=True), directory)

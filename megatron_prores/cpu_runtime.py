@@ -20,8 +20,9 @@ The redirects:
    or bare integer index) to the CPU, and makes ``Tensor.cuda()``/``.to("cuda")`` stay on CPU;
 2. ``Tensor.type()`` without arguments names the CUDA type (``torch.cuda.FloatTensor``), which
    megatron's optimizer and grad clipping assert on;
-3. ``torch.cuda.current_device``/``synchronize``/``set_device``/``empty_cache`` and RNG-state
-   helpers become CPU equivalents;
+3. ``torch.cuda.current_device``/``synchronize``/``set_device``/``empty_cache``/``current_stream``
+   and RNG-state helpers become CPU equivalents (megatron-core 0.19's DDP asks for the current
+   stream at every gradient sync; on CPU there is one stream and nothing to wait for);
 4. megatron's CUDA RNG tracker is replaced by its inference tracker, whose ``fork()`` is a
    no-op (dropout then draws from the CPU generator);
 5. subnormal floats are flushed to zero, as GPUs do (they are very slow on CPUs).
@@ -79,6 +80,25 @@ def _run_backward(tensors, grad_tensors=None, retain_graph=None, create_graph=Fa
     with _CudaToCpuMode():
         _engine_run_backward(tensors, grads, create_graph if retain_graph is None else retain_graph,
                              create_graph, inputs, allow_unreachable=True, accumulate_grad=True)
+
+
+class _HostStream:
+    """The one CPU "stream": work is done in order, so every wait or record is already satisfied."""
+
+    def wait_event(self, event=None):
+        return None
+
+    def wait_stream(self, stream=None):
+        return None
+
+    def record_event(self, event=None):
+        return None
+
+    def synchronize(self):
+        return None
+
+
+_HOST_STREAM = _HostStream()
 
 
 class _CudaToCpuMode(TorchFunctionMode):
@@ -142,8 +162,11 @@ def enable() -> None:
     def manual_seed_all(seed):
         return None
 
+    def current_stream(device=None):
+        return _HOST_STREAM
+
     for fn in (current_device, synchronize, set_device, empty_cache, get_rng_state,
-               set_rng_state, manual_seed, manual_seed_all):
+               set_rng_state, manual_seed, manual_seed_all, current_stream):
         setattr(torch.cuda, fn.__name__, fn)
 
     from megatron.core.tensor_parallel import random as mrandom

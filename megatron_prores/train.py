@@ -95,12 +95,38 @@ def main(argv=None) -> int:
         return 2
 
 
+def build_optimizer(args, model):
+    """AdamW (megatron-core's plain or distributed optimizer) and its LR/WD scheduler.
+
+    Weight decay skips 1-D parameters (norm gains, GPAS gates) through megatron-core's ``wd_mult``
+    0, which only the scheduler turns into a group weight decay of 0: the two are built together.
+    """
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+                        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+                        clip_grad=args.clip_grad, bf16=args.bf16,
+                        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                        use_distributed_optimizer=args.use_distributed_optimizer),
+        model, use_gloo_process_groups=torch.cuda.is_available())
+    gbs = args.global_batch_size  # megatron's scheduler counts samples
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters * gbs,
+        lr_decay_steps=(args.lr_decay_iters or args.train_iters) * gbs,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant",
+        wsd_decay_steps=args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters else None,
+        lr_wsd_decay_style=args.lr_wsd_decay_style)
+    return optimizer, scheduler
+
+
 def train(args) -> int:
     from megatron.core import parallel_state as ps
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
-    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_prores import checkpointing, data, parallel
@@ -151,22 +177,7 @@ def train(args) -> int:
     model = [DistributedDataParallel(tcfg, ddp_config, c, disable_bucketing=i > 0)
              for i, c in enumerate(chunks)]
     tcfg.finalize_model_grads_func = finalize_model_grads
-    optimizer = get_megatron_optimizer(
-        OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
-                        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
-                        clip_grad=args.clip_grad, bf16=args.bf16,
-                        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
-                        use_distributed_optimizer=args.use_distributed_optimizer),
-        model, use_gloo_process_groups=torch.cuda.is_available())
-    gbs = args.global_batch_size  # megatron's scheduler counts samples
-    scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters * gbs,
-        lr_decay_steps=(args.lr_decay_iters or args.train_iters) * gbs,
-        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant",
-        wsd_decay_steps=args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters else None,
-        lr_wsd_decay_style=args.lr_wsd_decay_style)
+    optimizer, scheduler = build_optimizer(args, model)
 
     # ---- resume --------------------------------------------------------------------------
     state = {"iteration": 0, "consumed_samples": 0, "skipped_iters": 0, "losses": []}

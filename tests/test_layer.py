@@ -99,19 +99,34 @@ def test_schedule_buffer_stays_fp32_under_bf16_cast_and_is_not_checkpointed(sing
     assert not any("prores" in k for k in model.state_dict())
 
 
-def test_gates_are_1d_and_get_no_weight_decay(single_process):
-    from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+def test_gates_get_no_weight_decay_from_the_drivers_optimizer(single_process):
+    """Through the driver's own optimizer (DDP + megatron-core's optimizer and scheduler): with
+    zero gradients an AdamW step at lr 1, weight decay 0.5 shrinks a 2-D weight by (1 - 0.5) but
+    leaves the gates."""
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    model = build("deepnorm", gpas=True)
-    groups = _get_param_groups([model], OptimizerConfig(lr=1e-3, weight_decay=0.1), None)
-    gates = {id(l.gpas_gate) for l in prores_layers(model)}
-    found = 0
-    for g in groups:
-        for p in g["params"]:
-            if id(p) in gates:
-                found += 1
-                assert g["wd_mult"] == 0.0
-    assert found == L
+    from megatron_prores.arguments import parse_args
+    from megatron_prores.train import build_optimizer
+
+    model = build("deepnorm", gpas=True, dtype=torch.float32)
+    with torch.no_grad():
+        for layer in prores_layers(model):
+            layer.gpas_gate.fill_(0.3)
+    ddp = DistributedDataParallel(model.config, DistributedDataParallelConfig(), model)
+    args = parse_args(["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "8",
+                       "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "10", "--mock-data", "--vocab-size", "64",
+                       "--lr", "1.0", "--min-lr", "1.0", "--weight-decay", "0.5"])
+    optimizer, _ = build_optimizer(args, [ddp])
+    fc2 = model.decoder.layers[0].mlp.linear_fc2.weight
+    before = fc2.detach().clone()
+    ddp.zero_grad_buffer()
+    optimizer.zero_grad()
+    optimizer.step()
+    gates = [l.gpas_gate for l in prores_layers(model)]
+    assert len(gates) == L and all(g.dim() == 1 for g in gates)
+    for g in gates:
+        assert torch.equal(g.detach(), torch.full_like(g, 0.3)), "a GPAS gate was weight-decayed"
+    torch.testing.assert_close(fc2.detach(), before * 0.5, rtol=1e-6, atol=0)
 
 
 def test_init_methods_rescale_the_normal_init_exactly(single_process):
