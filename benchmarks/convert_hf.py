@@ -40,7 +40,7 @@ def make_checkpoint(shape, norm_type, save, dtype):
     from megatron_prores.config import MethodConfig, ModelConfig, config_to_dict
     from megatron_prores.layer import prores_layers
     from megatron_prores.model import build_model
-    from megatron_prores.train import model_args_for_checkpoint
+    from megatron_prores.checkpointing import model_args_for_checkpoint
 
     h, L, a, f = SHAPES[shape]
     parallel.initialize()

@@ -15,7 +15,7 @@ optimizer step) on synthetic tokens, in a process of its own:
                PyTorch (host-side ProRes value, y = x - SiLU(g) * x.detach()), autocast bf16 on
                fp32 weights, torch AdamW as megatron-core uses without TE/apex, grad clip 1.0
 Time: median over --steps timed steps after --warmup steps (times --rounds, run round-robin). Tokens/s = global batch x seq / time;
-TFLOP/s from the dense-GPT FLOP count of the driver (megatron_prores.train.flops_per_token); MFU
+TFLOP/s from the dense-GPT FLOP count of the driver (megatron_prores.metrics.flops_per_token); MFU
 against the matmul peak this script measures on the device (bf16 on GPUs, fp32 on CPU), printed too.
 Peak memory: max allocated CUDA memory (GPU) or max resident set (CPU) of the variant's process.
 --micro-batch-size auto (the GPU default) measures the peak memory of the prores_mid variant at
@@ -98,7 +98,7 @@ def matmul_peak_tflops() -> float:
 def flops_per_token(shape) -> float:
     sys.path.insert(0, os.path.dirname(HERE))
     from megatron_prores.config import ModelConfig
-    from megatron_prores.train import flops_per_token as fpt
+    from megatron_prores.metrics import flops_per_token as fpt
 
     L, h, heads, groups, ffn, seq = shape
     return fpt(ModelConfig(num_layers=L, hidden_size=h, num_attention_heads=heads, num_query_groups=groups,

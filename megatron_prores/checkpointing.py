@@ -135,6 +135,15 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _torch_adam_distributed(optimizer) -> list:
+    """The DistributedOptimizers among ``optimizer``'s parts whose inner optimizer is torch's
+    Adam/AdamW: the fix-ups below are for torch's Adam state only (Transformer Engine's FusedAdam,
+    used where TE is installed, keeps its own state and must not get them)."""
+    return [opt for opt in getattr(optimizer, "chained_optimizers", [optimizer])
+            if type(opt).__name__ == "DistributedOptimizer"
+            and isinstance(getattr(opt, "optimizer", None), (torch.optim.Adam, torch.optim.AdamW))]
+
+
 @torch.no_grad()
 def _prime_distributed_optimizer(optimizer) -> None:
     """Give a fresh DistributedOptimizer its Adam state before loading into it.
@@ -143,9 +152,9 @@ def _prime_distributed_optimizer(optimizer) -> None:
     existing state (and asserts on a fresh optimizer). One step at lr 0 with zero gradients creates
     the state and leaves every parameter bit-identical; loading then overwrites the state.
     """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if type(opt).__name__ != "DistributedOptimizer" or inner is None or inner.state:
+    for opt in _torch_adam_distributed(optimizer):
+        inner = opt.optimizer
+        if inner.state:
             continue
         lrs = [g["lr"] for g in inner.param_groups]
         for g in inner.param_groups:
@@ -166,11 +175,8 @@ def _restore_adam_step(optimizer, steps: int) -> None:
     Adam's per-parameter 'step' (it stays what the fresh optimizer had). It is derivable: the number
     of optimizer steps taken, i.e. iterations minus skipped (non-finite) iterations.
     """
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        inner = getattr(opt, "optimizer", None)
-        if type(opt).__name__ != "DistributedOptimizer" or inner is None:
-            continue
-        for state in inner.state.values():
+    for opt in _torch_adam_distributed(optimizer):
+        for state in opt.optimizer.state.values():
             if "step" in state:
                 state["step"] = torch.tensor(float(steps), dtype=torch.float32)
 
@@ -327,6 +333,16 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler, trai
 def _all_min(flag: torch.Tensor) -> bool:
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
+
+
+def model_args_for_checkpoint(cfg) -> dict:
+    """The architecture recorded in a checkpoint: a --load of another one is refused."""
+    m = cfg.method
+    return dict(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
+                num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.query_groups,
+                ffn_hidden_size=cfg.ffn_size, vocab_size=cfg.vocab_size, normalization=cfg.normalization,
+                norm_type=m.norm_type, gpas=m.gpas, gpas_gate=m.gpas_gate,
+                mix_post_layers=m.post_layers(cfg.num_layers) if m.norm_type == "mix" else None)
 
 
 def check_model_args(saved: dict, current: dict, where: str) -> None:

@@ -66,7 +66,7 @@ def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,
     torch.distributed with world size 1 (parallel.initialize())."""
     from megatron_prores.checkpointing import save_checkpoint
     from megatron_prores.model import build_model
-    from megatron_prores.train import model_args_for_checkpoint
+    from megatron_prores.checkpointing import model_args_for_checkpoint
 
     c = _llama_config(input_dir)
     method = method or MethodConfig()

@@ -106,7 +106,7 @@ def test_gates_get_no_weight_decay_from_the_drivers_optimizer(single_process):
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
     from megatron_prores.arguments import parse_args
-    from megatron_prores.train import build_optimizer
+    from megatron_prores.trainer import build_optimizer
 
     model = build("deepnorm", gpas=True, dtype=torch.float32)
     with torch.no_grad():

@@ -188,20 +188,6 @@ def one_line_error(code, out, message):
     assert "Traceback" not in out
 
 
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory):
-    d = tmp_path_factory.mktemp("ds")
-    tools = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tools")
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    for cmd in (["build_corpus.py", "--output", d / "c.jsonl", "--max-bytes", "200000"],
-                ["train_tokenizer.py", "--input", d / "c.jsonl", "--model-prefix", d / "tok", "--vocab-size", "600"],
-                ["preprocess_data.py", "--input", d / "c.jsonl", "--tokenizer-model", d / "tok.model",
-                 "--output-prefix", d / "c", "--workers", "1"]):
-        subprocess.run([sys.executable, os.path.join(tools, cmd[0]), *map(str, cmd[1:])], check=True,
-                       capture_output=True, env=env, timeout=600)
-    return d
-
-
 def test_bad_data_and_tokenizer_inputs(dataset, tmp_path):
     data = ["--tokenizer-model", dataset / "tok.model"]
     one_line_error(*run(SMALL + data + ["--data-path", tmp_path / "nope"], 1), "nope.bin does not exist")
@@ -297,7 +283,7 @@ def test_gate_gradient_clip_with_the_distributed_optimizer(tmp_path):
 
 
 def test_gate_gradient_clip(single_process):
-    from megatron_prores.train import _gate_grad_norm
+    from megatron_prores.trainer import gate_grad_norm as _gate_grad_norm
 
     gates = [torch.nn.Parameter(torch.zeros(1)) for _ in range(3)]
     for g, v in zip(gates, (0.03, -0.04, 0.12)):

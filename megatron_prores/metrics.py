@@ -1,0 +1,220 @@
+"""What the driver measures and reports: the Megatron-style log line and TensorBoard scalars,
+throughput and MFU, the residual-stream RMS per block, and OLMo's loss-spike score."""
+
+from __future__ import annotations
+
+import math
+from collections import deque
+from typing import Optional
+
+import numpy
+import torch
+import torch.distributed as dist
+
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+
+
+def flops_per_token(cfg) -> float:
+    """Training FLOPs per token (forward + backward = 3x forward) of the dense GPT."""
+    L, h, s = cfg.num_layers, cfg.hidden_size, cfg.seq_length
+    kv = cfg.query_groups * (h // cfg.num_attention_heads)
+    per_layer = 2 * h * (h + 2 * kv) + 2 * h * h + 2 * 3 * h * cfg.ffn_size + 2 * 2 * s * h
+    return 3 * (L * per_layer + 2 * h * cfg.vocab_size)
+
+
+def peak_memory_gib() -> float:
+    """Peak memory of this process so far: allocated CUDA memory on a GPU, resident set on CPU."""
+    if torch.cuda.is_available():
+        return torch.cuda.max_memory_allocated() / 2 ** 30
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20  # KiB on Linux
+
+
+def peak_tflops() -> Optional[float]:
+    """Dense bf16 peak of this GPU, for MFU (None on CPU or an unknown device)."""
+    if not torch.cuda.is_available():
+        return None
+    name = torch.cuda.get_device_name()
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+class SpikeScore:
+    """OLMo's loss-spike score, kept online: the share of steps in [10%, 90%) of a ``total``-step
+    run whose loss is >= ``sigmas`` standard deviations above the mean of the previous ``window``
+    losses. State is bounded: the last ``window`` losses and two counters (checkpointed)."""
+
+    def __init__(self, total: int, window: int = 1000, sigmas: float = 7.0):
+        self.lo, self.hi = max(int(0.1 * total), 2), int(0.9 * total)
+        self.sigmas = sigmas
+        self.recent: deque = deque(maxlen=window)
+        self.spikes = self.counted = 0
+        self.step = 0  # index of the next loss
+
+    def update(self, loss: float) -> None:
+        """The loss of the next step (a skipped, non-finite step counts as a step, not a loss)."""
+        if not math.isfinite(loss):
+            self.step += 1
+            return
+        if self.lo <= self.step < self.hi and self.recent:
+            prev = numpy.fromiter(self.recent, dtype=numpy.float64)
+            mean, std = prev.mean(), prev.std()
+            self.counted += 1
+            self.spikes += bool(std > 0 and loss - mean >= self.sigmas * std)
+        self.recent.append(loss)
+        self.step += 1
+
+    def score(self) -> float:
+        return self.spikes / self.counted if self.counted else 0.0
+
+    def state_dict(self) -> dict:
+        return {"losses": list(self.recent), "spike_counts": [self.spikes, self.counted, self.step]}
+
+    def load_state_dict(self, state: dict) -> None:
+        losses = list(state.get("losses", []))
+        if "spike_counts" in state:
+            self.spikes, self.counted, self.step = state["spike_counts"]
+            self.recent.clear()
+            self.recent.extend(losses)
+        else:  # a checkpoint of an earlier version: the whole history, replayed
+            self.spikes = self.counted = self.step = 0
+            self.recent.clear()
+            for loss in losses:
+                self.update(loss)
+
+
+class StreamRMS:
+    """RMS of the residual stream after each block, measured on logging iterations only (forward
+    hooks added for that step; values stay on the device until the log line)."""
+
+    def __init__(self, model):
+        from megatron_prores.layer import prores_layers
+
+        self.layers = list(prores_layers(model))
+        self.handles, self.sums = [], {}
+
+    def start(self):
+        def hook(layer):
+            def fn(module, args, output):
+                out = output[0] if isinstance(output, tuple) else output
+                ms = out.detach().float().pow(2).mean()
+                s, n = self.sums.get(layer.layer_number, (0.0, 0))
+                self.sums[layer.layer_number] = (s + ms, n + 1)
+            return fn
+
+        self.sums = {}
+        self.handles = [l.register_forward_hook(hook(l)) for l in self.layers]
+
+    def stop(self) -> dict:
+        """{global block: RMS}, averaged over microbatches and tensor-parallel ranks (SP shards)."""
+        from megatron.core import parallel_state as ps
+
+        if not self.handles:
+            return {}
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+        if not self.sums:
+            return {}
+        blocks = sorted(self.sums)
+        ms = torch.stack([torch.as_tensor(self.sums[b][0]) / self.sums[b][1] for b in blocks]).float()
+        dist.all_reduce(ms, group=ps.get_tensor_model_parallel_group())
+        ms /= ps.get_tensor_model_parallel_world_size()
+        return {b: v for b, v in zip(blocks, ms.sqrt().tolist())}
+
+
+class MetricsLogger:
+    """The training log line every --log-interval steps and the TensorBoard scalars.
+
+    Owns the averaging window: time over every step, loss over the steps that were not skipped
+    (a non-finite step has no loss to average). One TensorBoard writer per pipeline stage (its TP
+    rank 0 of data-parallel replica 0): per-block series come from the stage holding the block,
+    run-level scalars from the last stage.
+    """
+
+    def __init__(self, args, cfg, world: int, prints: bool, tb_dir: Optional[str], run_scalars: bool,
+                 stage: int):
+        self.args, self.world, self.prints = args, world, prints
+        self.tokens_per_iter = args.global_batch_size * args.seq_length
+        self.fpt = flops_per_token(cfg)
+        self.peak = peak_tflops()
+        self.tb = None
+        if tb_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(tb_dir, filename_suffix=f".stage{stage}")
+        self.writer = self.tb if run_scalars else None  # run-level scalars: last stage only
+        self._reset()
+
+    def _reset(self):
+        self.loss_sum, self.loss_n, self.time_sum, self.steps = 0.0, 0, 0.0, 0
+
+    def add(self, loss: float, finite: bool, seconds: float) -> None:
+        if finite:
+            self.loss_sum += loss
+            self.loss_n += 1
+        self.time_sum += seconds
+        self.steps += 1
+
+    def log(self, iteration: int, state, lr: float, grad_norm: float, gate_norm, model, rms: dict) -> None:
+        a = self.args
+        avg_t = self.time_sum / max(self.steps, 1)
+        tps = self.tokens_per_iter / avg_t
+        tflops = self.fpt * tps / self.world / 1e12
+        loss = self.loss_sum / self.loss_n if self.loss_n else float("nan")
+        if self.prints:
+            line = (f" iteration {iteration:8d}/{a.train_iters:8d} | consumed samples: "
+                    f"{state.consumed_samples:12d} | elapsed time per iteration (ms): {1000 * avg_t:.1f} | "
+                    f"learning rate: {lr:.6E} | global batch size: {a.global_batch_size:5d} | "
+                    f"lm loss: {loss:.6E} | grad norm: {grad_norm:.3f} | "
+                    f"skipped iterations: {state.skipped_iters:3d} | tokens/s: {tps:.0f} | "
+                    f"TFLOP/s per device: {tflops:.3f}"
+                    + (f" | MFU: {100 * tflops / self.peak:.1f}%" if self.peak else "")
+                    + (f" | gate grad norm: {gate_norm.item():.6E}" if gate_norm is not None else "")
+                    + f" | peak memory (GiB): {peak_memory_gib():.2f}")
+            print(line, flush=True)
+        w = self.writer
+        if w:
+            w.add_scalar("lm-loss-training/lm loss", loss, iteration)
+            w.add_scalar("learning-rate", lr, iteration)
+            w.add_scalar("grad-norm", grad_norm, iteration)
+            w.add_scalar("throughput/tokens per second", tps, iteration)
+            if gate_norm is not None:
+                w.add_scalar("gpas/gate grad norm", gate_norm.item(), iteration)
+            if self.peak:
+                w.add_scalar("throughput/MFU", tflops / self.peak, iteration)
+        if self.tb:
+            self._log_blocks(model, iteration)
+            for block, value in rms.items():
+                self.tb.add_scalar(f"stream-rms/block {block:03d}", value, iteration)
+        self._reset()
+
+    def _log_blocks(self, model, iteration: int) -> None:
+        from megatron_prores.gpas import gpas_scale
+        from megatron_prores.layer import prores_layers
+
+        for layer in prores_layers(model):
+            l = layer.layer_number
+            if layer.prores_scale is not None:
+                self.tb.add_scalar(f"prores/block {l:03d}", layer.prores_scale.item(), iteration)
+            if layer.gpas_gate is not None:
+                sub = layer.gpas_gate.numel() == 2
+                for j, v in enumerate(gpas_scale(layer.gpas_gate.detach()).tolist()):
+                    self.tb.add_scalar(f"gpas-scale/block {l:03d}" + (f" sub{j}" if sub else ""), v, iteration)
+
+    def validation(self, iteration: int, loss: float) -> None:
+        ppl = math.exp(min(loss, 50))
+        if dist.get_rank() == 0:
+            print(f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | "
+                  f"lm loss PPL: {ppl:.6E}", flush=True)
+        if self.writer:
+            self.writer.add_scalar("lm-loss-validation/lm loss", loss, iteration)
+            self.writer.add_scalar("lm-loss-validation/lm loss ppl", ppl, iteration)
+
+    def finish(self, iteration: int, spike_score: float) -> None:
+        if dist.get_rank() == 0:
+            print(f"loss-spike score: {spike_score:.4f}", flush=True)
+        if self.writer:
+            self.writer.add_scalar("loss-spike-score", spike_score, iteration)
+        if self.tb:
+            self.tb.close()

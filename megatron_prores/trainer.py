@@ -1,0 +1,411 @@
+"""The Trainer: built from the parsed flags, it owns the model chunks, optimizer, data and the
+parts (metrics, evaluation, checkpointing, exit policy); ``train_step`` is the one training step
+that the driver, the tests and the benchmarks all run.
+
+A step (``train_step``): set the ProRes step, forward/backward over the microbatches (megatron's
+pipeline schedule), one non-finite check for the loss and every gradient, the optimizer step.
+The loop (``train``): step, log, evaluate, save on interval / signal / time limit, finish.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron_prores.config import ConfigError
+from megatron_prores.metrics import MetricsLogger, SpikeScore, StreamRMS
+
+
+@dataclass
+class TrainState:
+    """Progress that a checkpoint carries: iteration, samples consumed, skipped steps, the loss
+    history the spike score needs (bounded)."""
+
+    iteration: int = 0
+    consumed_samples: int = 0
+    skipped_iters: int = 0
+    spike: SpikeScore = field(default_factory=lambda: SpikeScore(0))
+
+    def state_dict(self) -> dict:
+        return dict(consumed_samples=self.consumed_samples, skipped_iters=self.skipped_iters,
+                    **self.spike.state_dict())
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration = int(state["iteration"])
+        self.consumed_samples = int(state["consumed_samples"])
+        self.skipped_iters = int(state.get("skipped_iters", 0))
+        self.spike.load_state_dict(state)
+
+
+@dataclass
+class StepResult:
+    loss: float  # mean lm loss of the step's global batch (NaN/inf when skipped)
+    finite: bool  # False: non-finite loss or gradient, the optimizer step was skipped
+    grad_norm: float
+    gate_norm: Optional[torch.Tensor]  # GPAS gate gradient norm (device tensor), when measured
+    rms: dict  # residual-stream RMS per block, when measured
+    seconds: float
+
+
+class Checkpointer:
+    """Saves (sync or async) and publishes background checkpoints; reports each one."""
+
+    def __init__(self, args, arch: dict, export_config: dict):
+        from megatron_prores.checkpointing import CheckpointSaver
+
+        self.args, self.arch, self.export_config = args, arch, export_config
+        self.saver = CheckpointSaver(args.save, args.keep_last_n, args.async_save) if args.save else None
+
+    def _saved(self, iteration: int, t0: float) -> None:
+        if dist.get_rank() == 0:
+            how = "in the background" if self.args.async_save else f"in {time.time() - t0:.2f}s"
+            print(f"saved checkpoint at iteration {iteration} to {self.args.save} {how}", flush=True)
+
+    def save(self, trainer: "Trainer") -> None:
+        t0, it = time.time(), trainer.state.iteration
+        if self.saver.save(it, trainer.model, trainer.optimizer, trainer.scheduler, trainer.state.state_dict(),
+                           self.arch, self.export_config):
+            self._saved(it, t0)
+        elif dist.get_rank() == 0:
+            print(f"writing checkpoint {it} in the background (training paused {time.time() - t0:.2f}s)",
+                  flush=True)
+
+    def poll(self, blocking: bool = False) -> None:
+        """Publish a finished background checkpoint (collective)."""
+        if self.saver is not None and self.saver.in_flight is not None:
+            done = self.saver.poll(blocking)
+            if done is not None:
+                self._saved(done, 0.0)
+
+
+class Trainer:
+    def __init__(self, args, exit_policy=None):
+        from megatron_prores.exits import ExitPolicy
+
+        self.args = args
+        self.exit = exit_policy or ExitPolicy(args)  # first: a signal during set-up is kept
+        self._configure()
+        self._build_model()
+        self.state = TrainState(spike=SpikeScore(args.train_iters))
+        self._resume()
+        self._build_data()
+        self._build_parts()
+
+    # ---- set-up ---------------------------------------------------------------------------
+    def _configure(self) -> None:
+        """Checks that need no process group or model: tokenizer, model config, layout, --save."""
+        from megatron_prores.arguments import check_layout, model_config
+        from megatron_prores.tokenizer import build_tokenizer
+
+        a = self.args
+        self.tokenizer_type = "NullTokenizer" if a.mock_data and not a.tokenizer_model else a.tokenizer_type
+        self.tokenizer = build_tokenizer(self.tokenizer_type, a.tokenizer_model, a.vocab_size)
+        vocab = a.vocab_size or self.tokenizer.vocab_size
+        if self.tokenizer.vocab_size > vocab:
+            raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but --vocab-size is {vocab}; "
+                              f"raise --vocab-size or drop it to use the tokenizer's")
+        self.cfg = model_config(a, vocab)
+        self.cfg.validate()
+        self.world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
+        self.dp_size, self.num_micro = check_layout(a, self.cfg, self.world)
+        if a.save:
+            try:
+                os.makedirs(a.save, exist_ok=True)
+                probe = os.path.join(a.save, f".write_test_{os.getpid()}")
+                open(probe, "w").close()
+                os.remove(probe)
+            except OSError as e:
+                raise ConfigError(f"--save {a.save!r} is not writable ({e.strerror}); pick another directory") from None
+
+    def _build_model(self) -> None:
+        """Process groups, model chunks (one per virtual pipeline stage) in DDP, optimizer."""
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed.finalize_model_grads import finalize_model_grads
+
+        from megatron_prores import parallel
+        from megatron_prores.model import build_model
+
+        a, cfg = self.args, self.cfg
+        parallel.initialize(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
+                            cfg.virtual_pipeline_size, cfg.context_parallel_size, seed=a.seed)
+        self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        chunks = [c.to(self.device) for c in build_model(cfg)]
+        if a.bf16:
+            from megatron.core.transformer.module import Float16Module
+
+            chunks = [Float16Module(c.config, c) for c in chunks]
+        tcfg = chunks[0].config
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=a.bf16, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=a.use_distributed_optimizer)
+        self.model = [DistributedDataParallel(tcfg, ddp_config, c, disable_bucketing=i > 0)
+                      for i, c in enumerate(chunks)]
+        tcfg.finalize_model_grads_func = finalize_model_grads
+        self.optimizer, self.scheduler = build_optimizer(a, self.model)
+        from megatron_prores.layer import prores_layers
+
+        self.gates = [l.gpas_gate for l in prores_layers(self.model)] if cfg.method.gpas else []
+
+    def _resume(self) -> None:
+        from megatron_prores import checkpointing
+        from megatron_prores.config import config_to_dict
+
+        a = self.args
+        self.arch = checkpointing.model_args_for_checkpoint(self.cfg)
+        self.export_config = dict(config_to_dict(self.cfg), tokenizer_type=self.tokenizer_type,  # HF export
+                                  tokenizer_model=os.path.abspath(a.tokenizer_model) if a.tokenizer_model else None)
+        if not a.load:
+            return
+        loaded = checkpointing.load_checkpoint(a.load, self.model, self.optimizer, self.scheduler, self.arch)
+        if loaded is not None:
+            self.state.load_state_dict(loaded)
+            if dist.get_rank() == 0:
+                print(f"resumed from {a.load} at iteration {self.state.iteration}", flush=True)
+        elif dist.get_rank() == 0:
+            print(f"no checkpoint under {a.load}: starting from scratch", flush=True)
+
+    def _build_data(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        from megatron_prores import data
+
+        a = self.args
+        self.dp_rank = ps.get_data_parallel_rank()
+        eval_runs = (a.train_iters // a.eval_interval + 1) if a.eval_interval else 1
+        sizes = [a.train_iters * a.global_batch_size,
+                 eval_runs * a.eval_iters * a.global_batch_size if a.eval_iters else 0, 0]
+        self.train_ds, self.valid_ds, _ = data.build_datasets(a, self.tokenizer, sizes)
+        self.train_iter = self.chunk_iterators(self.train_ds, self.state.consumed_samples)
+
+    def chunk_iterators(self, dataset, consumed: int):
+        """One iterator per model chunk (virtual pipeline stage), each over the same samples:
+        megatron's interleaved schedule draws once per chunk for every microbatch, so a shared
+        iterator would give each chunk (first stage's tokens, last stage's labels) other samples."""
+        from megatron_prores import data
+
+        iters = [data.batches(dataset, consumed, self.args.micro_batch_size, self.dp_rank, self.dp_size)
+                 for _ in self.model]
+        return iters if len(iters) > 1 else iters[0]
+
+    def _build_parts(self) -> None:
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        a = self.args
+        self.fwd_bwd = get_forward_backward_func()
+        first_of_stage = ps.get_tensor_model_parallel_rank() == 0 and self.dp_rank == 0
+        is_last = ps.is_pipeline_last_stage(ignore_virtual=True)
+        self.metrics = MetricsLogger(a, self.cfg, self.world, prints=is_last and first_of_stage,
+                                     tb_dir=a.tensorboard_dir if first_of_stage else None, run_scalars=is_last,
+                                     stage=ps.get_pipeline_model_parallel_rank())
+        self.stream_rms = StreamRMS(self.model)
+        self.checkpointer = Checkpointer(a, self.arch, self.export_config)
+
+    # ---- the step -------------------------------------------------------------------------
+    def forward_step(self, data_iterator, chunk):
+        batch = next(data_iterator)
+        dev = self.device
+        out = chunk(batch["tokens"].to(dev), batch["position_ids"].to(dev), None, labels=batch["labels"].to(dev))
+        loss_mask = batch["loss_mask"].to(dev).float()
+
+        def loss_func(per_token):
+            total = (per_token.float() * loss_mask).sum()
+            count = loss_mask.sum().clamp_min(1)
+            return total / count, {"lm loss": (total / count).detach()}
+
+        return out, loss_func
+
+    def forward_backward(self, iterator, forward_only: bool) -> float:
+        """Mean lm loss over the global batch of one step (every rank gets it)."""
+        from megatron.core import parallel_state as ps
+
+        a = self.args
+        losses = self.fwd_bwd(forward_step_func=self.forward_step, data_iterator=iterator, model=self.model,
+                              num_microbatches=self.num_micro, seq_length=a.seq_length,
+                              micro_batch_size=a.micro_batch_size, decoder_seq_length=a.seq_length,
+                              forward_only=forward_only)
+        # one host sync for all microbatch losses, after the step's forward/backward
+        loss = (torch.stack([x["lm loss"].float() for x in losses]).sum().cpu().view(1) / self.num_micro
+                if losses else torch.zeros(1))
+        dist.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())  # only the last stage has it
+        dist.all_reduce(loss, group=ps.get_data_parallel_group())
+        return loss.item() / self.dp_size
+
+    def train_step(self, step: int, measure: bool = False) -> StepResult:
+        """Training step ``step`` (0-based: the weights after ``step`` steps are updated); with
+        ``measure``, also the GPAS gate gradient norm and (with TensorBoard) the stream RMS."""
+        from megatron_prores.layer import set_prores_step
+
+        a, t0 = self.args, time.time()
+        set_prores_step(self.model, step)  # once per step, before forward/backward
+        if measure and a.tensorboard_dir:  # same decision on every rank (collective in stop())
+            self.stream_rms.start()
+        for m in self.model:
+            m.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss = self.forward_backward(self.train_iter, forward_only=False)
+        rms = self.stream_rms.stop()
+        # one flag for the loss and every gradient buffer: a single host sync per step
+        flags = [torch.isfinite(b.grad_data).all() for m in self.model for b in m.buffers]
+        finite = torch.tensor([float(math.isfinite(loss) and bool(torch.stack(flags).all()))])
+        dist.all_reduce(finite, op=dist.ReduceOp.MIN)
+        finite = bool(finite.item())
+        gate_norm, grad_norm = None, float("nan")
+        if finite:
+            if self.gates and (a.clip_gate_grad > 0 or measure):
+                gate_norm = gate_grad_norm(self.gates, a.clip_gate_grad, self.optimizer)
+            _, grad_norm, _ = self.optimizer.step()
+            self.scheduler.step(increment=a.global_batch_size)
+        else:
+            self.state.skipped_iters += 1
+        self.state.iteration = step + 1
+        self.state.consumed_samples += a.global_batch_size
+        self.state.spike.update(loss)
+        return StepResult(loss, finite, grad_norm, gate_norm, rms, time.time() - t0)
+
+    def evaluate(self) -> Optional[float]:
+        """Validation loss of the current weights (ProRes values of the current iteration)."""
+        from megatron_prores.layer import set_prores_step
+
+        a, it = self.args, self.state.iteration
+        if not a.eval_iters:
+            return None
+        set_prores_step(self.model, it)  # the values of the weights after `it` steps
+        for m in self.model:
+            m.eval()
+        iterator = self.chunk_iterators(self.valid_ds, 0)
+        with torch.no_grad():
+            loss = sum(self.forward_backward(iterator, True) for _ in range(a.eval_iters)) / a.eval_iters
+        for m in self.model:
+            m.train()
+        self.metrics.validation(it, loss)
+        return loss
+
+    # ---- the loop -------------------------------------------------------------------------
+    def train(self) -> int:
+        """Train to --train-iters (or an exit request); returns the process exit code."""
+        a, s = self.args, self.state
+        if dist.get_rank() == 0:
+            print(f"training {self.cfg.num_layers} layers, hidden {self.cfg.hidden_size}, {self.num_micro} "
+                  f"microbatches x {a.micro_batch_size} x DP {self.dp_size}, norm {self.cfg.method.norm_type}, "
+                  f"ProRes {self.cfg.method.prores_schedule}, GPAS {'on' if self.cfg.method.gpas else 'off'}, "
+                  f"on {self.world} {'GPU' if self.device.type == 'cuda' else 'CPU'} process(es)", flush=True)
+        nonfinite_in_a_row = 0
+        while s.iteration < a.train_iters:
+            logging = (s.iteration + 1) % a.log_interval == 0 or s.iteration + 1 == a.train_iters
+            r = self.train_step(s.iteration, measure=logging)
+            nonfinite_in_a_row = 0 if r.finite else nonfinite_in_a_row + 1
+            if not r.finite and self._nonfinite_stop(nonfinite_in_a_row):
+                return 3
+            self.metrics.add(r.loss, r.finite, r.seconds)
+            if logging:
+                self.metrics.log(s.iteration, s, self.scheduler.get_lr(self.optimizer.param_groups[0]),
+                                 r.grad_norm, r.gate_norm, self.model, r.rms)
+            self.checkpointer.poll()
+            if a.eval_interval and s.iteration % a.eval_interval == 0:
+                self.evaluate()
+            stop = self.exit.should_exit(s.iteration)
+            if a.save and (stop or (a.save_interval and s.iteration % a.save_interval == 0)):
+                self.checkpointer.save(self)
+            if stop:
+                self.checkpointer.poll(blocking=True)
+                if dist.get_rank() == 0:
+                    print(f"exiting at iteration {s.iteration} (signal, time limit or --exit-interval)"
+                          + ("; checkpoint saved" if a.save else ""), flush=True)
+                return 0
+        self._finish()
+        return 0
+
+    def _nonfinite_stop(self, in_a_row: int) -> bool:
+        a = self.args
+        if dist.get_rank() == 0:
+            print(f"iteration {self.state.iteration}: non-finite loss or gradient, step skipped "
+                  f"({in_a_row} in a row)", flush=True)
+        if in_a_row < a.max_nonfinite_iters:
+            return False
+        if dist.get_rank() == 0:
+            print(f"error: {in_a_row} consecutive non-finite steps (--max-nonfinite-iters "
+                  f"{a.max_nonfinite_iters}); stopping without saving: the last good checkpoint stays the "
+                  f"latest", file=sys.stderr, flush=True)
+        self.checkpointer.poll(blocking=True)
+        return True
+
+    def _finish(self) -> None:
+        a, it = self.args, self.state.iteration
+        if not (a.eval_interval and it % a.eval_interval == 0):
+            self.evaluate()
+        if a.save and not (a.save_interval and it % a.save_interval == 0):
+            self.checkpointer.save(self)
+        self.checkpointer.poll(blocking=True)
+        self.metrics.finish(it, self.state.spike.score())
+
+
+def build_optimizer(args, model):
+    """AdamW (megatron-core's plain or distributed optimizer) and its LR/WD scheduler.
+
+    Weight decay skips 1-D parameters (norm gains, GPAS gates) through megatron-core's ``wd_mult``
+    0, which only the scheduler turns into a group weight decay of 0: the two are built together.
+    """
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    optimizer = get_megatron_optimizer(
+        OptimizerConfig(optimizer="adam", lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay,
+                        adam_beta1=args.adam_beta1, adam_beta2=args.adam_beta2, adam_eps=args.adam_eps,
+                        clip_grad=args.clip_grad, bf16=args.bf16,
+                        params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
+                        use_distributed_optimizer=args.use_distributed_optimizer),
+        model, use_gloo_process_groups=torch.cuda.is_available())
+    gbs = args.global_batch_size  # megatron's scheduler counts samples
+    scheduler = OptimizerParamScheduler(
+        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
+        lr_warmup_steps=args.lr_warmup_iters * gbs,
+        lr_decay_steps=(args.lr_decay_iters or args.train_iters) * gbs,
+        lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
+        wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant",
+        wsd_decay_steps=args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters else None,
+        lr_wsd_decay_style=args.lr_wsd_decay_style)
+    return optimizer, scheduler
+
+
+def gate_grad_norm(gates, clip: float, optimizer=None) -> torch.Tensor:
+    """L2 norm of all GPAS gate gradients (over every pipeline stage), clipped to ``clip`` > 0 on
+    the device (no host sync; read the returned tensor only when logging).
+
+    With the plain optimizer every data-parallel rank holds the all-reduced gradient. With the
+    distributed optimizer the gradient buffer has been reduce-scattered: a rank holds the reduced
+    values only inside its own shard (the rest of the buffer keeps its local, unreduced gradients),
+    so each rank sums the squares of the gate elements it owns and the sum is all-reduced over the
+    data-parallel group. Scaling the whole gate gradient then scales every owned element.
+    """
+    from megatron.core import parallel_state as ps
+
+    owned, dp_groups = [], []
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if type(opt).__name__ == "DistributedOptimizer":
+            if opt.data_parallel_group not in dp_groups:  # same order on every rank
+                dp_groups.append(opt.data_parallel_group)
+            for g in gates:
+                if g in opt.model_param_gbuf_map:  # this rank owns part of this gate
+                    r = opt._get_model_param_range_map(g)["param"]
+                    owned.append(g.main_grad.view(-1)[r.start:r.end])
+    if not dp_groups:
+        owned = [g.main_grad for g in gates]
+    sq = torch.zeros(1, dtype=torch.float32, device=gates[0].main_grad.device)
+    for o in owned:
+        sq += o.float().pow(2).sum()
+    for group in dp_groups:
+        dist.all_reduce(sq, group=group)
+    dist.all_reduce(sq, group=ps.get_pipeline_model_parallel_group())
+    norm = sq.sqrt()
+    if clip > 0:
+        scale = (clip / (norm + 1e-6)).clamp(max=1.0)
+        for g in gates:
+            g.main_grad.mul_(scale.to(g.main_grad.dtype))
+    return norm
