@@ -6,7 +6,7 @@
 
 Variants, each a full training step (forward/backward over the microbatches of a global batch,
 optimizer step) on synthetic tokens, in a process of its own:
-  megatron     the driver (megatron_prores.train --mock-data) with every method off: its layers
+  megatron     the driver's Trainer.train_step (--mock-data) with every method off: its layers
                are megatron-core's own (same spec, same core attention, megatron's residual add)
   prores_mid   the driver with ProRes (linear, mid-warmup: every block's multiply active) + GPAS
   prores_done  the driver with ProRes after its warmup (multiply skipped) + GPAS
@@ -124,9 +124,6 @@ def driver_flags(variant, shape, mb, acc, iters, extra):
     return [str(f) for f in flags] + shlex.split(extra)
 
 
-LINE = re.compile(r"iteration\s+(\d+)/.*elapsed time per iteration \(ms\): ([\d.]+).*peak memory \(GiB\): ([\d.]+)")
-
-
 class Runner:
     """Runs the variants' processes: one environment, one log of every child's output, a time
     budget for the whole benchmark (so that a run under a wall-clock limit ends with results)."""
@@ -170,17 +167,42 @@ def failure(proc) -> dict:
     return {"error": (ours or raised or lines or ["(no output)"])[-1][-300:], "oom": False}
 
 
-def run_driver(runner, variant, shape, mb, acc, steps, warmup, extra):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=1", f"--master-port={free_port()}",
-           "-m", "megatron_prores.train"] + driver_flags(variant, shape, mb, acc, warmup + steps, extra)
+def driver_worker(flags, warmup, out_path):
+    """Runs in its own process: the driver's Trainer, timing its ``train_step`` (the step the
+    driver runs), synchronized so that each time covers the whole step's device work."""
+    from megatron_prores.arguments import parse_args
+    from megatron_prores.metrics import peak_memory_gib
+    from megatron_prores.trainer import Trainer
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    trainer = Trainer(parse_args(flags))
+    times = []
+    for step in range(trainer.args.train_iters):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        trainer.train_step(step)
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(1000 * (time.perf_counter() - t0))
+    with open(out_path, "w") as f:
+        json.dump({"times_ms": times[warmup:], "peak_gib": peak_memory_gib()}, f)
+
+
+def run_driver(runner, variant, shape, mb, acc, steps, warmup, extra, tmp):
+    out = os.path.join(tmp, f"driver-{os.getpid()}-{time.time_ns()}.json")
+    flags = driver_flags(variant, shape, mb, acc, warmup + steps, extra)
+    cmd = [sys.executable, os.path.abspath(__file__), "--driver-worker", json.dumps([flags, warmup, out])]
     proc, err = runner.run(cmd, f"{variant} mb={mb} acc={acc}")
     if err:
         return {"error": err, "oom": False}
-    rows = [(int(i), float(ms), float(mem)) for i, ms, mem in LINE.findall(proc.stdout)]
-    if proc.returncode != 0 or len(rows) < warmup + steps:
+    if proc.returncode != 0 or not os.path.exists(out):
         return failure(proc)
-    timed = [ms for i, ms, _ in rows if i > warmup]
-    return {"times_ms": timed, "peak_gib": max(m for _, _, m in rows)}
+    with open(out) as f:
+        res = json.load(f)
+    os.remove(out)
+    return res
 
 
 # ---- the Hugging Face reference ------------------------------------------------------------------
@@ -269,7 +291,7 @@ def run_hf(runner, shape, mb, acc, steps, warmup, tmp):
 def run_variant(runner, variant, shape, mb, acc, args):
     if variant == "hf":
         return run_hf(runner, shape, mb, acc, args.steps, args.warmup, args.out)
-    return run_driver(runner, variant, shape, mb, acc, args.steps, args.warmup, args.extra)
+    return run_driver(runner, variant, shape, mb, acc, args.steps, args.warmup, args.extra, args.out)
 
 
 def largest_micro_batch(runner, shape, args) -> int:
@@ -361,7 +383,12 @@ def main(argv=None):
                         "wall-clock limit); results are also written after every variant")
     p.add_argument("--out", default=os.path.join(HERE, "results"))
     p.add_argument("--hf-worker", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--driver-worker", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
+    if args.driver_worker:
+        flags, warmup, out = json.loads(args.driver_worker)
+        driver_worker(flags, warmup, out)
+        return 0
     if args.hf_worker:
         shape, mb, acc, steps, warmup, out = json.loads(args.hf_worker)
         hf_worker(tuple(shape), mb, acc, steps, warmup, out)

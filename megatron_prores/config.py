@@ -267,16 +267,13 @@ class ModelConfig:
                 f"--seq-length {self.seq_length} is not divisible by --tensor-model-parallel-size "
                 f"{tp}, which --sequence-parallel needs"
             )
-        cp = self.context_parallel_size
-        if cp > 1 and self.seq_length % (2 * cp):
+        if self.context_parallel_size > 1:
+            # The driver does not yet split each sequence over the context-parallel ranks (nor
+            # reduce the loss over them): every rank would train on the whole sequence.
             raise ConfigError(
-                f"--seq-length {self.seq_length} is not divisible by 2 x --context-parallel-size "
-                f"{cp}, which context parallelism needs"
-            )
-        if cp > 1 and self.transformer_impl != "transformer_engine":
-            raise ConfigError(
-                "--context-parallel-size > 1 needs --transformer-impl transformer_engine "
-                "(megatron-core's local attention has no context parallelism)"
+                "--context-parallel-size > 1 is not supported yet (sequences are not split over "
+                "context-parallel ranks); use --tensor-model-parallel-size with --sequence-parallel "
+                "or --pipeline-model-parallel-size for long sequences"
             )
 
     def transformer_config(self):

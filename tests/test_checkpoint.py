@@ -47,3 +47,31 @@ def test_reload_mid_warmup_continues_with_same_values(single_process, tmp_path):
     set_prores_step(original, step + 1)
     set_prores_step(restored, step + 1)
     assert torch.equal(logits(restored), logits(original))
+
+
+def test_adam_state_fixups_apply_to_torch_adam_only():
+    """The resume fix-ups (prime, restore 'step') are for torch's Adam inside megatron's
+    DistributedOptimizer; Transformer Engine's FusedAdam (any other inner optimizer) is left alone."""
+    from megatron_prores.checkpointing import _restore_adam_step, _torch_adam_distributed
+
+    class DistributedOptimizer:  # megatron's class name is what the fix-ups look for
+        def __init__(self, inner):
+            self.optimizer = inner
+
+    class FusedAdam(torch.optim.Optimizer):  # stands for TE's: not a torch.optim.Adam subclass
+        def __init__(self, params):
+            super().__init__(params, {"lr": 1e-3})
+
+    p = torch.nn.Parameter(torch.zeros(2))
+    torch_adam = DistributedOptimizer(torch.optim.AdamW([p]))
+    fused = DistributedOptimizer(FusedAdam([p]))
+    fused.optimizer.state[p] = {"step": torch.tensor(3.0)}
+    torch_adam.optimizer.state[p] = {"step": torch.tensor(3.0)}
+
+    class Chained:
+        chained_optimizers = [torch_adam, fused]
+
+    assert _torch_adam_distributed(Chained()) == [torch_adam]
+    _restore_adam_step(Chained(), 7)
+    assert torch_adam.optimizer.state[p]["step"].item() == 7.0
+    assert fused.optimizer.state[p]["step"].item() == 3.0
