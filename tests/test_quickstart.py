@@ -4,6 +4,7 @@
 import os
 import re
 import subprocess
+import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -11,7 +12,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_quickstart(tmp_path):
     run_dir = tmp_path / "qs"
     out = subprocess.run(["bash", os.path.join(ROOT, "examples", "quickstart.sh")], capture_output=True,
-                         text=True, timeout=1200, env={**os.environ, "RUN_DIR": str(run_dir)})
+                         text=True, timeout=1200,
+                         env={**os.environ, "RUN_DIR": str(run_dir),  # the script's `python` is this one
+                              "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]})
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]
     assert "exiting at iteration 150" in log
