@@ -104,8 +104,12 @@ def test_launcher_without_data_gives_one_line(tmp_path):
 
 
 # ---- a real SLURM ----------------------------------------------------------------------------
+# Timing comes from the uninterrupted reference run on this machine (its start-up time and step
+# time), never from wall-clock guesses: a loaded machine makes every run slower, not the test red.
 
-ITERS = 600  # ~70 s on 2 CPU processes: longer than the earliest time-limit signal (60 s)
+ITERS = 600  # ~70 s on 2 idle CPU processes
+LEAD = 300  # --signal=B:USR1@LEAD: seconds between the time-limit signal and the limit
+SLURM_TICK = 30  # slurmctld checks time limits (and sends the warning signal) every 30 s
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +142,19 @@ def submit(cluster, workdir, run_dir, *sbatch_args):
     return r.stdout.strip().split(";")[0]
 
 
-def wait_done(cluster, job_id, timeout=900):
+def seconds(slurm_time: str) -> int:
+    """SLURM's [D-]HH:MM:SS (or MM:SS) as seconds."""
+    days, _, hms = slurm_time.rpartition("-")
+    parts = [int(x) for x in hms.split(":")]
+    while len(parts) < 3:
+        parts.insert(0, 0)
+    return int(days or 0) * 86400 + parts[0] * 3600 + parts[1] * 60 + parts[2]
+
+
+def wait_done(cluster, job_id, timeout, on_requeue=None):
     """Until the job has ended for good. SLURM holds a requeued job about two minutes (BeginTime);
-    the test shortens that to a few seconds. (Released within the second of the requeue, slurmd
-    refuses the new start: "Job credential revoked".)"""
+    the test shortens that to a few seconds (released within the second of the requeue, slurmd
+    refuses the new start: "Job credential revoked"). ``on_requeue`` runs once, then."""
     t0 = time.time()
     while time.time() - t0 < timeout:
         job = cluster.job(job_id)
@@ -149,14 +162,37 @@ def wait_done(cluster, job_id, timeout=900):
         if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY"):
             return job
         if state == "PENDING" and job.get("Reason") == "BeginTime":
+            if on_requeue is not None:
+                on_requeue()
+                on_requeue = None
             time.sleep(5)
             cluster.run("scontrol", "update", f"JobId={job_id}", "StartTime=now", check=False)
         time.sleep(2)
-    raise AssertionError(f"job {job_id} did not end within {timeout}s: {cluster.job(job_id)}")
+    raise AssertionError(f"job {job_id} did not end within {timeout:.0f}s: {cluster.job(job_id)}")
+
+
+def wait_latest(run_dir, at_least, timeout, job_output_fn):
+    latest = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
+    t0 = time.time()
+    while not (latest.exists() and int(latest.read_text()) >= at_least):
+        assert time.time() - t0 < timeout, job_output_fn()[-3000:]
+        time.sleep(0.5)
+    return int(latest.read_text())
 
 
 def job_output(workdir, job_id):
     return open(os.path.join(workdir, f"slurm-prores-tiny-cpu-{job_id}.out")).read()
+
+
+class Reference:
+    """The tiny recipe run uninterrupted, and the timing of this machine measured on it."""
+
+    def __init__(self, checkpoints, run_s, step_s):
+        self.checkpoints, self.run_s, self.step_s = checkpoints, run_s, step_s
+
+    def timeout(self, runs=1):
+        """Bound for a job of ``runs`` runs: 5x what the reference took, plus SLURM's requeue hold."""
+        return 5 * runs * self.run_s + 120 * (runs - 1) + 60
 
 
 @pytest.fixture(scope="module")
@@ -164,11 +200,13 @@ def reference(slurm, tmp_path_factory):
     """The tiny recipe uninterrupted: it ends normally and is not requeued."""
     work = tmp_path_factory.mktemp("ref")
     job_id = submit(slurm, work, work / "run")
-    job = wait_done(slurm, job_id)
+    job = wait_done(slurm, job_id, timeout=1800)
     out = job_output(work, job_id)
     assert job["JobState"] == "COMPLETED" and job["Restarts"] == "0", (job, out[-3000:])
     assert "requeueing" not in out
-    return work / "run" / "checkpoints"
+    steps_ms = [float(x) for x in re.findall(r"elapsed time per iteration \(ms\): ([\d.]+)", out)]
+    assert steps_ms, out[-3000:]
+    return Reference(work / "run" / "checkpoints", seconds(job["RunTime"]), max(steps_ms) / 1000)
 
 
 def assert_same_run(a, b):
@@ -182,13 +220,9 @@ def assert_same_run(a, b):
 
 def test_preempted_job_is_requeued_and_resumes_to_the_same_result(slurm, reference, tmp_path):
     job_id = submit(slurm, tmp_path, tmp_path / "run")
-    latest = tmp_path / "run" / "checkpoints" / "latest_checkpointed_iteration.txt"
-    t0 = time.time()
-    while not (latest.exists() and int(latest.read_text()) >= 100):
-        assert time.time() - t0 < 300, job_output(tmp_path, job_id)[-3000:]
-        time.sleep(0.5)
+    wait_latest(tmp_path / "run", 100, reference.timeout(), lambda: job_output(tmp_path, job_id))
     slurm.run("scontrol", "requeue", job_id)  # as a preemption does: SIGTERM to every process
-    job = wait_done(slurm, job_id)
+    job = wait_done(slurm, job_id, reference.timeout(runs=2))
     out = job_output(tmp_path, job_id)
     assert job["JobState"] == "COMPLETED" and int(job["Restarts"]) >= 1, (job, out[-3000:])
     first = open(tmp_path / "run" / "logs" / f"{job_id}-0.log").read()
@@ -196,15 +230,27 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_result(slurm, referen
     stopped = int(re.search(r"exiting at iteration (\d+)", first).group(1))
     assert 100 <= stopped < ITERS  # saved at a step boundary after the signal, exit 0
     assert f"resumed from {tmp_path / 'run' / 'checkpoints'} at iteration {stopped}" in second
-    assert_same_run(reference, tmp_path / "run" / "checkpoints")
+    assert_same_run(reference.checkpoints, tmp_path / "run" / "checkpoints")
 
 
 def test_time_limit_signal_saves_requeues_and_resumes_to_the_same_result(slurm, reference, tmp_path):
-    # --time=2 with USR1 60 s before the limit: SLURM sends it 0-60 s into the job, mid-run
-    job_id = submit(slurm, tmp_path, tmp_path / "run", "--time=2", "--signal=B:USR1@60")
-    job = wait_done(slurm, job_id, timeout=900)
+    """SLURM's own time limit: the job runs with a 30-minute limit and USR1 LEAD s before it. Once
+    it is training with enough steps left (measured step time) to outlast SLURM's next time-limit
+    check, its limit is cut so that less than LEAD s remain: SLURM sends USR1 at that check, and
+    the run has at least LEAD - 60 s to save and exit. The requeued run gets its 30 minutes back."""
+    job_id = submit(slurm, tmp_path, tmp_path / "run", "--time=30", f"--signal=B:USR1@{LEAD}")
+    # SLURM signals at its first time-limit check after the cut: leave two checks' worth of steps
+    last_cut = ITERS - int(2 * SLURM_TICK / reference.step_s)
+    assert last_cut >= 10, f"a step takes {reference.step_s:.2f}s: {ITERS} steps end too soon for SLURM's signal"
+    at = wait_latest(tmp_path / "run", 10, reference.timeout(), lambda: job_output(tmp_path, job_id))
+    assert at <= last_cut, f"the run passed iteration {last_cut} before its first checkpoint was seen"
+    elapsed = seconds(slurm.job(job_id)["RunTime"])
+    limit_min = (elapsed + LEAD - 60) // 60 + 1  # remaining = 60 * limit - elapsed, in [LEAD - 60, LEAD)
+    slurm.run("scontrol", "update", f"JobId={job_id}", f"TimeLimit={limit_min}")
+    job = wait_done(slurm, job_id, reference.timeout(runs=2) + LEAD,
+                    on_requeue=lambda: slurm.run("scontrol", "update", f"JobId={job_id}", "TimeLimit=30"))
     out = job_output(tmp_path, job_id)
     assert job["JobState"] == "COMPLETED" and int(job["Restarts"]) >= 1, (job, out[-3000:])
     assert "USR1 (time limit near)" in out and f"requeueing job {job_id}" in out
     assert "exiting at iteration" in out and "resumed from" in out
-    assert_same_run(reference, tmp_path / "run" / "checkpoints")
+    assert_same_run(reference.checkpoints, tmp_path / "run" / "checkpoints")
