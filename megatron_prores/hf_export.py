@@ -5,10 +5,14 @@ constants are folded into the weights (methods.md section 4). The GPAS factor s 
 the stream is carried as a running product P: a block computes x' = s(x + a F(N(x))); with the
 exported stream x/P and RMSNorm's scale invariance, o_proj (and down_proj) take a/P and P becomes
 P s. Exact up to the norm epsilon: the folded model is the trained one with epsilon eps P^2 in the
-norms it feeds, so the fold is refused (custom model code instead) when some s <= 0 or P^2 > 2.
-LNS's 1/sqrt(l) goes into the two norm gains of block l. Everything else (Post-LN, Sandwich-LN,
-DeepNorm, Mix-LN, LayerNorm, or ``fold=False``) exports as ProResForCausalLM (hf/modeling_prores.py,
-shipped in the directory, loaded with trust_remote_code=True) with explicit ProRes values and gates.
+norms it feeds, which matters when the stream's mean square is not far above eps P^2 (e.g. early
+in training: small embeddings, small ProRes values). So the export measures it: a calibration
+batch (fixed-seed random tokens) runs through the folded and the unfolded model, block by block in
+float64, and the fold happens only when the logits agree to FOLD_TOLERANCE (relative). A scale
+s <= 0 (a sign flip) is refused without measuring. LNS's 1/sqrt(l) goes into the two norm gains of
+block l. Everything else (Post-LN, Sandwich-LN, DeepNorm, Mix-LN, LayerNorm, or ``fold=False``)
+exports as ProResForCausalLM (hf/modeling_prores.py, shipped in the directory, loaded with
+trust_remote_code=True) with explicit ProRes values and gates.
 """
 
 from __future__ import annotations
@@ -20,13 +24,16 @@ from typing import Optional
 
 import torch
 
-from megatron_prores import schedules
+from megatron_prores import mcore_compat, schedules
 from megatron_prores.checkpoint_reader import CheckpointReader
 from megatron_prores.checkpointing import LATEST, iteration_dir, read_latest
 from megatron_prores.config import ConfigError, config_from_dict
 
 HF_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf")
-MAX_FOLD_P2 = 2.0  # folded norms see epsilon eps * P^2: allow at most twice the trained epsilon
+# fold only when max |folded - unfolded logits| / max |unfolded logits| on the calibration batch is at
+# most this: well below what changes a greedy token or a loss in its 4th digit
+FOLD_TOLERANCE = 1e-4
+CALIBRATION_BATCH, CALIBRATION_TOKENS, CALIBRATION_SEED = 2, 64, 1234
 
 
 def resolve_iteration(load: str, iteration: Optional[int]) -> str:
@@ -48,10 +55,15 @@ def resolve_iteration(load: str, iteration: Optional[int]) -> str:
 
 
 def read_common(directory: str) -> dict:
-    path = os.path.join(directory, "common.pt")
-    if not os.path.isfile(path):
-        raise ConfigError(f"{directory} is not a complete checkpoint (no common.pt); pick another --iteration")
-    common = torch.load(path, map_location="cpu", weights_only=False)
+    """The common (non-sharded) state: common.pt for megatron-core 0.16, inside the torch_dist files for
+    0.19; megatron-core's own loader reads either."""
+    from megatron.core.dist_checkpointing.core import CheckpointingException
+
+    try:
+        common = mcore_compat.load_common_state(directory)
+    except (CheckpointingException, FileNotFoundError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{directory} is not a complete checkpoint ({first}); pick another --iteration") from None
     if not common.get("model_config"):
         raise ConfigError(f"{directory} does not record its model configuration (saved by an older version); "
                           f"resume it once with the current driver and convert the new checkpoint")
@@ -135,7 +147,8 @@ class _ShardWriter:
 
 
 def fold_decision(cfg, gates: list, want_fold: bool) -> tuple:
-    """(fold?, reason when not) for this model and its GPAS gates (one tensor per block)."""
+    """(may fold?, reason when not) from the configuration and the GPAS gates (one tensor per block)
+    alone; a model that may fold is then calibrated (``fold_error``)."""
     m = cfg.method
     if not want_fold:
         return False, "--no-fold"
@@ -143,19 +156,131 @@ def fold_decision(cfg, gates: list, want_fold: bool) -> tuple:
         return False, f"--norm-type {m.norm_type} has no Llama equivalent"
     if cfg.normalization != "RMSNorm":
         return False, "LayerNorm models are not Llama models"
-    if m.gpas:
-        scales = [1 - torch.nn.functional.silu(g.double()) for g in gates]
-        if any(bool((s <= 0).any()) for s in scales):
-            return False, "a GPAS scale 1-SiLU(g) is <= 0 (a sign flip cannot fold into RMSNorm)"
-        p, worst = 1.0, 1.0
-        for s in scales:
-            for j in range(2):
-                p *= float(s[min(j, s.numel() - 1)])
-                worst = max(worst, p * p)
-        if worst > MAX_FOLD_P2:
-            return False, (f"folding the GPAS scales would grow the norms' epsilon up to {worst:.2f}x "
-                           f"(more than {MAX_FOLD_P2:g}x): inexact")
+    if m.gpas and any(bool((1 - torch.nn.functional.silu(g.double()) <= 0).any()) for g in gates):
+        return False, "a GPAS scale 1-SiLU(g) is <= 0 (a sign flip cannot fold into RMSNorm)"
     return True, None
+
+
+class _Model:
+    """What the export needs of a checkpoint besides its tensors."""
+
+    def __init__(self, cfg, reader: CheckpointReader, step: int, out_dtype: Optional[torch.dtype]):
+        m, L = cfg.method, cfg.num_layers
+        self.cfg, self.reader, self.layers, self.out_dtype = cfg, reader, _Layers(reader), out_dtype
+        self.rms = cfg.normalization == "RMSNorm"
+        self.prores = [schedules.prores_value(m.prores_schedule, step, l, L, m.prores_warmup_steps)
+                       if m.prores else 1.0 for l in range(1, L + 1)]
+        self.styles = [m.block_style(l, L) for l in range(1, L + 1)]
+        self.gates = [self.layers.get(i, "gpas_gate").double() for i in range(L)] if m.gpas else []
+        self.stored = reader.tensors["embedding.word_embeddings.weight"].properties.dtype
+
+    def block(self, i: int) -> dict:
+        """Block i's tensors under their Hugging Face names (after model.layers.i.), unfolded."""
+        cfg, layers, rms = self.cfg, self.layers, self.rms
+        heads, groups, h, f = cfg.num_attention_heads, cfg.query_groups, cfg.hidden_size, cfg.ffn_size
+        d = h // heads
+        qkv = layers.get(i, "self_attention.linear_qkv.weight").view(groups, (heads // groups + 2) * d, h)
+        q, k, v = qkv.split([heads // groups * d, d, d], dim=1)
+        fc1 = layers.get(i, "mlp.linear_fc1.weight")
+        w = {"self_attn.q_proj.weight": q.reshape(heads * d, h), "self_attn.k_proj.weight": k.reshape(groups * d, h),
+             "self_attn.v_proj.weight": v.reshape(groups * d, h),
+             "self_attn.o_proj.weight": layers.get(i, "self_attention.linear_proj.weight"),
+             "mlp.gate_proj.weight": fc1[:f], "mlp.up_proj.weight": fc1[f:],
+             "mlp.down_proj.weight": layers.get(i, "mlp.linear_fc2.weight")}
+        style, norms = self.styles[i], {}
+        if style in ("pre", "lns", "sandwich"):
+            norms["input_layernorm"] = _norm(layers, i, PRE_NORM, rms)
+            norms["post_attention_layernorm"] = _norm(layers, i, PRE_MLP_NORM, rms)
+        if style == "sandwich":
+            norms["attn_branch_norm"] = _norm(layers, i, ("post_self_attn_layernorm.",), rms)
+            norms["mlp_branch_norm"] = _norm(layers, i, ("post_mlp_layernorm.",), rms)
+        if style in ("post", "deepnorm"):
+            norms["attn_sum_norm"] = _norm(layers, i, ("post_self_attn_layernorm.",), rms)
+            norms["mlp_sum_norm"] = _norm(layers, i, ("post_mlp_layernorm.",), rms)
+        w.update({f"{n}.{kind}": t for n, params in norms.items() for kind, t in params.items()})
+        if self.gates:
+            w["gpas_gate"] = self.gates[i].to(self.stored)
+        return w
+
+    def fold(self, i: int, w: dict, P: float) -> tuple:
+        """(block i's tensors folded, the new running product P): o_proj takes a/P, P becomes P s_attn,
+        down_proj takes a/P, P becomes P s_mlp; LNS's 1/sqrt(l) goes into both norm gains."""
+        a, w = self.prores[i], dict(w)
+        if self.styles[i] == "lns":
+            for n in ("input_layernorm.weight", "post_attention_layernorm.weight"):
+                w[n] = w[n] * (i + 1) ** -0.5
+        s = (1 - torch.nn.functional.silu(self.gates[i])).tolist() if self.gates else [1.0]
+        w.pop("gpas_gate", None)
+        w["self_attn.o_proj.weight"] = _scaled(w["self_attn.o_proj.weight"], a / P)
+        P *= s[0]
+        w["mlp.down_proj.weight"] = _scaled(w["mlp.down_proj.weight"], a / P)
+        return w, P * s[-1]
+
+    def hf_config(self, fold: bool) -> dict:
+        """config.json of the folded (Llama) or the custom (ProResForCausalLM) export."""
+        cfg, m, L = self.cfg, self.cfg.method, self.cfg.num_layers
+        torch_dtype = str(self.out_dtype or self.stored).replace("torch.", "")
+        base = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_size,
+                    num_hidden_layers=L, num_attention_heads=cfg.num_attention_heads,
+                    num_key_value_heads=cfg.query_groups, max_position_embeddings=cfg.seq_length,
+                    rms_norm_eps=cfg.norm_epsilon, rope_theta=float(cfg.rotary_base),
+                    rope_parameters={"rope_theta": float(cfg.rotary_base), "rope_type": "default"},
+                    bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, torch_dtype=torch_dtype,
+                    dtype=torch_dtype)
+        if fold:
+            return dict(base, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
+                        attention_bias=False, mlp_bias=False, head_dim=cfg.hidden_size // cfg.num_attention_heads,
+                        use_cache=True)
+        return dict(base, architectures=["ProResForCausalLM"], model_type="megatron_prores",
+                    normalization=cfg.normalization, block_styles=self.styles, prores_values=self.prores,
+                    gpas=m.gpas, gpas_gate=m.gpas_gate, deepnorm_alpha=(2 * L) ** 0.25, final_norm=m.has_final_norm,
+                    auto_map={"AutoConfig": "configuration_prores.ProResConfig",
+                              "AutoModelForCausalLM": "modeling_prores.ProResForCausalLM"})
+
+    @torch.no_grad()
+    def fold_error(self) -> float:
+        """max |folded - unfolded logits| / max |unfolded logits| on CALIBRATION_BATCH sequences of
+        min(CALIBRATION_TOKENS, seq_length) fixed-seed random tokens, in float64. Both models run block
+        by block from the checkpoint (one block's weights in memory, twice for o_proj and down_proj)."""
+        try:
+            from megatron_prores.hf.configuration_prores import ProResConfig
+            from megatron_prores.hf.modeling_prores import ProResBlock, ProResNorm
+        except ImportError as e:
+            raise ConfigError(f"checking the fold needs transformers ({e}); install it, or give --no-fold") from None
+
+        cfg, L = self.cfg, self.cfg.num_layers
+        unfolded_cfg = ProResConfig(**self.hf_config(fold=False))
+        folded_cfg = ProResConfig(**dict(self.hf_config(fold=False), block_styles=["pre"] * L,
+                                         prores_values=[1.0] * L, gpas=False))
+        n = min(CALIBRATION_TOKENS, cfg.seq_length)
+        tokens = torch.randint(cfg.vocab_size, (CALIBRATION_BATCH, n),
+                               generator=torch.Generator().manual_seed(CALIBRATION_SEED))
+        positions = torch.arange(n)[None].expand(CALIBRATION_BATCH, -1)
+        unfolded = self.reader.read("embedding.word_embeddings.weight")[tokens].double()
+        folded, P = unfolded, 1.0
+
+        def loaded(weights, cls, *args):
+            with torch.device("meta"):  # the parameters come from the checkpoint: allocate nothing here
+                module = cls(*args)
+            module.load_state_dict(weights, assign=True)
+            return module
+
+        for i in range(L):
+            w = {k: t.double() for k, t in self.block(i).items()}
+            unfolded = loaded(w, ProResBlock, unfolded_cfg, i)(unfolded, positions)
+            w, P = self.fold(i, w, P)
+            folded = loaded(w, ProResBlock, folded_cfg, i)(folded, positions)
+        if cfg.method.has_final_norm:
+            norm = loaded({"weight": self.reader.read("decoder.final_layernorm.weight").double()},
+                          ProResNorm, unfolded_cfg)
+            unfolded, folded = norm(unfolded), norm(folded)
+        head = self.reader.read("output_layer.weight")[:cfg.vocab_size]
+        diff = ref = 0.0
+        for rows in head.split(8192):  # the output layer in float64 a slice at a time
+            rows = rows.double()
+            lu, lf = unfolded @ rows.T, folded @ rows.T
+            diff, ref = max(diff, (lf - lu).abs().max().item()), max(ref, lu.abs().max().item())
+        return diff / ref
 
 
 def export(load: str, output: str, iteration: Optional[int] = None, fold: bool = True,
@@ -166,23 +291,21 @@ def export(load: str, output: str, iteration: Optional[int] = None, fold: bool =
     common = read_common(directory)
     reader = CheckpointReader(directory)
     cfg = config_from_dict(common["model_config"])
-    m, L, h = cfg.method, cfg.num_layers, cfg.hidden_size
+    m, L = cfg.method, cfg.num_layers
     step = int(common["train_state"]["iteration"]) if common.get("train_state") else 0
-    layers = _Layers(reader)
-    rms = cfg.normalization == "RMSNorm"
-    heads, groups = cfg.num_attention_heads, cfg.query_groups
-    d = h // heads
-    f = cfg.ffn_size
-    prores = [schedules.prores_value(m.prores_schedule, step, l, L, m.prores_warmup_steps) if m.prores else 1.0
-              for l in range(1, L + 1)]
-    gates = [layers.get(i, "gpas_gate").double() for i in range(L)] if m.gpas else []
-    do_fold, reason = fold_decision(cfg, gates, fold)
-    styles = [m.block_style(l, L) for l in range(1, L + 1)]
-    out_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16,
-                 "float16": torch.float16}[dtype]
-
+    out_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
+    model = _Model(cfg, reader, step, out_dtype)
     if os.path.exists(output) and os.listdir(output):
         raise ConfigError(f"--output {output!r} exists and is not empty; give a new directory")
+    do_fold, reason = fold_decision(cfg, model.gates, fold)
+    fold_error = None
+    if do_fold:
+        fold_error = model.fold_error()
+        if fold_error > FOLD_TOLERANCE:
+            do_fold, reason = False, (f"folding is inexact here: the calibration logits of the folded model differ "
+                                      f"by {fold_error:.1e} (relative; tolerance {FOLD_TOLERANCE:.0e}), the norm "
+                                      f"epsilon is not small against this stream")
+
     tmp = output.rstrip("/") + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     os.makedirs(tmp)
@@ -194,70 +317,20 @@ def export(load: str, output: str, iteration: Optional[int] = None, fold: bool =
 
     P = 1.0  # running product of the folded GPAS scales
     for i in tqdm(range(L), desc="converting blocks", disable=not progress):
-        pre = f"model.layers.{i}."
-        qkv = layers.get(i, "self_attention.linear_qkv.weight").view(groups, (heads // groups + 2) * d, h)
-        q, k, v = qkv.split([heads // groups * d, d, d], dim=1)
-        o = layers.get(i, "self_attention.linear_proj.weight")
-        fc1 = layers.get(i, "mlp.linear_fc1.weight")
-        gate_w, up = fc1[:f], fc1[f:]
-        down = layers.get(i, "mlp.linear_fc2.weight")
-        style = styles[i]
-        a = prores[i]
-        norms = {}
-        if style in ("pre", "lns", "sandwich"):
-            norms["input_layernorm"] = _norm(layers, i, PRE_NORM, rms)
-            norms["post_attention_layernorm"] = _norm(layers, i, PRE_MLP_NORM, rms)
-        if style == "sandwich":
-            norms["attn_branch_norm"] = _norm(layers, i, ("post_self_attn_layernorm.",), rms)
-            norms["mlp_branch_norm"] = _norm(layers, i, ("post_mlp_layernorm.",), rms)
-        if style in ("post", "deepnorm"):
-            norms["attn_sum_norm"] = _norm(layers, i, ("post_self_attn_layernorm.",), rms)
-            norms["mlp_sum_norm"] = _norm(layers, i, ("post_mlp_layernorm.",), rms)
+        w = model.block(i)
         if do_fold:
-            if style == "lns":  # the 1/sqrt(l) on both norm outputs
-                for n in ("input_layernorm", "post_attention_layernorm"):
-                    norms[n]["weight"] = norms[n]["weight"] * (i + 1) ** -0.5
-            s = (1 - torch.nn.functional.silu(gates[i])).tolist() if m.gpas else [1.0]
-            o = _scaled(o, a / P)
-            P *= s[0]
-            down = _scaled(down, a / P)
-            P *= s[-1]
-        writer.add(pre + "self_attn.q_proj.weight", q.reshape(heads * d, h))
-        writer.add(pre + "self_attn.k_proj.weight", k.reshape(groups * d, h))
-        writer.add(pre + "self_attn.v_proj.weight", v.reshape(groups * d, h))
-        writer.add(pre + "self_attn.o_proj.weight", o)
-        writer.add(pre + "mlp.gate_proj.weight", gate_w)
-        writer.add(pre + "mlp.up_proj.weight", up)
-        writer.add(pre + "mlp.down_proj.weight", down)
-        for n, params in norms.items():
-            for kind, t in params.items():
-                writer.add(pre + f"{n}.{kind}", t)
-        if m.gpas and not do_fold:
-            writer.add(pre + "gpas_gate", gates[i].to(reader.tensors["embedding.word_embeddings.weight"].properties.dtype))
+            w, P = model.fold(i, w, P)
+        for name, t in w.items():
+            writer.add(f"model.layers.{i}.{name}", t)
     if m.has_final_norm:
         writer.add("model.norm.weight", reader.read("decoder.final_layernorm.weight"))
-        if not rms:
+        if not model.rms:
             writer.add("model.norm.bias", reader.read("decoder.final_layernorm.bias"))
     writer.add("lm_head.weight", reader.read("output_layer.weight")[:vocab])
     writer.finish()
 
-    stored = reader.tensors["embedding.word_embeddings.weight"].properties.dtype
-    torch_dtype = str(out_dtype or stored).replace("torch.", "")
-    base = dict(vocab_size=vocab, hidden_size=h, intermediate_size=f, num_hidden_layers=L,
-                num_attention_heads=heads, num_key_value_heads=groups, max_position_embeddings=cfg.seq_length,
-                rms_norm_eps=cfg.norm_epsilon, rope_theta=float(cfg.rotary_base),
-                rope_parameters={"rope_theta": float(cfg.rotary_base), "rope_type": "default"},
-                bos_token_id=1, eos_token_id=2,
-                tie_word_embeddings=False, torch_dtype=torch_dtype, dtype=torch_dtype)
-    if do_fold:
-        config = dict(base, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
-                      attention_bias=False, mlp_bias=False, head_dim=d, use_cache=True)
-    else:
-        config = dict(base, architectures=["ProResForCausalLM"], model_type="megatron_prores",
-                      normalization=cfg.normalization, block_styles=styles, prores_values=prores, gpas=m.gpas,
-                      gpas_gate=m.gpas_gate, deepnorm_alpha=(2 * L) ** 0.25, final_norm=m.has_final_norm,
-                      auto_map={"AutoConfig": "configuration_prores.ProResConfig",
-                                "AutoModelForCausalLM": "modeling_prores.ProResForCausalLM"})
+    config = model.hf_config(do_fold)
+    if not do_fold:
         for name in ("configuration_prores.py", "modeling_prores.py"):
             shutil.copy(os.path.join(HF_CODE, name), os.path.join(tmp, name))
     with open(os.path.join(tmp, "config.json"), "w") as fh:
@@ -271,11 +344,12 @@ def export(load: str, output: str, iteration: Optional[int] = None, fold: bool =
         os.rmdir(output)  # empty (checked above)
     os.replace(tmp, output)
     report = {"iteration": step, "format": "LlamaForCausalLM" if do_fold else "ProResForCausalLM",
-              "not_folded_because": reason, "prores_values": prores, "tokenizer": tok_note,
-              "fold_product": P if do_fold else None, "bytes": writer.total}
+              "not_folded_because": reason, "fold_error": fold_error, "prores_values": model.prores,
+              "tokenizer": tok_note, "fold_product": P if do_fold else None, "bytes": writer.total}
     log(f"exported iteration {step} of {load} to {output} as {report['format']}"
         + (f" (custom model code: {reason}; load with trust_remote_code=True)" if not do_fold else
-           " (ProRes values, GPAS scales and LNS constants folded into the weights)")
+           f" (ProRes values, GPAS scales and LNS constants folded into the weights; calibration logits "
+           f"within {fold_error:.1e} relative)")
         + f"; {tok_note}")
     return report
 

@@ -2,19 +2,19 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
 import pytest
 import torch
 
-from megatron_prores.checkpointing import save_checkpoint
+from megatron_prores.checkpointing import model_args_for_checkpoint, save_checkpoint
 from megatron_prores.config import MethodConfig, ModelConfig, config_to_dict
-from megatron_prores.hf_export import export
+from megatron_prores.hf_export import FOLD_TOLERANCE, export
 from megatron_prores.layer import prores_layers, set_prores_step
 from megatron_prores.model import build_model
 from megatron_prores.parallel import seed_everything
-from megatron_prores.train import model_args_for_checkpoint
 
 transformers = pytest.importorskip("transformers")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -81,32 +81,110 @@ def megatron_greedy(chunk, prompt, n, step=STEP):
     return seq
 
 
+PROMPTS = [TOKENS[0, :6], TOKENS[1, :3]]  # different lengths: left-padded into one batch
+
+
+def reference(chunk, step=STEP, new_tokens=20):
+    """What tests/hf_compat_check.py checks an export against, from the Megatron model."""
+    logits = megatron_logits(chunk, TOKENS, step)
+    labels = TOKENS.clone()
+    labels[0, 2:5] = labels[1, -2:] = -100
+    loss = torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
+    return {"tokens": TOKENS, "logits": logits, "labels": labels, "loss": loss.item(), "prompts": PROMPTS,
+            "greedy": [megatron_greedy(chunk, p[None], new_tokens, step)[0] for p in PROMPTS],
+            "new_tokens": new_tokens}
+
+
 CASES = [("pre", True), ("lns", True), ("sandwich", True), ("deepnorm", True), ("mix", True), ("post", False)]
+FOLDED = ("pre", "lns")
 
 
-@pytest.mark.parametrize("norm_type,gpas", CASES, ids=[c[0] for c in CASES])
-def test_exported_model_matches_megatron(single_process, tmp_path, norm_type, gpas):
-    cfg = config(norm_type, gpas)
-    chunk = trained_model(cfg)
-    save(chunk, cfg, tmp_path / "ckpt")
-    ref = megatron_logits(chunk)
-    report = export(str(tmp_path / "ckpt"), str(tmp_path / "hf"), progress=False, log=lambda *_: None)
-    model, got = hf_logits(tmp_path / "hf")
-    expect_llama = norm_type in ("pre", "lns")
-    assert (type(model).__name__ == "LlamaForCausalLM") == expect_llama, report
-    diff = (got - ref).abs().max().item()
-    rel = diff / ref.abs().max().item()
-    print(f"{norm_type}: {report['format']}, max |logit diff| {diff:.3e}, relative {rel:.3e}")
-    assert got.shape == ref.shape and diff < 1e-4, (diff, rel)
-    prompt = TOKENS[:, :4]
-    generated = model.generate(prompt, max_new_tokens=20, do_sample=False, min_new_tokens=20,
-                               pad_token_id=0, eos_token_id=None)
-    assert torch.equal(generated, megatron_greedy(chunk, prompt, 20))
-    if expect_llama:  # the same checkpoint with explicit values and gates gives the same logits
-        export(str(tmp_path / "ckpt"), str(tmp_path / "nofold"), fold=False, progress=False, log=lambda *_: None)
-        nofold_model, nofold = hf_logits(tmp_path / "nofold")
+@pytest.fixture(scope="module")
+def exported(single_process, tmp_path_factory):
+    """norm type -> (root, export report): root/ckpt a trained-looking checkpoint, root/hf its export
+    with root/hf/expected.pt; built once per module."""
+    built = {}
+
+    def get(norm_type):
+        if norm_type not in built:
+            root = tmp_path_factory.mktemp(norm_type)
+            cfg = config(norm_type, gpas=dict(CASES)[norm_type])
+            chunk = trained_model(cfg)
+            save(chunk, cfg, root / "ckpt")
+            report = export(str(root / "ckpt"), str(root / "hf"), progress=False, log=lambda *_: None)
+            expected = dict(reference(chunk), format="LlamaForCausalLM" if norm_type in FOLDED else "ProResForCausalLM")
+            torch.save(expected, root / "hf" / "expected.pt")
+            built[norm_type] = root, report
+        return built[norm_type]
+
+    return get
+
+
+@pytest.mark.parametrize("norm_type", [c[0] for c in CASES])
+def test_exported_model_matches_megatron(exported, norm_type):
+    """Logits and loss equal Megatron's; greedy generate, with and without the cache, and a left-padded
+    batch with its attention mask give Megatron's greedy tokens (tests/hf_compat_check.py)."""
+    from tests.hf_compat_check import check
+
+    root, report = exported(norm_type)
+    assert report["format"] == ("LlamaForCausalLM" if norm_type in FOLDED else "ProResForCausalLM"), report
+    expected = torch.load(root / "hf" / "expected.pt", weights_only=True)
+    print(f"{norm_type}: {report['format']}, max |logit diff| {check(root / 'hf', expected):.1e}")
+    if norm_type in FOLDED:  # the same checkpoint with explicit values and gates gives the same logits
+        assert report["fold_error"] <= FOLD_TOLERANCE, report
+        export(str(root / "ckpt"), str(root / "nofold"), fold=False, progress=False, log=lambda *_: None)
+        nofold_model, nofold = hf_logits(root / "nofold")
         assert type(nofold_model).__name__ == "ProResForCausalLM"
-        assert (nofold - got).abs().max().item() < 1e-4 and (nofold - ref).abs().max().item() < 1e-4
+        assert (nofold - expected["logits"]).abs().max().item() < 1e-4
+        assert (nofold - hf_logits(root / "hf")[1]).abs().max().item() < 1e-4
+
+
+OLDEST_TRANSFORMERS = "4.45.2"  # pyproject: transformers>=4.45
+# installed with --no-deps beside the running environment (torch, numpy, safetensors, regex, pyyaml, tqdm,
+# filelock, packaging, fsspec come from it): what transformers 4.45.2 needs that a transformers-5
+# environment has in other versions (tokenizers, huggingface_hub 0.x) or not at all (requests)
+OLDEST_PINS = ["transformers==4.45.2", "tokenizers==0.20.3", "huggingface_hub==0.25.2", "requests==2.32.3",
+               "charset-normalizer==3.4.0", "idna==3.10", "urllib3==2.2.3", "certifi==2024.8.30"]
+
+
+def oldest_transformers() -> str:
+    """A directory holding transformers OLDEST_TRANSFORMERS, installed once per user and Python."""
+    cache = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    target = os.path.join(cache, "megatron-prores-tests",
+                          f"transformers-{OLDEST_TRANSFORMERS}-py{sys.version_info[0]}{sys.version_info[1]}")
+    if os.path.isfile(os.path.join(target, ".complete")):
+        return target
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    tmp = f"{target}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    r = subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-input",
+                        "--disable-pip-version-check", "--timeout", "30", "--retries", "1", "--target", tmp,
+                        *OLDEST_PINS], capture_output=True, text=True, timeout=900)
+    if r.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = (r.stderr.strip().splitlines() or ["no output"])[-1]
+        pytest.fail(f"could not pip-install transformers {OLDEST_TRANSFORMERS} into {tmp} (needs PyPI access "
+                    f"once; then cached): {last}", pytrace=False)
+    open(os.path.join(tmp, ".complete"), "w").close()
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another run installed it meanwhile
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def test_oldest_claimed_transformers_loads_and_generates(exported, tmp_path):
+    """Every norm type's export, loaded by transformers 4.45.2 in a subprocess, passes the same checks."""
+    target = oldest_transformers()
+    dirs = [str(exported(n)[0] / "hf") for n, _ in CASES]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [target, os.environ.get("PYTHONPATH")])),
+           "HF_MODULES_CACHE": str(tmp_path / "modules"), "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore",
+           "TRANSFORMERS_VERBOSITY": "error"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "hf_compat_check.py"), *dirs],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0 and f"transformers {OLDEST_TRANSFORMERS} from {target}" in r.stdout, \
+        r.stdout[-3000:] + r.stderr[-3000:]
+    assert r.stdout.count("\nok ") == len(dirs), r.stdout
 
 
 def test_layernorm_and_unfoldable_gates_export_with_the_custom_code(single_process, tmp_path):
@@ -126,12 +204,53 @@ def test_layernorm_and_unfoldable_gates_export_with_the_custom_code(single_proce
     assert report["format"] == "ProResForCausalLM" and "<= 0" in report["not_folded_because"]
     assert (hf_logits(tmp_path / "flip_hf")[1] - megatron_logits(chunk)).abs().max().item() < 1e-4
 
-    with torch.no_grad():  # scales 1.27 everywhere: the folded stream would shrink, epsilon grow
+
+def old_rule_p2(gates):
+    """The largest P^2 (running product of the GPAS scales, one gate per block applied after both
+    sublayers): the rule before calibration folded exactly when it was at most 2."""
+    p2 = worst = 1.0
+    for g in gates:
+        for _ in range(2):
+            p2 *= float(1 - torch.nn.functional.silu(torch.tensor(float(g), dtype=torch.float64))) ** 2
+            worst = max(worst, p2)
+    return worst
+
+
+def test_fold_decision_measures_the_error(single_process, tmp_path):
+    """Early in training (embeddings at init std 0.02, ProRes values 0.1 and below, gates down to -0.2)
+    the stream's mean square is a few hundred eps: the fold's epsilon eps P^2 changes the logits by
+    far more than FOLD_TOLERANCE although P^2 <= 2, which the old rule folded. Growing scales on a
+    trained-looking stream (P^2 = 46, which the old rule refused) fold, exactly enough."""
+    cfg = config("pre")
+    seed_everything(0)
+    (chunk,) = build_model(cfg)
+    gates = [-0.2, -0.1, -0.05, 0.0]
+    with torch.no_grad():
+        for layer, g in zip(prores_layers(chunk), gates):
+            layer.gpas_gate.fill_(g)
+    assert 1.5 < old_rule_p2(gates) <= 2.0
+    save(chunk, cfg, tmp_path / "early", step=1)  # ProRes values 0.1 / l
+    logs = []
+    report = export(str(tmp_path / "early"), str(tmp_path / "early_hf"), progress=False, log=logs.append)
+    reason = report["not_folded_because"]
+    print(f"early: {report['format']}, fold error {report['fold_error']:.2e}, old rule P^2 {old_rule_p2(gates):.2f}")
+    assert report["format"] == "ProResForCausalLM" and report["fold_error"] > 10 * FOLD_TOLERANCE, report
+    assert "inexact" in reason and f"{report['fold_error']:.1e}" in reason and f"{FOLD_TOLERANCE:.0e}" in reason
+    assert reason in logs[0] and "\n" not in logs[0]
+    ref = megatron_logits(chunk, step=1)
+    assert (hf_logits(tmp_path / "early_hf")[1] - ref).abs().max().item() < 1e-4 * ref.abs().max().item()
+
+    chunk = trained_model(cfg)
+    with torch.no_grad():  # scales 1.27 everywhere: the folded stream shrinks to 1/P, P = 6.8
         for layer in prores_layers(chunk):
             layer.gpas_gate.fill_(-1.0)
+    assert old_rule_p2([-1.0] * 4) > 40
     save(chunk, cfg, tmp_path / "grow")
     report = export(str(tmp_path / "grow"), str(tmp_path / "grow_hf"), progress=False, log=lambda *_: None)
-    assert report["format"] == "ProResForCausalLM" and "inexact" in report["not_folded_because"]
+    print(f"grow: {report['format']}, fold error {report['fold_error']:.2e}")
+    assert report["format"] == "LlamaForCausalLM" and report["fold_error"] <= FOLD_TOLERANCE, report
+    model, got = hf_logits(tmp_path / "grow_hf")
+    assert type(model).__name__ == "LlamaForCausalLM" and (got - megatron_logits(chunk)).abs().max().item() < 1e-4
 
 
 def test_tensor_and_pipeline_parallel_checkpoint_converts_like_tp1(single_process, tmp_path):
@@ -153,20 +272,24 @@ def test_tensor_and_pipeline_parallel_checkpoint_converts_like_tp1(single_proces
     (chunk,) = build_model(cfg)
     load_model([chunk], str(tmp_path / "tp2pp2" / "iter_0000003"))
     save(chunk, cfg, tmp_path / "tp1", step=3)
-    for name in ("tp2pp2", "tp1"):
-        export(str(tmp_path / name), str(tmp_path / f"{name}_hf"), progress=False, log=lambda *_: None)
+    reports = [export(str(tmp_path / name), str(tmp_path / f"{name}_hf"), progress=False, log=lambda *_: None)
+               for name in ("tp2pp2", "tp1")]
+    # 3 steps from init: a small stream, where the fold error is near FOLD_TOLERANCE (seen: 1.2e-4); either
+    # way both layouts decide alike, the calibration reading the same tensors
+    assert reports[0] == reports[1], reports
 
     def weights(d):
         files = [f for f in os.listdir(d) if f.endswith(".safetensors")]
         return {k: v for f in files for k, v in load_file(os.path.join(d, f)).items()}
 
     a, b = weights(tmp_path / "tp2pp2_hf"), weights(tmp_path / "tp1_hf")
-    assert a.keys() == b.keys() and len(a) == 2 + 4 * 9 + 1
+    per_block = 9 if reports[0]["format"] == "LlamaForCausalLM" else 10  # the GPAS gate unless folded
+    assert a.keys() == b.keys() and len(a) == 2 + 4 * per_block + 1
     for k in a:
         assert torch.equal(a[k], b[k]), k
     ca = json.load(open(tmp_path / "tp2pp2_hf" / "config.json"))
     cb = json.load(open(tmp_path / "tp1_hf" / "config.json"))
-    assert ca == cb and ca["architectures"] == ["LlamaForCausalLM"]
+    assert ca == cb and ca["architectures"] == [reports[0]["format"]]
 
 
 def test_hf_to_megatron_to_hf_is_bit_identical(tmp_path):

@@ -14,6 +14,13 @@ of the block, G the GPAS op y = x - SiLU(g) * stopgrad(x) (forward value (1 - Si
 Weight names follow LlamaForCausalLM (input_layernorm is the pre-attention norm,
 post_attention_layernorm the pre-MLP norm); the extra norms are attn_branch_norm/mlp_branch_norm
 (Sandwich-LN) and attn_sum_norm/mlp_sum_norm (Post-LN, DeepNorm).
+
+Generation depends on no release's internals: ``prepare_inputs_for_generation`` is our own (the
+tokens not yet in the cache, the whole 2-D attention mask, their positions), the cache arrives as
+``past_key_values`` (transformers 4) or ``cache`` (transformers 5) and is returned under the name
+the installed output class declares. With a 2-D ``attention_mask`` (1 = token, 0 = padding, left
+padding for batched generation) a query attends to the keys before it that are not padding and the
+position of a token is the number of tokens before it (cumsum(mask) - 1).
 """
 
 
@@ -25,6 +32,9 @@ from transformers.cache_utils import DynamicCache
 from transformers.modeling_outputs import CausalLMOutputWithPast
 
 from .configuration_prores import ProResConfig
+
+# transformers 5 renamed the output's past_key_values to cache (the old name only as a deprecated alias)
+CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
 
 
 class ProResNorm(nn.Module):
@@ -38,11 +48,12 @@ class ProResNorm(nn.Module):
 
     def forward(self, x):
         dtype = x.dtype
-        x = x.float()
+        x = x.to(torch.promote_types(dtype, torch.float32))  # fp32 at least, fp64 stays fp64
+        w = self.weight.to(x.dtype)
         if self.rms:
-            y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * self.weight.float()
+            y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps) * w
         else:
-            y = F.layer_norm(x, x.shape[-1:], self.weight.float(), self.bias.float(), self.eps)
+            y = F.layer_norm(x, x.shape[-1:], w, self.bias.to(x.dtype), self.eps)
         return y.to(dtype)
 
 
@@ -64,7 +75,9 @@ class ProResAttention(nn.Module):
         self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=False)
         self.rope_theta = float(config.rope_theta)  # no buffers: from_pretrained would leave them empty
 
-    def forward(self, x, positions, cache):
+    def forward(self, x, positions, cache=None, mask=None):
+        """Causal attention of x [b, s, h] at ``positions`` [b, s]; ``mask`` [b, 1, s, past + s] (True =
+        attend) when there is padding or a cached past, else None (plain causal)."""
         b, s, _ = x.shape
         q = self.q_proj(x).view(b, s, self.heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
@@ -80,16 +93,25 @@ class ProResAttention(nn.Module):
         if self.kv_heads != self.heads:
             k = k.repeat_interleave(self.heads // self.kv_heads, dim=1)
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] == k.shape[2] and s > 1,
-                                             attn_mask=None if q.shape[2] == k.shape[2] else
-                                             _causal_mask(s, k.shape[2], q.device))
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and s > 1)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
 
 
-def _causal_mask(s_q, s_k, device):
-    """Boolean mask for s_q new queries at the end of s_k keys (decoding with a cache)."""
-    i = torch.arange(s_q, device=device)[:, None] + (s_k - s_q)
-    return torch.arange(s_k, device=device)[None, :] <= i
+def attention_mask_4d(attention_mask, past, s, device):
+    """[b, 1, s, past + s] booleans: query i (index past + i) sees key j iff j <= past + i and key j is
+    a token (mask 1). A query always sees itself, so a padding query has one key and stays finite
+    (an all-masked row would be NaN, and NaN times a zero attention weight is still NaN)."""
+    q = torch.arange(past, past + s, device=device)[:, None]
+    k = torch.arange(past + s, device=device)[None, :]
+    allowed = k <= q
+    if attention_mask is None:
+        return allowed[None, None]
+    return allowed & (attention_mask.bool()[:, None, None, :] | (k == q))
+
+
+def position_ids_from_mask(attention_mask, s):
+    """Positions of the last s tokens: the number of tokens before each (padding counts 0)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)[:, -s:]
 
 
 class ProResMLP(nn.Module):
@@ -133,24 +155,23 @@ class ProResBlock(nn.Module):
         g = self.gpas_gate[sublayer if self.gpas_gate.numel() == 2 else 0]
         return x - F.silu(g).to(x.dtype) * x.detach()
 
-    def _sublayer(self, x, sublayer, fn, positions=None, cache=None):
+    def _sublayer(self, x, sublayer, fn):
         a = self.prores_value
-        call = (lambda v: fn(v, positions, cache)) if sublayer == 0 else fn
         if self.style in ("pre", "lns", "sandwich"):
             norm = self.input_layernorm if sublayer == 0 else self.post_attention_layernorm
             y = norm(x)
             if self.style == "lns":
                 y = y * self.layer ** -0.5
-            y = call(y)
+            y = fn(y)
             if self.style == "sandwich":
                 y = (self.attn_branch_norm if sublayer == 0 else self.mlp_branch_norm)(y)
             return self._gpas(x + a * y, sublayer)
-        y = call(x)
+        y = fn(x)
         out = self.shortcut * self._gpas(x, sublayer) + a * y
         return (self.attn_sum_norm if sublayer == 0 else self.mlp_sum_norm)(out)
 
-    def forward(self, x, positions, cache):
-        x = self._sublayer(x, 0, self.self_attn, positions, cache)
+    def forward(self, x, positions, cache=None, mask=None):
+        x = self._sublayer(x, 0, lambda y: self.self_attn(y, positions, cache, mask))
         return self._sublayer(x, 1, self.mlp)
 
 
@@ -158,14 +179,18 @@ class ProResPreTrainedModel(PreTrainedModel):
     config_class = ProResConfig
     base_model_prefix = "model"
     _no_split_modules = ["ProResBlock"]
+    _supports_cache_class = True  # transformers 4.x: accept and create DynamicCache instances
 
+    @torch.no_grad()
     def _init_weights(self, module):
+        # torch.nn.init, looked up at call time: transformers 5 runs this on every module after loading
+        # and guards these functions to skip loaded tensors (in-place tensor methods would overwrite them)
         if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(0.0, 0.02)
+            nn.init.normal_(module.weight, 0.0, 0.02)
         elif isinstance(module, ProResNorm):
-            module.weight.data.fill_(1.0)
+            nn.init.ones_(module.weight)
             if not module.rms:
-                module.bias.data.zero_()
+                nn.init.zeros_(module.bias)
         # GPAS gates are created at 0 (identity) and only ever set from the checkpoint
 
 
@@ -177,13 +202,26 @@ class ProResModel(ProResPreTrainedModel):
         self.norm = ProResNorm(config) if config.final_norm else None
         self.post_init()
 
-    def forward(self, input_ids, past_key_values=None):
+    def forward(self, input_ids, attention_mask=None, position_ids=None, past_key_values=None):
+        """Hidden states of ``input_ids`` [b, s], which follow the ``past`` tokens in ``past_key_values``;
+        ``attention_mask`` [b, past + s] covers those too."""
+        b, s = input_ids.shape
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
-        positions = torch.arange(past, past + input_ids.shape[1], device=input_ids.device)[None].expand(
-            input_ids.shape[0], -1)
+        if attention_mask is not None:
+            if attention_mask.dim() != 2 or attention_mask.shape[1] != past + s:
+                raise ValueError(f"attention_mask must be [batch, {past + s}] (cached {past} + new {s} tokens), "
+                                 f"got {list(attention_mask.shape)}")
+            if bool(attention_mask.all()):
+                attention_mask = None  # no padding: plain causal attention (faster kernels)
+        if position_ids is None:
+            position_ids = (position_ids_from_mask(attention_mask, s) if attention_mask is not None else
+                            torch.arange(past, past + s, device=input_ids.device)[None].expand(b, -1))
+        # a mask where is_causal cannot say it: padding, or several new queries after a cached past
+        mask = attention_mask_4d(attention_mask, past, s, input_ids.device) \
+            if attention_mask is not None or (past and s > 1) else None
         x = self.embed_tokens(input_ids)
         for block in self.layers:
-            x = block(x, positions, past_key_values)
+            x = block(x, position_ids, past_key_values, mask)
         return self.norm(x) if self.norm is not None else x
 
 
@@ -197,16 +235,42 @@ class ProResForCausalLM(ProResPreTrainedModel, GenerationMixin):
     def get_input_embeddings(self):
         return self.model.embed_tokens
 
-    def forward(self, input_ids=None, attention_mask=None, past_key_values=None, labels=None, use_cache=None,
-                logits_to_keep=0, **kwargs):
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache()
-        hidden = self.model(input_ids, past_key_values if use_cache or past_key_values is not None else None)
-        if logits_to_keep:
-            hidden = hidden[:, -logits_to_keep:]
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, labels=None,
+                use_cache=None, logits_to_keep=0, **kwargs):
+        """Logits of the tokens ``input_ids`` (the last ``logits_to_keep`` only, when not 0); with ``labels``
+        the mean cross entropy of token t+1 given tokens <= t over the labels that are not -100.
+        ``use_cache`` starts a DynamicCache when none is given (transformers 5 passes it as ``cache``);
+        a ``cache_position`` (transformers 4) is ignored: the cache's length says where the tokens go."""
+        if input_ids is None:
+            raise ValueError("ProResForCausalLM takes input_ids (inputs_embeds is not supported)")
+        cache = past_key_values if past_key_values is not None else kwargs.get("cache")
+        if use_cache and cache is None:
+            cache = DynamicCache()
+        hidden = self.model(input_ids, attention_mask, position_ids, cache)
+        if isinstance(logits_to_keep, int):
+            hidden = hidden[:, -logits_to_keep:] if logits_to_keep else hidden
+        else:  # a tensor of sequence indices
+            hidden = hidden[:, logits_to_keep]
         logits = self.lm_head(hidden)
         loss = None
         if labels is not None:
             loss = F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten(), ignore_index=-100)
-        return CausalLMOutputWithPast(loss=loss, logits=logits, past_key_values=past_key_values)
+        return CausalLMOutputWithPast(**{"loss": loss, "logits": logits, CACHE_FIELD: cache})
 
+    def prepare_inputs_for_generation(self, input_ids, past_key_values=None, attention_mask=None,
+                                      position_ids=None, use_cache=True, **kwargs):
+        """One step of ``generate``: ``input_ids`` [b, t] is the whole sequence so far (prompt and
+        generated tokens; only the new ones when ``attention_mask`` is longer), the cache holds the first
+        ``past`` of the t tokens: feed the other t - past with the full mask and their positions."""
+        cache = past_key_values if past_key_values is not None else kwargs.get("cache")
+        past = cache.get_seq_length() if cache is not None else 0
+        total = attention_mask.shape[1] if attention_mask is not None else input_ids.shape[1]
+        new = total - past
+        if not 0 < new <= input_ids.shape[1]:  # without a mask, a call that gave only the new tokens
+            new = input_ids.shape[1]
+        inputs = {"input_ids": input_ids[:, -new:], "attention_mask": attention_mask,
+                  "position_ids": position_ids[:, -new:] if position_ids is not None else None,
+                  "past_key_values": cache, "use_cache": use_cache}
+        if kwargs.get("logits_to_keep") is not None:
+            inputs["logits_to_keep"] = kwargs["logits_to_keep"]
+        return inputs
