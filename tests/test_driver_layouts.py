@@ -32,7 +32,10 @@ EXHAUSTIVE_LAYOUTS = {
                                     "--num-layers-per-virtual-pipeline-stage", "1"]),
 }
 LOSS_RTOL = 1e-5  # fp32: summation order differs between layouts
-WEIGHT_RTOL = 1e-4  # relative norm error per tensor after STEPS Adam steps
+# relative norm error per tensor after STEPS Adam steps: Adam divides each gradient by its own
+# running RMS, so fp32 summation-order noise in a near-zero gradient (a gate's, early on) moves
+# that element's update by up to lr (seen: a gate 1.4e-4 off under megatron-core 0.19 TP=2)
+WEIGHT_RTOL = 1e-3
 
 
 def model_weights(ckpt):
