@@ -7,6 +7,8 @@ lines starting with # are comments). Bad values end in one line naming the flag 
 from __future__ import annotations
 
 import argparse
+import math
+import re
 import shlex
 
 import torch
@@ -30,6 +32,11 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message):  # one line, exit 2 (argparse's own usage dump is long)
         raise ConfigError(message)
+
+
+# argparse reads "-1e-3" as an option (its negative-number pattern has no exponent): accept any
+# number here, so that a negative value reaches the range checks below and gets their message.
+_NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -123,7 +130,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--save", default=None)
     g.add_argument("--load", default=None)
     g.add_argument("--save-interval", type=int, default=None)
-    g.add_argument("--keep-last-n", type=int, default=None, help="delete older checkpoints")
+    g.add_argument("--keep-last-n", type=int, default=None,
+                   help="keep only the newest N >= 1 checkpoints (the latest is never deleted)")
+    g.add_argument("--ckpt-step", type=int, default=None,
+                   help="resume from iteration N of --load instead of its latest (e.g. when the latest is damaged)")
+    g.add_argument("--override-opt-param-scheduler", action="store_true",
+                   help="on resume, apply changed LR/weight-decay/ProRes schedule flags from the checkpoint's "
+                        "iteration on (without it a changed schedule flag is refused)")
+    g.add_argument("--use-checkpoint-opt-param-scheduler", action="store_true",
+                   help="on resume, keep the checkpoint's LR/weight-decay schedule and ignore the flags")
+    g.add_argument("--override-data-flags", action="store_true",
+                   help="on resume, accept a changed --global-batch-size/--seq-length/--seed/--data-path/--split "
+                        "(the position in samples is kept: samples may repeat or be skipped)")
+    g.add_argument("--no-load-optim", action="store_true",
+                   help="on resume, load the model weights and the schedule's position but start a fresh Adam "
+                        "state (e.g. to switch --use-distributed-optimizer)")
+    g.add_argument("--no-load-rng", action="store_true",
+                   help="on resume, do not restore the RNG states (allows a checkpoint whose RNG files are missing)")
     g.add_argument("--async-save", action="store_true",
                    help="write checkpoints in a background process while training goes on; a checkpoint "
                         "becomes the latest only once every rank has finished writing it")
@@ -139,6 +162,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--tensorboard-dir", default=None)
+    p._negative_number_matcher = _NUMBER
     return p
 
 
@@ -155,10 +179,14 @@ def check_args(args, this_machine: bool = True) -> None:
         if not cond:
             raise ConfigError(message)
 
-    for flag in ("micro_batch_size", "global_batch_size", "train_iters", "seq_length", "log_interval"):
+    for flag, ok, what in _RANGES:
         v = getattr(args, flag)
-        need(v > 0, f"--{flag.replace('_', '-')} {v} is not valid; it must be positive")
-    need(args.lr > 0, f"--lr {args.lr} is not valid; it must be positive")
+        if v is None:
+            continue
+        need(not isinstance(v, float) or math.isfinite(v), f"--{flag.replace('_', '-')} {v} is not valid; it "
+                                                              f"must be a finite number")
+        need(ok(v), f"--{flag.replace('_', '-')} {v} is not valid; it must be {what}")
+    _check_split(args.split)
     need(0 <= args.min_lr <= args.lr, f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}]")
     need(args.mock_data or args.data_path,
          "no training data: give --data-path PREFIX (from tools/preprocess_data.py) or --mock-data")
@@ -173,13 +201,11 @@ def check_args(args, this_machine: bool = True) -> None:
              f"--max-position-embeddings {args.max_position_embeddings} is below --seq-length {args.seq_length}")
     if args.lr_decay_style == "WSD":
         need(args.lr_wsd_decay_iters, "--lr-decay-style WSD needs --lr-wsd-decay-iters")
-    need(args.lr_warmup_iters >= 0, "--lr-warmup-iters must be >= 0")
+    need(not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
+         "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other; give one")
+    need(args.ckpt_step is None or args.load, "--ckpt-step needs --load DIR (the run to resume from)")
     if args.save_interval is not None:
         need(args.save, "--save-interval needs --save DIR")
-        need(args.save_interval > 0, "--save-interval must be positive")
-    if args.eval_interval is not None:
-        need(args.eval_interval > 0, "--eval-interval must be positive")
-    need(args.clip_gate_grad >= 0, "--clip-gate-grad must be >= 0")
     if args.clip_gate_grad > 0:
         need(args.gpas, "--clip-gate-grad needs --gpas")
     if args.recompute_granularity is not None and this_machine:
@@ -187,6 +213,50 @@ def check_args(args, this_machine: bool = True) -> None:
              "--recompute-granularity needs CUDA (megatron's recompute saves CUDA RNG states)")
     if args.bf16 and this_machine:
         need(torch.cuda.is_available(), "--bf16 needs a GPU; the CPU path trains in fp32 (drop --bf16)")
+
+
+# Value ranges of numeric flags: (flag, test, what the value must be). None (unset) is not checked.
+_RANGES = (
+    ("micro_batch_size", lambda v: v > 0, "positive"),
+    ("global_batch_size", lambda v: v > 0, "positive"),
+    ("train_iters", lambda v: v > 0, "positive"),
+    ("seq_length", lambda v: v > 0, "positive"),
+    ("log_interval", lambda v: v > 0, "positive"),
+    ("lr", lambda v: v > 0, "positive"),
+    ("min_lr", lambda v: v >= 0, ">= 0"),
+    ("lr_warmup_iters", lambda v: v >= 0, ">= 0"),
+    ("lr_decay_iters", lambda v: v > 0, "positive"),
+    ("lr_wsd_decay_iters", lambda v: v > 0, "positive"),
+    ("weight_decay", lambda v: v >= 0, ">= 0"),
+    ("adam_beta1", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_beta2", lambda v: 0 <= v < 1, "in [0, 1)"),
+    ("adam_eps", lambda v: v >= 0, ">= 0"),
+    ("clip_grad", lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    ("clip_gate_grad", lambda v: v >= 0, ">= 0 (0: off)"),
+    ("init_method_std", lambda v: v > 0, "positive"),
+    ("max_nonfinite_iters", lambda v: v > 0, "positive"),
+    ("eval_iters", lambda v: v >= 0, ">= 0 (0: no evaluation)"),
+    ("eval_interval", lambda v: v > 0, "positive"),
+    ("save_interval", lambda v: v > 0, "positive"),
+    ("keep_last_n", lambda v: v >= 1, ">= 1 (the number of newest checkpoints kept)"),
+    ("ckpt_step", lambda v: v >= 0, ">= 0"),
+    ("exit_duration_in_mins", lambda v: v > 0, "positive"),
+    ("exit_interval", lambda v: v > 0, "positive"),
+    ("prores_warmup_steps", lambda v: v >= 0, ">= 0"),
+)
+
+
+def _check_split(split: str) -> None:
+    """--split: 1 to 3 comma-separated non-negative weights (train, valid, test), train > 0."""
+    parts = split.replace("/", ",").split(",")
+    try:
+        weights = [float(x) for x in parts]
+    except ValueError:
+        weights = []
+    if not 1 <= len(parts) <= 3 or len(weights) != len(parts) or not all(math.isfinite(w) and w >= 0 for w in weights) \
+            or weights[0] <= 0:
+        raise ConfigError(f"--split {split!r} is not valid; give train,valid,test weights such as 969,30,1 "
+                          f"(non-negative numbers, train > 0)")
 
 
 def parse_data_path(data_path):

@@ -30,10 +30,10 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-from megatron_prores import mcore_compat
+from megatron_prores import checkpoint_check, mcore_compat
 from megatron_prores.config import ConfigError
 
-LATEST = "latest_checkpointed_iteration.txt"
+LATEST = checkpoint_check.LATEST
 DISTRIB_OPTIM_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
@@ -110,14 +110,7 @@ def iteration_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
-def read_latest(root: str) -> Optional[int]:
-    path = os.path.join(root, LATEST)
-    if not os.path.isfile(path):
-        return None
-    text = open(path).read().strip()
-    if not text.isdigit():
-        raise ConfigError(f"--load {root!r}: {LATEST} holds {text!r}, not an iteration number")
-    return int(text)
+read_latest = checkpoint_check.read_latest
 
 
 def _rng_state() -> dict:
@@ -224,19 +217,22 @@ def _publish(root: str, iteration: int, keep_last_n: Optional[int]) -> None:
     """Every rank has written its part: rename the .tmp, then (and only then) name it the latest."""
     if dist.get_rank() == 0:
         final = iteration_dir(root, iteration)
-        if os.path.isdir(final):
-            shutil.rmtree(final)
+        if os.path.isdir(final):  # an older save of this iteration (after a --ckpt-step resume)
+            os.replace(final, final + ".replaced")
         os.replace(final + ".tmp", final)
+        shutil.rmtree(final + ".replaced", ignore_errors=True)
         marker = os.path.join(root, LATEST + ".tmp")
         with open(marker, "w") as f:
             f.write(str(iteration))
             f.flush()
             os.fsync(f.fileno())
         os.replace(marker, os.path.join(root, LATEST))
-        if keep_last_n:
-            old = sorted(d for d in os.listdir(root) if d.startswith("iter_") and not d.endswith(".tmp"))
-            for d in old[:-keep_last_n]:
-                shutil.rmtree(os.path.join(root, d), ignore_errors=True)
+        if keep_last_n and keep_last_n > 0:
+            # the newest keep_last_n up to this (latest) one; newer directories left by a run that
+            # was resumed with --ckpt-step are not this run's to delete
+            kept = [i for i in checkpoint_check.iterations(root) if i <= iteration]
+            for i in kept[:-keep_last_n]:
+                shutil.rmtree(iteration_dir(root, i), ignore_errors=True)
     dist.barrier()
 
 
@@ -260,9 +256,10 @@ class CheckpointSaver:
         self.in_flight: Optional[int] = None
 
     def save(self, iteration: int, model, optimizer, scheduler, train_state: dict, model_args: dict,
-             model_config: Optional[dict] = None) -> bool:
+             model_config: Optional[dict] = None, run_flags: Optional[dict] = None) -> bool:
         """Write checkpoint ``iteration``; True when it is already complete (always, unless async).
-        ``model_config`` (config.config_to_dict) lets tools rebuild the model (HF export)."""
+        ``model_config`` (config.config_to_dict) lets tools rebuild the model (HF export);
+        ``run_flags`` (resume.run_flags) lets a resume check its flags against the run's."""
         self.wait()
         tmp = _prepare(self.root, iteration)
         state = _training_state(model, optimizer, is_loading=False)
@@ -270,6 +267,7 @@ class CheckpointSaver:
         state["train_state"] = dict(train_state, iteration=iteration)
         state["model_args"] = model_args
         state["model_config"] = model_config
+        state["run_flags"] = run_flags
         request = None
         try:
             request = dist_checkpointing.save(state, tmp, sharded_strategy=_save_strategy(),
@@ -355,30 +353,24 @@ def check_model_args(saved: dict, current: dict, where: str) -> None:
         )
 
 
-def load_checkpoint(root: str, model, optimizer, scheduler, model_args: dict) -> Optional[dict]:
-    """Resume from the latest complete checkpoint under ``root``; None when there is none."""
-    if not os.path.isdir(root):
-        return None
-    iteration = read_latest(root)
-    if iteration is None:
-        return None
-    directory = iteration_dir(root, iteration)
-    if not os.path.isdir(directory):
-        raise ConfigError(f"--load {root!r}: {LATEST} names iteration {iteration} but "
-                          f"{directory} is missing")
-    common = mcore_compat.load_common_state(directory)
-    check_model_args(common.get("model_args", {}), model_args, root)
-    model_only = "optimizer" not in common  # e.g. imported from Hugging Face: fresh optimizer
-    state = _load(_training_state(model, None if model_only else optimizer, is_loading=True), directory)
+def load_checkpoint(directory: str, model, optimizer, scheduler, model_args: dict, common: dict,
+                    load_optim: bool = True, load_rng: bool = True) -> dict:
+    """Load checkpoint ``directory`` (verified by checkpoint_check, its common state ``common``):
+    the model, then (``load_optim``) the optimizer state, the scheduler's state, this rank's RNG
+    states (``load_rng``, when the checkpoint has this rank's file). Returns its train state."""
+    check_model_args(common.get("model_args", {}), model_args, os.path.dirname(directory))
+    has_optim = "optimizer" in common  # absent e.g. when imported from Hugging Face: fresh optimizer
+    use_optim = optimizer is not None and has_optim and load_optim
+    state = _load(_training_state(model, optimizer if use_optim else None, is_loading=True), directory)
     _load_model(model, state, directory)
-    if optimizer is not None and not model_only:
+    train_state = common["train_state"]
+    if use_optim:
         with torch.no_grad():  # the distributed optimizer copies into views of the parameters
             optimizer.load_state_dict(state["optimizer"])
-        train_state = common["train_state"]
         _restore_adam_step(optimizer, train_state["iteration"] - train_state.get("skipped_iters", 0))
-    if scheduler is not None and common.get("scheduler") is not None and not model_only:
+    if scheduler is not None and common.get("scheduler") is not None and has_optim:
         scheduler.load_state_dict(common["scheduler"])
     rng = os.path.join(directory, f"rng_rank{dist.get_rank():05d}.pt")
-    if os.path.isfile(rng):  # absent when resuming into a larger layout: keep the fresh seed
-        _set_rng_state(torch.load(rng, weights_only=False))
-    return common["train_state"]
+    if load_rng and os.path.isfile(rng):  # absent when resuming into a larger layout
+        _set_rng_state(checkpoint_check.safe_torch_load(rng, "RNG state"))
+    return train_state

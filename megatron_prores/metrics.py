@@ -123,6 +123,11 @@ class StreamRMS:
         return {b: v for b, v in zip(blocks, ms.sqrt().tolist())}
 
 
+def _num(x: float, fmt: str) -> str:
+    """A logged number; NaN/inf as 'nan'/'inf' (a skipped step must not look like a loss)."""
+    return format(x, fmt) if math.isfinite(x) else str(x)
+
+
 class MetricsLogger:
     """The training log line every --log-interval steps and the TensorBoard scalars.
 
@@ -166,7 +171,7 @@ class MetricsLogger:
             line = (f" iteration {iteration:8d}/{a.train_iters:8d} | consumed samples: "
                     f"{state.consumed_samples:12d} | elapsed time per iteration (ms): {1000 * avg_t:.1f} | "
                     f"learning rate: {lr:.6E} | global batch size: {a.global_batch_size:5d} | "
-                    f"lm loss: {loss:.6E} | grad norm: {grad_norm:.3f} | "
+                    f"lm loss: {_num(loss, '.6E')} | grad norm: {_num(grad_norm, '.3f')} | "
                     f"skipped iterations: {state.skipped_iters:3d} | tokens/s: {tps:.0f} | "
                     f"TFLOP/s per device: {tflops:.3f}"
                     + (f" | MFU: {100 * tflops / self.peak:.1f}%" if self.peak else "")

@@ -51,18 +51,25 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1,
             torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
     if not dist.is_initialized():
         rank, world, local = rank_and_world()
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", "29500")
         if use_cuda:
             torch.cuda.set_device(local % torch.cuda.device_count())
-        dist.init_process_group(
-            # NCCL for CUDA tensors; gloo beside it for the few host-side values the driver and
-            # the checkpointing reduce (loss, finite flags, exit flags): NCCL alone rejects them.
-            backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo",
-            rank=rank,
-            world_size=world,
-            timeout=timedelta(minutes=timeout_minutes),
-        )
+        # NCCL for CUDA tensors; gloo beside it for the few host-side values the driver and the
+        # checkpointing reduce (loss, finite flags, exit flags): NCCL alone rejects them.
+        kw = dict(backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo", rank=rank, world_size=world,
+                  timeout=timedelta(minutes=timeout_minutes))
+        if world == 1 and "MASTER_ADDR" not in os.environ:
+            kw["store"] = dist.HashStore()  # one process: no port (two runs on one machine would clash)
+        else:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", "29500")
+        try:
+            dist.init_process_group(**kw)
+        except dist.DistNetworkError as e:
+            from megatron_prores.config import ConfigError
+
+            raise ConfigError(f"torch.distributed could not start on {os.environ['MASTER_ADDR']}:"
+                              f"{os.environ['MASTER_PORT']} ({str(e).splitlines()[-1][-80:]}); set MASTER_PORT "
+                              f"to a free port") from None
     from megatron.core import parallel_state
 
     layout = (tensor_parallel, pipeline_parallel, virtual_pipeline, context_parallel)

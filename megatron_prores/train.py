@@ -31,7 +31,11 @@ def main(argv=None) -> int:
         exit_policy = ExitPolicy(args)  # before the heavy set-up: a signal during it is kept
         from megatron_prores.trainer import Trainer
 
-        return Trainer(args, exit_policy).train()
+        trainer = Trainer(args, exit_policy)
+        try:
+            return trainer.train()
+        finally:
+            trainer.close()
     except ConfigError as e:
         from megatron_prores.parallel import rank_and_world
 

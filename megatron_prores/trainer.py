@@ -57,10 +57,10 @@ class StepResult:
 class Checkpointer:
     """Saves (sync or async) and publishes background checkpoints; reports each one."""
 
-    def __init__(self, args, arch: dict, export_config: dict):
+    def __init__(self, args, arch: dict, export_config: dict, run_flags: dict):
         from megatron_prores.checkpointing import CheckpointSaver
 
-        self.args, self.arch, self.export_config = args, arch, export_config
+        self.args, self.arch, self.export_config, self.run_flags = args, arch, export_config, run_flags
         self.saver = CheckpointSaver(args.save, args.keep_last_n, args.async_save) if args.save else None
 
     def _saved(self, iteration: int, t0: float) -> None:
@@ -68,14 +68,29 @@ class Checkpointer:
             how = "in the background" if self.args.async_save else f"in {time.time() - t0:.2f}s"
             print(f"saved checkpoint at iteration {iteration} to {self.args.save} {how}", flush=True)
 
-    def save(self, trainer: "Trainer") -> None:
+    def save(self, trainer: "Trainer", last_step_finite: bool = True) -> bool:
+        """Save unless the state is unsound: after a skipped (non-finite) step nothing is written
+        (True: training may go on); with non-finite weights or optimizer state nothing is written
+        and False is returned (the run must stop). The latest checkpoint stays as it was."""
         t0, it = time.time(), trainer.state.iteration
+        if not last_step_finite:
+            trainer._say(f"not saving at iteration {it}: its step was skipped (non-finite loss or gradient); "
+                         f"the latest checkpoint stays the last good one")
+            return True
+        if not state_is_finite(trainer.model, trainer.optimizer):
+            if dist.get_rank() == 0:
+                print(f"error: the weights or optimizer state are non-finite at iteration {it} (the update itself "
+                      f"produced NaN/inf, e.g. --adam-eps 0 or a too large --lr); not saving: the latest checkpoint "
+                      f"stays the last good one", file=sys.stderr, flush=True)
+            self.poll(blocking=True)
+            return False
         if self.saver.save(it, trainer.model, trainer.optimizer, trainer.scheduler, trainer.state.state_dict(),
-                           self.arch, self.export_config):
+                           self.arch, self.export_config, self.run_flags):
             self._saved(it, t0)
         elif dist.get_rank() == 0:
             print(f"writing checkpoint {it} in the background (training paused {time.time() - t0:.2f}s)",
                   flush=True)
+        return True
 
     def poll(self, blocking: bool = False) -> None:
         """Publish a finished background checkpoint (collective)."""
@@ -91,12 +106,17 @@ class Trainer:
 
         self.args = args
         self.exit = exit_policy or ExitPolicy(args)  # first: a signal during set-up is kept
-        self._configure()
-        self._build_model()
-        self.state = TrainState(spike=SpikeScore(args.train_iters))
-        self._resume()
-        self._build_data()
-        self._build_parts()
+        self.lock = self.checkpointer = None
+        try:
+            self._configure()
+            self._build_model()
+            self.state = TrainState(spike=SpikeScore(args.train_iters))
+            self._resume()
+            self._build_data()
+            self._build_parts()
+        except BaseException:
+            self.close()
+            raise
 
     # ---- set-up ---------------------------------------------------------------------------
     def _configure(self) -> None:
@@ -153,22 +173,77 @@ class Trainer:
         self.gates = [l.gpas_gate for l in prores_layers(self.model)] if cfg.method.gpas else []
 
     def _resume(self) -> None:
-        from megatron_prores import checkpointing
+        """Lock --save, find the starting point, verify the checkpoint, check the flags, load."""
+        from megatron_prores import checkpointing, resume
         from megatron_prores.config import config_to_dict
+        from megatron_prores.run_lock import RunLock
 
         a = self.args
         self.arch = checkpointing.model_args_for_checkpoint(self.cfg)
         self.export_config = dict(config_to_dict(self.cfg), tokenizer_type=self.tokenizer_type,  # HF export
                                   tokenizer_model=os.path.abspath(a.tokenizer_model) if a.tokenizer_model else None)
-        if not a.load:
+        self.run_flags = dict(resume.run_flags(a), world_size=self.world)
+        self.lock = RunLock(a.save) if a.save else None
+        if self.lock is not None:
+            self._say(resume.on_rank0(self.lock.acquire))
+        start = resume.on_rank0(lambda: resume.starting_point(a))
+        if start is None:
+            if a.load:
+                self._say(f"no checkpoint under {a.load} yet: starting a new run")
             return
-        loaded = checkpointing.load_checkpoint(a.load, self.model, self.optimizer, self.scheduler, self.arch)
-        if loaded is not None:
-            self.state.load_state_dict(loaded)
-            if dist.get_rank() == 0:
-                print(f"resumed from {a.load} at iteration {self.state.iteration}", flush=True)
-        elif dist.get_rank() == 0:
-            print(f"no checkpoint under {a.load}: starting from scratch", flush=True)
+        directory, iteration = start
+        common = resume.on_rank0(lambda: self._checked_common(directory, iteration))
+        mode = common.pop("_schedule_mode")
+        if mode == "override":
+            self.scheduler.override_opt_param_scheduler = True
+            self.scheduler.use_checkpoint_opt_param_scheduler = False
+        else:  # same values, or the checkpoint's on purpose
+            self.scheduler.use_checkpoint_opt_param_scheduler = True
+            saved = common.get("run_flags") or {}
+            if mode == "checkpoint" and saved.get("lr_wsd_decay_iters"):  # not in megatron's scheduler state
+                self.scheduler.wsd_decay_steps = saved["lr_wsd_decay_iters"] * a.global_batch_size
+                self.scheduler.lr_wsd_decay_style = saved["lr_wsd_decay_style"]
+        saved_world = (common.get("run_flags") or {}).get("world_size")
+        loaded = checkpointing.load_checkpoint(directory, self.model, self.optimizer, self.scheduler, self.arch,
+                                               common, load_optim=not a.no_load_optim, load_rng=not a.no_load_rng)
+        self.state.load_state_dict(loaded)
+        if mode == "override":  # the loaded optimizer brought its groups' old LR bounds: the flags' instead
+            for g in self.optimizer.param_groups:
+                g["max_lr"], g["min_lr"] = a.lr, a.min_lr
+            self.scheduler.step(increment=0)
+        lr = self.scheduler.get_lr(self.optimizer.param_groups[0])
+        self._say(f"resumed from {directory} at iteration {self.state.iteration} (learning rate {lr:.6E}"
+                  + {"override": ", schedule from the new flags: --override-opt-param-scheduler",
+                     "checkpoint": ", the checkpoint's schedule: --use-checkpoint-opt-param-scheduler"}.get(mode, "")
+                  + ")")
+        if a.no_load_optim and "optimizer" in common:
+            self._say("--no-load-optim: the Adam state starts fresh (moments zero) at this iteration")
+        if saved_world is not None and saved_world != self.world and not a.no_load_rng:
+            self._say(f"the checkpoint was written by {saved_world} processes, this run has {self.world}: RNG "
+                      f"states start from --seed (dropout masks differ from an uninterrupted run)")
+
+    def _checked_common(self, directory: str, iteration: int) -> dict:
+        """Rank 0: verify every file of the checkpoint, read its common state, check the flags."""
+        from megatron_prores import mcore_compat, resume
+
+        a = self.args
+        resume.verify_or_hint(directory, iteration, None)
+        if iteration > a.train_iters:
+            raise ConfigError(f"--train-iters {a.train_iters} is below the checkpoint's iteration {iteration}: "
+                              f"nothing to train; raise --train-iters (and see --override-opt-param-scheduler)")
+        common = mcore_compat.load_common_state(directory)
+        saved = common.get("run_flags")
+        world = (saved or {}).get("world_size")
+        if world == self.world and not a.no_load_rng:  # each process restores its own RNG file
+            resume.verify_or_hint(directory, iteration, world)
+        if "optimizer" not in common:  # model-only (imported, or an initial checkpoint): nothing to keep
+            saved = None
+        common["_schedule_mode"] = resume.check_flags(saved, a, iteration)
+        return common
+
+    def _say(self, line: Optional[str]) -> None:
+        if line and dist.get_rank() == 0:
+            print(line, flush=True)
 
     def _build_data(self) -> None:
         from megatron.core import parallel_state as ps
@@ -205,7 +280,7 @@ class Trainer:
                                      tb_dir=a.tensorboard_dir if first_of_stage else None, run_scalars=is_last,
                                      stage=ps.get_pipeline_model_parallel_rank())
         self.stream_rms = StreamRMS(self.model)
-        self.checkpointer = Checkpointer(a, self.arch, self.export_config)
+        self.checkpointer = Checkpointer(a, self.arch, self.export_config, self.run_flags)
 
     # ---- the step -------------------------------------------------------------------------
     def forward_step(self, data_iterator, chunk):
@@ -296,6 +371,9 @@ class Trainer:
                   f"microbatches x {a.micro_batch_size} x DP {self.dp_size}, norm {self.cfg.method.norm_type}, "
                   f"ProRes {self.cfg.method.prores_schedule}, GPAS {'on' if self.cfg.method.gpas else 'off'}, "
                   f"on {self.world} {'GPU' if self.device.type == 'cuda' else 'CPU'} process(es)", flush=True)
+        if s.iteration >= a.train_iters:
+            self._say(f"already trained to iteration {s.iteration} (--train-iters {a.train_iters}): nothing to do")
+            return 0
         nonfinite_in_a_row = 0
         while s.iteration < a.train_iters:
             logging = (s.iteration + 1) % a.log_interval == 0 or s.iteration + 1 == a.train_iters
@@ -312,15 +390,15 @@ class Trainer:
                 self.evaluate()
             stop = self.exit.should_exit(s.iteration)
             if a.save and (stop or (a.save_interval and s.iteration % a.save_interval == 0)):
-                self.checkpointer.save(self)
+                if not self.checkpointer.save(self, r.finite):
+                    return 3
             if stop:
                 self.checkpointer.poll(blocking=True)
                 if dist.get_rank() == 0:
                     print(f"exiting at iteration {s.iteration} (signal, time limit or --exit-interval)"
                           + ("; checkpoint saved" if a.save else ""), flush=True)
                 return 0
-        self._finish()
-        return 0
+        return self._finish(nonfinite_in_a_row == 0)
 
     def _nonfinite_stop(self, in_a_row: int) -> bool:
         a = self.args
@@ -336,14 +414,45 @@ class Trainer:
         self.checkpointer.poll(blocking=True)
         return True
 
-    def _finish(self) -> None:
+    def _finish(self, last_step_finite: bool) -> int:
         a, it = self.args, self.state.iteration
         if not (a.eval_interval and it % a.eval_interval == 0):
             self.evaluate()
+        if not last_step_finite:
+            if dist.get_rank() == 0:
+                print(f"error: the run ended in non-finite steps (iteration {it}); not saving: the latest checkpoint "
+                      f"stays the last good one", file=sys.stderr, flush=True)
+            self.checkpointer.poll(blocking=True)
+            return 3
         if a.save and not (a.save_interval and it % a.save_interval == 0):
-            self.checkpointer.save(self)
+            if not self.checkpointer.save(self):
+                return 3
         self.checkpointer.poll(blocking=True)
         self.metrics.finish(it, self.state.spike.score())
+        return 0
+
+    def close(self) -> None:
+        """Finish a background save and release --save's lock (also after an error)."""
+        if self.checkpointer is not None and self.checkpointer.saver is not None:
+            self.checkpointer.saver.close()
+        if self.lock is not None:
+            self.lock.release()
+
+
+@torch.no_grad()
+def state_is_finite(model, optimizer) -> bool:
+    """Every parameter, main (fp32) parameter and Adam moment is finite, on every rank."""
+    flags = [torch.isfinite(p).all() for m in model for p in m.parameters()]
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        inner = getattr(opt, "optimizer", None)
+        if inner is None:
+            continue
+        flags += [torch.isfinite(p).all() for g in inner.param_groups for p in g["params"]]
+        flags += [torch.isfinite(v).all() for st in inner.state.values() for v in st.values()
+                  if torch.is_tensor(v) and v.is_floating_point()]
+    ok = torch.stack(flags).all().float().cpu().view(1) if flags else torch.ones(1)
+    dist.all_reduce(ok, op=dist.ReduceOp.MIN)
+    return bool(ok.item())
 
 
 def build_optimizer(args, model):

@@ -87,7 +87,8 @@ def wait_for(p, text, timeout=300):
 
 def test_resume_after_sigkill_is_bitwise(tmp_path):
     iters = 40
-    common = BASE + ["--train-iters", iters, "--tensor-model-parallel-size", "2", "--save-interval", "4"]
+    common = BASE + ["--train-iters", iters, "--tensor-model-parallel-size", "2", "--save-interval", "4",
+                     "--keep-last-n", "2"]
     code, out = run(common + ["--save", tmp_path / "full"])
     assert code == 0, out[-3000:]
 
@@ -102,6 +103,9 @@ def test_resume_after_sigkill_is_bitwise(tmp_path):
     code, out = run(common + ["--save", tmp_path / "killed", "--load", tmp_path / "killed"])
     assert code == 0, out[-3000:]
     assert "resumed from" in out and f"at iteration {killed_at}" in out
+    assert "took over the lock of a run that is gone (process" in out  # the killed run's lock
+    assert sorted(os.listdir(tmp_path / "killed")) == ["iter_0000036", "iter_0000040",
+                                                       "latest_checkpointed_iteration.txt"]
     it_a, a = train_state(tmp_path / "full")
     it_b, b = train_state(tmp_path / "killed")
     assert it_a == it_b == iters
@@ -157,7 +161,7 @@ def test_resume_into_another_layout(tmp_path):
     code, out = run(BASE + ["--train-iters", "4", "--tensor-model-parallel-size", "2", "--save", tmp_path / "c"])
     assert code == 0, out[-2000:]
     code, out = run(BASE + ["--train-iters", "6", "--pipeline-model-parallel-size", "2",
-                            "--load", tmp_path / "c", "--save", tmp_path / "c"])
+                            "--override-opt-param-scheduler", "--load", tmp_path / "c", "--save", tmp_path / "c"])
     assert code == 0, out[-3000:]
     assert "at iteration 4" in out
     assert train_state(tmp_path / "c")[0] == 6
@@ -170,9 +174,16 @@ def test_nonfinite_steps_are_skipped_then_the_run_stops(tmp_path):
     assert code == 3, out[-3000:]
     assert "non-finite loss or gradient, step skipped" in out
     assert "consecutive non-finite steps" in out
+    assert "lm loss: nan" in out and "lm loss: 0.000000E+00" not in out  # a skipped step shows as nan
     it, state = train_state(tmp_path / "c")
     assert it >= 1 and os.path.isdir(tmp_path / "c" / f"iter_{it:07d}")
-    assert not [d for d in os.listdir(tmp_path / "c") if d.endswith(".tmp")]
+    assert f"not saving at iteration {it + 1}" in out  # nothing written during the non-finite streak
+    assert sorted(os.listdir(tmp_path / "c")) == [f"iter_{i:07d}" for i in range(1, it + 1)] + \
+        ["latest_checkpointed_iteration.txt"]
+    from megatron_prores.checkpoint_reader import CheckpointReader
+
+    reader = CheckpointReader(os.path.join(tmp_path / "c", f"iter_{it:07d}"))
+    assert all(torch.isfinite(reader.read(k)).all() for k in reader.tensors if not k.endswith("_extra_state"))
 
 
 # ---- bad input: one clear line, nothing lost -------------------------------------------------

@@ -1,0 +1,197 @@
+"""Where a run starts, and whether a checkpoint may be resumed with the flags given.
+
+Starting point (``starting_point``), decided before anything is written:
+- ``--load DIR`` holding a checkpoint: its latest complete one (``--ckpt-step N``: iteration N).
+- ``--load`` equal to ``--save`` and holding nothing yet (the usual ``--save D --load D`` of a
+  first SLURM submission): a fresh start.
+- Anything else is refused with one line: a ``--load`` that does not exist or holds no checkpoint,
+  iteration directories without the latest marker, a damaged latest checkpoint (the newest
+  complete older one is named, to be chosen with ``--ckpt-step``), a ``--save`` that already holds
+  another run's checkpoints while the run would start elsewhere.
+
+Flags on resume (``check_flags``), Megatron-LM's policy made explicit:
+- schedule flags (LR, weight decay, ProRes; ``--train-iters`` where it sets the decay length):
+  a change is refused unless ``--override-opt-param-scheduler`` (the new schedule applies from
+  the checkpoint's iteration on) or ``--use-checkpoint-opt-param-scheduler`` (the checkpoint's
+  LR/WD schedule is kept, the flags are ignored; ProRes changes need the override);
+- data-order flags (batch size, sequence length, seed, data path, split): a change is refused
+  unless ``--override-data-flags`` (the position in samples is kept: samples may repeat or be
+  skipped);
+- plain <-> distributed optimizer: refused unless ``--no-load-optim`` (model weights and the
+  schedule's position are loaded, the Adam state starts fresh).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Optional, Tuple
+
+import torch.distributed as dist
+
+from megatron_prores import checkpoint_check
+from megatron_prores.checkpoint_check import LATEST, CheckpointDamaged
+from megatron_prores.config import ConfigError
+
+SCHEDULE_FLAGS = ("lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_decay_iters", "lr_wsd_decay_iters",
+                  "lr_wsd_decay_style", "weight_decay")
+PRORES_FLAGS = ("prores_schedule", "prores_warmup_steps")
+DATA_FLAGS = ("global_batch_size", "seq_length", "seed", "data_path", "split", "mock_data")
+
+
+def run_flags(args) -> dict:
+    """The flags that define a run's schedules and data order, as a checkpoint records them
+    (``lr_decay_iters`` resolved: it defaults to ``--train-iters``)."""
+    flags = {k: getattr(args, k) for k in SCHEDULE_FLAGS + PRORES_FLAGS + DATA_FLAGS}
+    flags["lr_decay_iters"] = args.lr_decay_iters or args.train_iters
+    flags["use_distributed_optimizer"] = bool(args.use_distributed_optimizer)
+    return flags
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def on_rank0(fn: Callable):
+    """Run ``fn`` on rank 0 and give its result, or its ConfigError, to every rank."""
+    box = [None, None]
+    if dist.get_rank() == 0:
+        try:
+            box[0] = fn()
+        except ConfigError as e:
+            box[1] = (type(e), str(e))
+    dist.broadcast_object_list(box, src=0)
+    if box[1] is not None:
+        raise box[1][0](box[1][1])
+    return box[0]
+
+
+def _same_dir(a: Optional[str], b: Optional[str]) -> bool:
+    return bool(a and b) and os.path.realpath(a) == os.path.realpath(b)
+
+
+def _holds_checkpoints(root: Optional[str]) -> Optional[int]:
+    """The newest iteration that ``root`` holds (marker or iter_* directory), if any."""
+    if not root or not os.path.isdir(root):
+        return None
+    latest = checkpoint_check.read_latest(root)
+    its = checkpoint_check.iterations(root)
+    found = ([latest] if latest is not None else []) + its
+    return max(found) if found else None
+
+
+def _fallback_hint(root: str, below: int) -> str:
+    for it in reversed([i for i in checkpoint_check.iterations(root) if i < below]):
+        try:
+            checkpoint_check.verify(os.path.join(root, f"iter_{it:07d}"))
+        except ConfigError:
+            continue
+        return f"; the newest complete older checkpoint is iteration {it}: resume from it with --ckpt-step {it}"
+    return "; no complete older checkpoint exists under it"
+
+
+def starting_point(args) -> Optional[Tuple[str, int]]:
+    """(checkpoint directory, iteration) to resume from, or None for a fresh start."""
+    load, save, step = args.load, args.save, args.ckpt_step
+    if not load:
+        if step is not None:
+            raise ConfigError("--ckpt-step needs --load DIR (the run directory to resume from)")
+        held = _holds_checkpoints(save)
+        if held is not None:
+            raise ConfigError(f"--save {save!r} already holds checkpoints (up to iteration {held}) and no --load "
+                              f"was given: resume that run with --load {save}, or choose an empty --save")
+        return None
+    if os.path.isfile(load):
+        raise ConfigError(f"--load {load!r} is a file; give the run's checkpoint directory (the one that holds "
+                          f"{LATEST} and iter_* directories)")
+    if checkpoint_check.is_legacy_megatron(load):
+        raise checkpoint_check.legacy_error(load)
+    if not os.path.isdir(load):
+        if _same_dir(os.path.abspath(load), os.path.abspath(save or "")) and step is None:
+            return None  # the run's own directory, first start
+        raise ConfigError(f"--load {load!r} does not exist; correct the path (or drop --load to start a new run)")
+    if not _same_dir(load, save):
+        held = _holds_checkpoints(save)
+        if held is not None:
+            raise ConfigError(f"--save {save!r} already holds checkpoints (up to iteration {held}) but --load names "
+                              f"another directory ({load!r}): to resume that run give --load {save}; to start a "
+                              f"new run from {load!r}, choose an empty --save")
+    its = checkpoint_check.iterations(load)
+    if step is not None:
+        if step not in its:
+            raise ConfigError(f"--ckpt-step {step}: {load!r} has no iter_{step:07d}; it holds iterations "
+                              f"{', '.join(map(str, its)) or 'none'}")
+        iteration = step
+    else:
+        iteration = checkpoint_check.read_latest(load)
+        if iteration is None:
+            if its:
+                raise ConfigError(f"--load {load!r} holds checkpoints (newest iter_{its[-1]:07d}) but no {LATEST}; "
+                                  f"resume from one with --ckpt-step N (e.g. --ckpt-step {its[-1]}) after checking it")
+            if _same_dir(load, save):
+                return None  # the run's own directory, nothing saved yet
+            raise ConfigError(f"--load {load!r} holds no checkpoint ({LATEST} and iter_* are absent); correct the "
+                              f"path (or drop --load to start a new run)")
+    directory = os.path.join(load, f"iter_{iteration:07d}")
+    if not os.path.isdir(directory):
+        raise CheckpointDamaged(f"{os.path.join(load, LATEST)} names iteration {iteration} but {directory} is "
+                                f"missing{_fallback_hint(load, iteration)}")
+    return directory, iteration
+
+
+def verify_or_hint(directory: str, iteration: int, world_size: Optional[int]) -> None:
+    """checkpoint_check.verify, with the older complete checkpoint named when this one is damaged."""
+    try:
+        checkpoint_check.verify(directory, world_size)
+    except CheckpointDamaged as e:
+        raise CheckpointDamaged(f"checkpoint iteration {iteration} is damaged: {e}"
+                                f"{_fallback_hint(os.path.dirname(directory), iteration)}") from None
+
+
+def _describe(changed: list, saved: dict, now: dict) -> str:
+    return ", ".join(f"{_flag(k)} {saved[k]!r} -> {now[k]!r}" for k in changed)
+
+
+def check_flags(saved: Optional[dict], args, iteration: int) -> str:
+    """Compare the checkpoint's run flags with this run's; returns how the LR/WD schedule loads:
+    'same', 'override' (flags apply) or 'checkpoint' (the checkpoint's). Raises ConfigError
+    (one line naming the flag and the way out) for a change the user did not allow."""
+    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
+        raise ConfigError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each "
+                          "other; give one")
+    if not saved:  # a checkpoint of an earlier version, or imported from Hugging Face
+        return "override" if args.override_opt_param_scheduler else "same"
+    now = run_flags(args)
+    changed = lambda keys: [k for k in keys if k in saved and saved[k] != now[k]]  # noqa: E731
+    data = changed(DATA_FLAGS)
+    if data and not args.override_data_flags:
+        k = data[0]
+        raise ConfigError(f"{_flag(k)} is {now[k]!r} but the checkpoint (iteration {iteration}) was trained with "
+                          f"{saved[k]!r}, which sets the data order; give {saved[k]!r} again, or pass "
+                          f"--override-data-flags to keep the checkpoint's data position with the new value")
+    if (saved.get("use_distributed_optimizer") is not None
+            and saved["use_distributed_optimizer"] != now["use_distributed_optimizer"] and not args.no_load_optim):
+        kinds = {True: "the distributed optimizer", False: "the plain optimizer"}
+        raise ConfigError(f"the checkpoint was saved with {kinds[saved['use_distributed_optimizer']]} and this run "
+                          f"uses {kinds[now['use_distributed_optimizer']]}; use the same setting of "
+                          f"--use-distributed-optimizer, or pass --no-load-optim to load the weights with a fresh "
+                          f"Adam state")
+    prores = changed(PRORES_FLAGS)
+    if prores and not args.override_opt_param_scheduler:
+        raise ConfigError(f"{_describe(prores, saved, now)} changes the ProRes schedule of the checkpoint "
+                          f"(iteration {iteration}); give the checkpoint's value, or pass "
+                          f"--override-opt-param-scheduler to follow the new schedule from iteration {iteration}")
+    sched = changed(SCHEDULE_FLAGS)
+    if args.override_opt_param_scheduler:
+        return "override"
+    if args.use_checkpoint_opt_param_scheduler:
+        return "checkpoint"
+    if sched:
+        k = sched[0]
+        what = (f"--train-iters {args.train_iters} sets the LR decay length (--lr-decay-iters defaults to it) to "
+                f"{now[k]}, the checkpoint's is {saved[k]}: that"
+                if k == "lr_decay_iters" and not args.lr_decay_iters else _describe([k], saved, now))
+        raise ConfigError(f"{what} changes the LR schedule of the checkpoint (iteration "
+                          f"{iteration}); give the checkpoint's value, or pass --override-opt-param-scheduler (the "
+                          f"new schedule applies from iteration {iteration}) or --use-checkpoint-opt-param-scheduler "
+                          f"(keep the checkpoint's schedule)")
+    return "same"

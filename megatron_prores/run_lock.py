@@ -1,0 +1,123 @@
+"""One live run per --save directory: ``SAVE/.lock``.
+
+The lock is a file created atomically (O_EXCL) by rank 0, holding who holds it (host, pid, SLURM
+job). While the run lives, a daemon thread refreshes the file's time every ``HEARTBEAT`` seconds.
+A lock is stale, and taken over, when its holder is gone:
+- same host and its process no longer exists (a killed run, restarted on the same node);
+- same SLURM job id, earlier restart count (a requeued job: SLURM ended the old processes first);
+- no heartbeat for ``STALE_AFTER`` seconds (a holder on another node that died without cleanup).
+Otherwise the new run is refused with one line naming the holder. Takeover renames the stale file
+away first (only one of several racing runs can), then creates the lock as usual.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from typing import Optional
+
+from megatron_prores.config import ConfigError
+
+NAME = ".lock"
+HEARTBEAT = 15.0
+STALE_AFTER = 300.0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _me() -> dict:
+    return dict(host=socket.gethostname(), pid=os.getpid(), slurm_job=os.environ.get("SLURM_JOB_ID"),
+                slurm_restart=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), started=time.time())
+
+
+class RunLock:
+    def __init__(self, root: str):
+        self.path = os.path.join(root, NAME)
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    def _holder(self) -> Optional[dict]:
+        try:
+            with open(self.path) as f:
+                return json.load(f)
+        except FileNotFoundError:
+            return None
+        except (ValueError, OSError):
+            return {}  # being written, or garbage: judged by its age below
+
+    def _stale(self, holder: dict) -> Optional[str]:
+        """Why the lock's holder is gone (None: it may be alive)."""
+        me = _me()
+        try:
+            age = time.time() - os.path.getmtime(self.path)
+        except FileNotFoundError:
+            return "released"
+        if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+            return f"process {holder['pid']} on this host has ended"
+        if (me["slurm_job"] and holder.get("slurm_job") == me["slurm_job"]
+                and int(holder.get("slurm_restart") or 0) < me["slurm_restart"]):
+            return f"SLURM job {me['slurm_job']} was requeued"
+        if age > STALE_AFTER:
+            return f"no heartbeat for {age:.0f} s"
+        return None
+
+    def acquire(self) -> Optional[str]:
+        """Take the lock; returns a note when a stale lock was taken over. Raises ConfigError when a
+        live run holds it."""
+        note = None
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self._holder()
+                if holder is None:
+                    continue  # released meanwhile
+                why = self._stale(holder)
+                if why is None:
+                    who = f"pid {holder.get('pid')} on {holder.get('host')}" + (
+                        f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else "")
+                    raise ConfigError(f"--save {os.path.dirname(self.path)!r} is in use by a live run ({who}); "
+                                      f"wait for it to end or pick another --save (if that run is gone, "
+                                      f"delete {self.path})")
+                try:  # only one of several runs that found it stale wins this rename
+                    os.rename(self.path, f"{self.path}.stale.{os.getpid()}")
+                    os.remove(f"{self.path}.stale.{os.getpid()}")
+                except FileNotFoundError:
+                    continue
+                note = f"took over the lock of a run that is gone ({why})"
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump(_me(), f)
+            self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
+            self._thread.start()
+            return note
+        raise ConfigError(f"could not take the lock {self.path} (other runs keep taking it); start one run "
+                          f"per --save directory")
+
+    def _beat(self) -> None:
+        while not self._stop.wait(HEARTBEAT):
+            try:
+                os.utime(self.path)
+            except OSError:
+                pass
+
+    def release(self) -> None:
+        if self._thread is None:
+            return
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        holder = self._holder()
+        if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+            os.remove(self.path)

@@ -1,0 +1,345 @@
+"""Never lose a run: every way a resume could lose, overwrite or silently misuse checkpoints ends
+with one `error:` line and leaves every byte of the run directory as it was; loading never runs
+code from a checkpoint; unsound (non-finite) state is never saved.
+
+Refusals run the driver's own ``main`` in this process (they stop before training); the cases
+that train run it as a subprocess, as users do."""
+
+import hashlib
+import json
+import math
+import os
+import pickle
+import shutil
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from tests.test_train import launch, run, train_state
+
+TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+        "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--mock-data", "--vocab-size", "64",
+        "--log-interval", "1", "--eval-iters", "0", "--seed", "3"]
+
+
+def snapshot(root) -> dict:
+    """path -> sha256 of every file under root (what 'nothing lost or changed' compares)."""
+    out = {}
+    for d, _, files in os.walk(root):
+        for f in files:
+            p = os.path.join(d, f)
+            out[os.path.relpath(p, root)] = hashlib.sha256(open(p, "rb").read()).hexdigest()
+    return out
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """A finished 3-iteration run with a checkpoint at every iteration."""
+    root = tmp_path_factory.mktemp("safety") / "run"
+    code, out = run(TINY + ["--train-iters", "3", "--save-interval", "1", "--save", root], nproc=1)
+    assert code == 0, out[-3000:]
+    assert sorted(os.listdir(root)) == ["iter_0000001", "iter_0000002", "iter_0000003",
+                                        "latest_checkpointed_iteration.txt"]  # the lock is released
+    return root
+
+
+class Payload:
+    """Unpickling it would create the file MARK: proof that loading ran code."""
+    mark = None
+
+    def __reduce__(self):
+        return (os.system, (f"touch {Payload.mark}",))
+
+
+def _plant_payload(path):
+    if os.path.basename(path) == ".metadata":
+        with open(path, "wb") as f:
+            pickle.dump({"x": Payload()}, f)
+    else:
+        torch.save({"python": Payload()}, path)
+
+
+def _truncate(path, keep=300):
+    data = open(path, "rb").read()
+    open(path, "wb").write(data[:keep])
+
+
+def _common_state_file(d):
+    """megatron-core < 0.19 keeps the common state in common.pt; 0.19 inside the shard file."""
+    return "common.pt" if os.path.exists(os.path.join(d, "common.pt")) else "__0_0.distcp"
+
+
+IT3 = "iter_0000003"
+CASES = {
+    # name: (mutation of the copied run directory R, extra flags (R = run dir, O = other dir), message)
+    "latest marker missing": (lambda r: os.remove(r / "latest_checkpointed_iteration.txt"),
+                              ["--load", "R", "--save", "R"], "but no latest_checkpointed_iteration.txt; resume from one with --ckpt-step N (e.g. --ckpt-step 3)"),
+    "typo in --load": (None, ["--load", "R_typo", "--save", "R"], "does not exist; correct the path"),
+    "--save holds a run, no --load": (None, ["--save", "R"], "already holds checkpoints (up to iteration 3) and no --load"),
+    "--load elsewhere, --save holds a run": (lambda r: shutil.copytree(r, r.parent / "O"), ["--load", "O", "--save", "R"],
+                                             "but --load names another directory"),
+    "--load is a file": (None, ["--load", "R/latest_checkpointed_iteration.txt"], "is a file; give the run's checkpoint directory"),
+    "--load holds nothing": (lambda r: os.makedirs(r.parent / "O"), ["--load", "O"], "holds no checkpoint"),
+    "--train-iters below the checkpoint": (None, ["--load", "R", "--save", "R", "--train-iters", "2"],
+                                           "--train-iters 2 is below the checkpoint's iteration 3"),
+    "--ckpt-step absent": (None, ["--load", "R", "--save", "R", "--ckpt-step", "9"], "has no iter_0000009; it holds iterations 1, 2, 3"),
+    "latest names a missing directory": (lambda r: shutil.rmtree(r / IT3), ["--load", "R", "--save", "R"],
+                                         "is missing; the newest complete older checkpoint is iteration 2: resume from it with --ckpt-step 2"),
+    "shard truncated": (lambda r: _truncate(r / IT3 / "__0_0.distcp", 1000), ["--load", "R", "--save", "R"],
+                        "__0_0.distcp is truncated (1000 of at least"),
+    "shard deleted": (lambda r: os.remove(r / IT3 / "__0_0.distcp"), ["--load", "R", "--save", "R"],
+                      "__0_0.distcp is missing (a shard of the checkpoint); the newest complete older checkpoint is iteration 2"),
+    ".metadata deleted": (lambda r: os.remove(r / IT3 / ".metadata"), ["--load", "R", "--save", "R"], ".metadata is missing"),
+    "metadata.json deleted": (lambda r: os.remove(r / IT3 / "metadata.json"), ["--load", "R", "--save", "R"], "metadata.json is missing"),
+    "common state deleted": (lambda r: os.remove(r / IT3 / _common_state_file(r / IT3)), ["--load", "R", "--save", "R"],
+                             "is missing"),
+    "RNG file truncated": (lambda r: _truncate(r / IT3 / "rng_rank00000.pt"), ["--load", "R", "--save", "R"],
+                           "rng_rank00000.pt (RNG state) is damaged or truncated"),
+    "RNG file deleted": (lambda r: os.remove(r / IT3 / "rng_rank00000.pt"), ["--load", "R", "--save", "R"],
+                         "rng_rank00000.pt is missing (written by each of the 1 processes that saved it)"),
+    "code in the RNG file": (lambda r: _plant_payload(r / IT3 / "rng_rank00000.pt"), ["--load", "R", "--save", "R"],
+                             "holds objects this project never writes (posix.system); refusing to load it"),
+    "code in .metadata": (lambda r: _plant_payload(r / IT3 / ".metadata"), ["--load", "R", "--save", "R"],
+                          "holds objects a checkpoint index never has"),
+    "code in the common state": (lambda r: _plant_payload(r / IT3 / "common.pt") if os.path.exists(r / IT3 / "common.pt")
+                                 else _plant_payload(r / IT3 / ".metadata"), ["--load", "R", "--save", "R"],
+                                 "refusing to load it"),
+    "Megatron-LM legacy checkpoint": (lambda r: (os.makedirs(r.parent / "O" / "iter_0000005" / "mp_rank_00"),
+                                                 open(r.parent / "O" / "latest_checkpointed_iteration.txt", "w").write("5")),
+                                      ["--load", "O"], "is a Megatron-LM legacy checkpoint"),
+    "changed --lr": (None, ["--load", "R", "--save", "R", "--lr", "2e-3"],
+                     "--lr 0.001 -> 0.002 changes the LR schedule of the checkpoint (iteration 3); give the checkpoint's value, or pass --override-opt-param-scheduler"),
+    "extended --train-iters": (None, ["--load", "R", "--save", "R", "--train-iters", "6"],
+                               "--train-iters 6 sets the LR decay length (--lr-decay-iters defaults to it) to 6, the checkpoint's is 3"),
+    "changed --lr-decay-style": (None, ["--load", "R", "--save", "R", "--lr-decay-style", "linear"], "--lr-decay-style 'cosine' -> 'linear'"),
+    "changed --min-lr": (None, ["--load", "R", "--save", "R", "--min-lr", "1e-4"], "--min-lr 0.0 -> 0.0001"),
+    "changed warmup": (None, ["--load", "R", "--save", "R", "--lr-warmup-iters", "1"], "--lr-warmup-iters 0 -> 1"),
+    "ProRes switched on": (None, ["--load", "R", "--save", "R", "--prores-schedule", "linear", "--prores-warmup-steps", "8"],
+                           "--prores-schedule 'none' -> 'linear', --prores-warmup-steps 0 -> 8.0 changes the ProRes schedule"),
+    "changed --seed": (None, ["--load", "R", "--save", "R", "--seed", "4"], "--seed is 4 but the checkpoint (iteration 3) was trained with 3, which sets the data order"),
+    "changed --global-batch-size": (None, ["--load", "R", "--save", "R", "--global-batch-size", "8"], "--global-batch-size is 8 but"),
+    "changed --seq-length": (None, ["--load", "R", "--save", "R", "--seq-length", "32"], "--seq-length is 32 but"),
+    "plain -> distributed optimizer": (None, ["--load", "R", "--save", "R", "--use-distributed-optimizer"],
+                                       "saved with the plain optimizer and this run uses the distributed optimizer; use the same setting of --use-distributed-optimizer, or pass --no-load-optim"),
+    "both scheduler overrides": (None, ["--load", "R", "--save", "R", "--override-opt-param-scheduler",
+                                        "--use-checkpoint-opt-param-scheduler"], "exclude each other"),
+    "a live run holds --save": (lambda r: open(r / ".lock", "w").write(json.dumps(
+        {"host": socket.gethostname(), "pid": os.getppid(), "slurm_job": None})), ["--load", "R", "--save", "R"],
+                                "is in use by a live run (pid"),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_refused_with_one_line_and_nothing_changed(case, run_dir, tmp_path, single_process, capsys):
+    from megatron_prores.train import main
+
+    mutate, flags, message = CASES[case]
+    r = tmp_path / "run"
+    shutil.copytree(run_dir, r)
+    Payload.mark = tmp_path / "MARK"
+    if mutate:
+        mutate(r)
+    before = {d: snapshot(tmp_path / d) for d in ("run", "O") if (tmp_path / d).exists()}
+    where = {"R": str(r), "O": str(tmp_path / "O")}
+    argv = TINY + ["--train-iters", "3"] + [where[f[0]] + f[1:] if f[:1] in where and f[1:2] in ("", "/", "_") else f
+                                            for f in flags]
+    capsys.readouterr()
+    code = main(list(map(str, argv)))
+    err = capsys.readouterr().err
+    errors = [l for l in err.splitlines() if l.startswith("error:")]
+    assert code == 2 and len(errors) == 1, err[-3000:]
+    assert message in errors[0], errors[0]
+    assert "Traceback" not in err
+    assert {d: snapshot(tmp_path / d) for d in before} == before  # nothing lost, nothing written
+    assert not Payload.mark.exists()  # no planted code ran
+
+
+def test_the_latest_checkpoint_resumes_bitwise_and_a_finished_run_does_nothing(run_dir, tmp_path):
+    """Control for the refusals: --ckpt-step 2 (the way out named for a damaged latest) trains
+    iteration 3 again bitwise as the uninterrupted run did; resuming the finished run is a no-op."""
+    r = tmp_path / "run"
+    shutil.copytree(run_dir, r)
+    _, ref = train_state(run_dir)
+    _truncate(r / IT3 / "__0_0.distcp", 1000)
+    code, out = run(TINY + ["--train-iters", "3", "--load", r, "--save", r, "--ckpt-step", "2"], nproc=1)
+    assert code == 0 and "resumed from" in out and "at iteration 2" in out, out[-3000:]
+    _, got = train_state(r)
+    assert got["train_state"]["losses"] == ref["train_state"]["losses"] and len(ref["train_state"]["losses"]) == 3
+    code, out = run(TINY + ["--train-iters", "3", "--load", r, "--save", r], nproc=1)
+    before = snapshot(r)
+    assert code == 0 and "already trained to iteration 3 (--train-iters 3): nothing to do" in out, out[-3000:]
+    assert snapshot(r) == before
+
+
+def _cosine_lr(lr, min_lr, step, decay):
+    return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * step / decay))
+
+
+def test_schedule_overrides_and_optimizer_switch(run_dir, tmp_path):
+    """--override-opt-param-scheduler: LR from the new flags at the checkpoint's iteration;
+    --use-checkpoint-opt-param-scheduler: the checkpoint's (finished) schedule; --no-load-optim:
+    another optimizer kind with the weights loaded. Formulas written out here."""
+    import re
+
+    for name, flags, expect in (
+        ("override", ["--train-iters", "5", "--lr", "2e-3", "--override-opt-param-scheduler"], _cosine_lr(2e-3, 0, 3, 5)),
+        ("checkpoint", ["--train-iters", "4", "--lr", "2e-3", "--use-checkpoint-opt-param-scheduler"], 0.0),
+        ("no-load-optim", ["--train-iters", "4", "--use-distributed-optimizer", "--no-load-optim",
+                           "--override-opt-param-scheduler"], _cosine_lr(1e-3, 0, 3, 4)),
+    ):
+        r = tmp_path / name
+        shutil.copytree(run_dir, r)
+        code, out = run(TINY + flags + ["--load", r, "--save", r], nproc=1)
+        assert code == 0, out[-3000:]
+        lr = float(re.search(r"resumed from \S+ at iteration 3 \(learning rate (\S+?),", out).group(1))
+        assert lr == pytest.approx(expect, rel=1e-6, abs=1e-12), (name, out[-2000:])
+        steps = re.findall(r"iteration\s+(\d+)/.*?learning rate: (\S+)", out)
+        assert [int(s[0]) for s in steps] == list(range(4, int(flags[1]) + 1)), out[-2000:]
+        if name == "override":  # logged after step i: the LR of the new cosine at i (of 5)
+            assert [float(s[1]) for s in steps] == pytest.approx([_cosine_lr(2e-3, 0, i, 5) for i in (4, 5)],
+                                                                 rel=1e-6, abs=1e-12)
+        if name == "no-load-optim":
+            assert "--no-load-optim: the Adam state starts fresh" in out
+            assert train_state(r)[1]["run_flags"]["use_distributed_optimizer"] is True
+
+
+def test_two_runs_on_one_save_directory(tmp_path):
+    """Started together: one trains to the end, the other is refused with one line and writes
+    nothing; then the finished run's directory resumes (lock released)."""
+    args = TINY + ["--train-iters", "6", "--save-interval", "2", "--save", tmp_path / "c", "--load", tmp_path / "c"]
+    a, b = launch(args, nproc=1), launch(args, nproc=1)
+    outs = [p.communicate(timeout=600)[0] for p in (a, b)]
+    codes = sorted([a.returncode, b.returncode])
+    assert codes == [0, 2], outs
+    refused = outs[[a.returncode, b.returncode].index(2)]
+    assert [l for l in refused.splitlines() if l.startswith("error:")][0].count("is in use by a live run") == 1
+    it, state = train_state(tmp_path / "c")
+    assert it == 6 and len(state["train_state"]["losses"]) == 6
+    assert not os.path.exists(tmp_path / "c" / ".lock")
+
+
+def test_nonfinite_weights_are_never_saved(tmp_path):
+    """--adam-eps 0: embedding rows of tokens that never occur get no gradient, so Adam's first
+    update is 0/0 there and the weights turn NaN from a finite loss and finite gradients. The save
+    is refused with one line, the run exits 3, and nothing is written."""
+    code, out = run(TINY + ["--train-iters", "3", "--save-interval", "1", "--adam-eps", "0",
+                            "--save", tmp_path / "c"], nproc=1)
+    assert code == 3, out[-3000:]
+    errors = [l for l in out.splitlines() if l.startswith("error:")]
+    assert len(errors) == 1 and "the weights or optimizer state are non-finite at iteration 1" in errors[0], out[-3000:]
+    assert "lm loss: 4." in out  # the step itself had a finite loss
+    assert os.listdir(tmp_path / "c") == []
+
+
+def test_checkpointer_refuses_nonfinite_state_and_keeps_the_latest(run_dir, tmp_path, single_process, capsys):
+    """The part the driver calls at every save: one NaN in the model (or the Adam moments) and
+    nothing is written; the run directory keeps every byte."""
+    from megatron_prores.arguments import parse_args
+    from megatron_prores.trainer import Trainer
+
+    r = tmp_path / "run"
+    shutil.copytree(run_dir, r)
+    before = snapshot(r)
+    trainer = Trainer(parse_args(list(map(str, TINY + ["--train-iters", "4", "--override-opt-param-scheduler",
+                                                       "--load", r, "--save", r]))))
+    try:
+        assert trainer.state.iteration == 3
+        for where in ("model", "adam"):
+            with torch.no_grad():
+                if where == "model":
+                    p = next(trainer.model[0].parameters())
+                else:
+                    inner = trainer.optimizer.chained_optimizers[0].optimizer if hasattr(
+                        trainer.optimizer, "chained_optimizers") else trainer.optimizer.optimizer
+                    p = next(iter(inner.state.values()))["exp_avg_sq"]
+                keep = p.view(-1)[0].item()
+                p.view(-1)[0] = float("nan")
+            capsys.readouterr()
+            assert trainer.checkpointer.save(trainer) is False
+            assert "error: the weights or optimizer state are non-finite at iteration 3" in capsys.readouterr().err
+            with torch.no_grad():
+                p.view(-1)[0] = keep
+        assert trainer.checkpointer.save(trainer, last_step_finite=False) is True  # skipped step: no save
+        assert "not saving at iteration 3" in capsys.readouterr().out
+    finally:
+        trainer.close()
+    assert snapshot(r) == before
+
+
+# ---- the parts, without the driver ------------------------------------------------------------
+def test_run_lock_stale_and_live_holders(tmp_path, monkeypatch):
+    from megatron_prores.config import ConfigError
+    from megatron_prores.run_lock import STALE_AFTER, RunLock
+
+    def plant(**holder):
+        (tmp_path / ".lock").write_text(json.dumps(holder))
+
+    host = socket.gethostname()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    plant(host=host, pid=dead.pid)  # a killed run on this host
+    lock = RunLock(str(tmp_path))
+    assert "has ended" in lock.acquire()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+    with pytest.raises(ConfigError, match="in use by a live run"):  # held by this process now
+        RunLock(str(tmp_path)).acquire()
+    lock.release()
+    assert not (tmp_path / ".lock").exists()
+
+    plant(host="other-node", pid=1, slurm_job=None)  # fresh heartbeat on another node: live
+    with pytest.raises(ConfigError, match="pid 1 on other-node"):
+        RunLock(str(tmp_path)).acquire()
+    old = time.time() - STALE_AFTER - 5
+    os.utime(tmp_path / ".lock", (old, old))  # no heartbeat: gone
+    lock = RunLock(str(tmp_path))
+    assert "no heartbeat" in lock.acquire()
+    lock.release()
+
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+    plant(host="other-node", pid=1, slurm_job="77", slurm_restart=0)  # this job before its requeue
+    lock = RunLock(str(tmp_path))
+    assert "requeued" in lock.acquire()
+    lock.release()
+    plant(host="other-node", pid=1, slurm_job="77", slurm_restart=1)  # same job, same start: live
+    with pytest.raises(ConfigError, match="SLURM job 77"):
+        RunLock(str(tmp_path)).acquire()
+
+
+def test_keep_last_n_never_deletes_the_latest(tmp_path, single_process):
+    from megatron_prores.checkpointing import _publish, iteration_dir
+
+    for i in (2, 4, 6, 8):  # 6, 8: newer, left by a run later resumed with --ckpt-step 4
+        os.makedirs(iteration_dir(str(tmp_path), i))
+    os.makedirs(iteration_dir(str(tmp_path), 5) + ".tmp")
+    _publish(str(tmp_path), 5, keep_last_n=1)
+    assert sorted(os.listdir(tmp_path)) == ["iter_0000005", "iter_0000006", "iter_0000008",
+                                            "latest_checkpointed_iteration.txt"]
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--split", "abc", "--split 'abc' is not valid"),
+    ("--weight-decay", "-1", "--weight-decay -1.0 is not valid; it must be >= 0"),
+    ("--adam-beta2", "1.5", "--adam-beta2 1.5 is not valid; it must be in [0, 1)"),
+    ("--init-method-std", "-1", "--init-method-std -1.0 is not valid; it must be positive"),
+    ("--lr-decay-iters", "-3", "--lr-decay-iters -3 is not valid; it must be positive"),
+    ("--lr", "inf", "--lr inf is not valid; it must be a finite number"),
+    ("--lr", "-1e-3", "--lr -0.001 is not valid; it must be positive"),
+    ("--eval-iters", "-1", "--eval-iters -1 is not valid"),
+    ("--clip-grad", "-1", "--clip-grad -1.0 is not valid"),
+    ("--exit-duration-in-mins", "-1", "--exit-duration-in-mins -1.0 is not valid"),
+    ("--keep-last-n", "0", "--keep-last-n 0 is not valid; it must be >= 1"),
+    ("--keep-last-n", "-1", "--keep-last-n -1 is not valid; it must be >= 1"),
+    ("--ckpt-step", "2", "--ckpt-step needs --load"),
+])
+def test_bad_flag_values(flag, value, message):
+    from megatron_prores.arguments import parse_args
+    from megatron_prores.config import ConfigError
+
+    with pytest.raises(ConfigError) as e:
+        parse_args(TINY + ["--train-iters", "3", flag, value])
+    assert message in str(e.value) and "\n" not in str(e.value)
