@@ -27,9 +27,15 @@ class _TokenizerForDataset:
         self.unique_identifiers = {"class": type(tok).__name__}
 
 
+IDX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core's .idx: magic, version 1, dtype code, #sequences, #documents + 1
+
+
 def check_prefix(prefix: str) -> None:
-    """A clear error for a missing or broken .bin/.idx pair."""
-    from megatron.core.datasets.indexed_dataset import IndexedDataset
+    """A clear error for a missing, empty or broken .bin/.idx pair, found before megatron-core opens it
+    (its IndexedDataset, failing half way, adds 'Exception ignored in ... __del__' noise)."""
+    import struct
+
+    from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
 
     for ext in (".bin", ".idx"):
         if not os.path.isfile(prefix + ext):
@@ -37,18 +43,50 @@ def check_prefix(prefix: str) -> None:
                 f"--data-path {prefix!r}: {prefix + ext} does not exist; give the prefix written by "
                 f"tools/preprocess_data.py (e.g. data/corpus_text_document)"
             )
+    idx, rerun = prefix + ".idx", "re-run tools/preprocess_data.py"
+    idx_size, actual = os.path.getsize(idx), os.path.getsize(prefix + ".bin")
+    if idx_size == 0:
+        raise ConfigError(f"--data-path {prefix!r}: {idx} is empty (0 bytes: preprocessing failed or was "
+                          f"interrupted); {rerun}")
     try:
-        ds = IndexedDataset(prefix, mmap=True)
-        expected = int(ds.sequence_lengths.astype(numpy.int64).sum()) * ds.index.dtype_size
-        actual = os.path.getsize(prefix + ".bin")
-    except Exception as e:  # corrupt .idx
-        raise ConfigError(f"--data-path {prefix!r}: unreadable index ({type(e).__name__}: {e}); "
-                          f"re-run tools/preprocess_data.py") from None
+        with open(prefix + ".bin", "rb"):
+            pass
+        with open(idx, "rb") as f:
+            head = f.read(34)
+            if len(head) < 34 or head[:9] != IDX_MAGIC:
+                raise ConfigError(f"--data-path {prefix!r}: {idx} is not an index written by "
+                                  f"tools/preprocess_data.py (bad header); {rerun}")
+            version, code, sequences, documents = struct.unpack("<QBQQ", head[9:])
+            try:
+                dtype_size = DType.size(DType.dtype_from_code(code))
+            except Exception:
+                dtype_size = None
+            if version != 1 or dtype_size is None:
+                raise ConfigError(f"--data-path {prefix!r}: unreadable index {idx} (version {version}, dtype code "
+                                  f"{code}); {rerun}")
+            needed = 34 + 12 * sequences + 8 * documents
+            if idx_size < needed:
+                raise ConfigError(f"--data-path {prefix!r}: {idx} is truncated ({idx_size} bytes, its header "
+                                  f"describes {needed}); {rerun}")
+            lengths = numpy.fromfile(f, dtype=numpy.int32, count=sequences)
+    except OSError as e:
+        raise ConfigError(f"--data-path {prefix!r}: cannot read {e.filename} ({e.strerror})") from None
+    if sequences == 0 or documents <= 1:
+        raise ConfigError(f"--data-path {prefix!r} holds no documents (an empty dataset); preprocess a corpus "
+                          f"with at least one document")
+    expected = int(lengths.astype(numpy.int64).sum()) * dtype_size
+    if expected == 0:
+        raise ConfigError(f"--data-path {prefix!r} holds no tokens (every document is empty); preprocess a "
+                          f"corpus with text")
     if actual != expected:
         raise ConfigError(
             f"--data-path {prefix!r}: {prefix}.bin has {actual} bytes but its .idx describes "
-            f"{expected} (truncated or mismatched pair); re-run tools/preprocess_data.py"
+            f"{expected} (truncated or mismatched pair); {rerun}"
         )
+    try:  # what megatron-core itself makes of the pair
+        IndexedDataset(prefix, mmap=True)
+    except Exception as e:
+        raise ConfigError(f"--data-path {prefix!r}: unreadable index ({type(e).__name__}: {e}); {rerun}") from None
 
 
 def _check_splits(prefixes, split_matrix, num_samples, split) -> None:

@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from megatron_prores import mcore_compat, schedules
+from megatron_prores import checkpoint_check, mcore_compat, schedules
 from megatron_prores.checkpoint_reader import CheckpointReader
 from megatron_prores.checkpointing import LATEST, iteration_dir, read_latest
 from megatron_prores.config import ConfigError, config_from_dict
@@ -39,7 +39,9 @@ CALIBRATION_BATCH, CALIBRATION_TOKENS, CALIBRATION_SEED = 2, 64, 1234
 def resolve_iteration(load: str, iteration: Optional[int]) -> str:
     """The checkpoint directory of ``iteration`` (default: the latest complete one)."""
     if not os.path.isdir(load):
-        raise ConfigError(f"--load {load!r} does not exist")
+        raise ConfigError(f"--load {load!r} {'is a file; give the run directory' if os.path.isfile(load) else 'does not exist'}")
+    if checkpoint_check.is_legacy_megatron(load):
+        raise checkpoint_check.legacy_error(load)
     done = sorted(int(d[5:]) for d in os.listdir(load) if d.startswith("iter_") and d[5:].isdigit())
     if iteration is None:
         iteration = read_latest(load)
@@ -59,6 +61,7 @@ def read_common(directory: str) -> dict:
     0.19; megatron-core's own loader reads either."""
     from megatron.core.dist_checkpointing.core import CheckpointingException
 
+    checkpoint_check.verify(directory)  # every file present, of its length, and safe to read
     try:
         common = mcore_compat.load_common_state(directory)
     except (CheckpointingException, FileNotFoundError) as e:
@@ -295,54 +298,61 @@ def export(load: str, output: str, iteration: Optional[int] = None, fold: bool =
     step = int(common["train_state"]["iteration"]) if common.get("train_state") else 0
     out_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model = _Model(cfg, reader, step, out_dtype)
-    if os.path.exists(output) and os.listdir(output):
-        raise ConfigError(f"--output {output!r} exists and is not empty; give a new directory")
-    do_fold, reason = fold_decision(cfg, model.gates, fold)
-    fold_error = None
-    if do_fold:
-        fold_error = model.fold_error()
-        if fold_error > FOLD_TOLERANCE:
-            do_fold, reason = False, (f"folding is inexact here: the calibration logits of the folded model differ "
-                                      f"by {fold_error:.1e} (relative; tolerance {FOLD_TOLERANCE:.0e}), the norm "
-                                      f"epsilon is not small against this stream")
-
-    tmp = output.rstrip("/") + ".tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    writer = _ShardWriter(tmp, max_shard_bytes, out_dtype)
-    vocab = cfg.vocab_size
-    writer.add("model.embed_tokens.weight", reader.read("embedding.word_embeddings.weight")[:vocab])
-
-    from tqdm import tqdm
-
-    P = 1.0  # running product of the folded GPAS scales
-    for i in tqdm(range(L), desc="converting blocks", disable=not progress):
-        w = model.block(i)
+    if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
+        raise ConfigError(f"--output {output!r} exists and is not an empty directory; give a new directory")
+    tmp = output.rstrip("/") + ".tmp"  # renamed to output when complete; removed on any failure
+    _fresh_dir(tmp, output)
+    try:
+        do_fold, reason = fold_decision(cfg, model.gates, fold)
+        fold_error = None
         if do_fold:
-            w, P = model.fold(i, w, P)
-        for name, t in w.items():
-            writer.add(f"model.layers.{i}.{name}", t)
-    if m.has_final_norm:
-        writer.add("model.norm.weight", reader.read("decoder.final_layernorm.weight"))
-        if not model.rms:
-            writer.add("model.norm.bias", reader.read("decoder.final_layernorm.bias"))
-    writer.add("lm_head.weight", reader.read("output_layer.weight")[:vocab])
-    writer.finish()
+            fold_error = model.fold_error()
+            if fold_error > FOLD_TOLERANCE:
+                do_fold, reason = False, (f"folding is inexact here: the calibration logits of the folded model differ "
+                                          f"by {fold_error:.1e} (relative; tolerance {FOLD_TOLERANCE:.0e}), the norm "
+                                          f"epsilon is not small against this stream")
 
-    config = model.hf_config(do_fold)
-    if not do_fold:
-        for name in ("configuration_prores.py", "modeling_prores.py"):
-            shutil.copy(os.path.join(HF_CODE, name), os.path.join(tmp, name))
-    with open(os.path.join(tmp, "config.json"), "w") as fh:
-        json.dump(config, fh, indent=2)
-    with open(os.path.join(tmp, "generation_config.json"), "w") as fh:
-        json.dump({"bos_token_id": 1, "eos_token_id": 2}, fh, indent=2)
+        writer = _ShardWriter(tmp, max_shard_bytes, out_dtype)
+        vocab = cfg.vocab_size
+        writer.add("model.embed_tokens.weight", reader.read("embedding.word_embeddings.weight")[:vocab])
 
-    tok_note = _export_tokenizer(tmp, tokenizer_model or common["model_config"].get("tokenizer_model"),
-                                 common["model_config"].get("tokenizer_type"))
-    if os.path.exists(output):
-        os.rmdir(output)  # empty (checked above)
-    os.replace(tmp, output)
+        from tqdm import tqdm
+
+        P = 1.0  # running product of the folded GPAS scales
+        for i in tqdm(range(L), desc="converting blocks", disable=not progress):
+            w = model.block(i)
+            if do_fold:
+                w, P = model.fold(i, w, P)
+            for name, t in w.items():
+                writer.add(f"model.layers.{i}.{name}", t)
+        if m.has_final_norm:
+            writer.add("model.norm.weight", reader.read("decoder.final_layernorm.weight"))
+            if not model.rms:
+                writer.add("model.norm.bias", reader.read("decoder.final_layernorm.bias"))
+        writer.add("lm_head.weight", reader.read("output_layer.weight")[:vocab])
+        writer.finish()
+
+        config = model.hf_config(do_fold)
+        if not do_fold:
+            for name in ("configuration_prores.py", "modeling_prores.py"):
+                shutil.copy(os.path.join(HF_CODE, name), os.path.join(tmp, name))
+        with open(os.path.join(tmp, "config.json"), "w") as fh:
+            json.dump(config, fh, indent=2)
+        with open(os.path.join(tmp, "generation_config.json"), "w") as fh:
+            json.dump({"bos_token_id": 1, "eos_token_id": 2}, fh, indent=2)
+
+        tok_note = _export_tokenizer(tmp, tokenizer_model or common["model_config"].get("tokenizer_model"),
+                                     common["model_config"].get("tokenizer_type"))
+        if os.path.exists(output):
+            os.rmdir(output)  # empty (checked above)
+        os.replace(tmp, output)
+    except BaseException as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        why = _write_error(e, output)
+        if why:
+            raise ConfigError(f"--output {output!r}: cannot write {why}; give --output in a writable directory "
+                              f"with free space") from None
+        raise
     report = {"iteration": step, "format": "LlamaForCausalLM" if do_fold else "ProResForCausalLM",
               "not_folded_because": reason, "fold_error": fold_error, "prores_values": model.prores,
               "tokenizer": tok_note, "fold_product": P if do_fold else None, "bytes": writer.total}
@@ -352,6 +362,38 @@ def export(load: str, output: str, iteration: Optional[int] = None, fold: bool =
            f"within {fold_error:.1e} relative)")
         + f"; {tok_note}")
     return report
+
+
+def _fresh_dir(tmp: str, output: str) -> None:
+    """An empty ``tmp``; one left by a killed convert is replaced. One line when that fails."""
+    try:
+        if os.path.isdir(tmp) and not os.path.islink(tmp):
+            shutil.rmtree(tmp)
+        elif os.path.lexists(tmp):
+            os.remove(tmp)
+    except OSError as e:
+        raise ConfigError(f"--output {output!r}: cannot remove {e.filename or tmp}, left by an earlier convert "
+                          f"({e.strerror}); remove it by hand") from None
+    try:
+        os.makedirs(tmp)
+    except OSError as e:
+        raise ConfigError(f"--output {output!r}: cannot create {e.filename or tmp} ({e.strerror}); give --output "
+                          f"in a writable directory") from None
+
+
+def _write_error(e: BaseException, output: str) -> Optional[str]:
+    """The reason, in one line, when ``e`` is a failure to write the export (not to read the checkpoint)."""
+    from safetensors import SafetensorError
+
+    if isinstance(e, SafetensorError):
+        return f"the safetensors files ({(str(e).strip().splitlines() or [type(e).__name__])[0]})"
+    if isinstance(e, OSError):
+        out = os.path.abspath(output)
+        names = [str(n) for n in (e.filename, e.filename2) if n]
+        if any(os.path.abspath(n) == d or os.path.abspath(n).startswith(d + os.sep) for n in names
+               for d in (out, out + ".tmp")):
+            return f"{names[0]} ({e.strerror or type(e).__name__})"
+    return None
 
 
 def _scaled(w: torch.Tensor, factor: float) -> torch.Tensor:

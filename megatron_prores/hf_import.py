@@ -17,11 +17,22 @@ import torch
 from megatron_prores.config import ConfigError, MethodConfig, ModelConfig, config_to_dict
 
 
+DAMAGED = "is damaged or incomplete ({}); download it again"
+
+
+def _json(path: str) -> dict:
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise ConfigError(f"{path} {DAMAGED.format(f'not valid JSON: {e}')}") from None
+
+
 def _llama_config(directory: str) -> dict:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
         raise ConfigError(f"--input {directory!r} has no config.json; give a Hugging Face model directory")
-    c = json.load(open(path))
+    c = _json(path)
     if c.get("model_type") != "llama":
         raise ConfigError(f"--input {directory!r} is a {c.get('model_type')!r} model; only Llama models import "
                           f"(export Post-LN/Sandwich/DeepNorm/Mix-LN checkpoints of this project are not Llama)")
@@ -42,21 +53,38 @@ def _llama_config(directory: str) -> dict:
 
 def _tensors(directory: str):
     """name -> lazily opened safetensors handle."""
-    from safetensors import safe_open
+    from safetensors import SafetensorError, safe_open
 
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.isfile(index):
-        files = sorted(set(json.load(open(index))["weight_map"].values()))
+        weight_map = _json(index).get("weight_map")
+        if not isinstance(weight_map, dict):
+            raise ConfigError(f"{index} {DAMAGED.format('no weight_map')}")
+        files = sorted(set(weight_map.values()))
     elif os.path.isfile(os.path.join(directory, "model.safetensors")):
         files = ["model.safetensors"]
     else:
         raise ConfigError(f"--input {directory!r} has no safetensors weights (model.safetensors[.index.json])")
     where = {}
     for name in files:
-        h = safe_open(os.path.join(directory, name), framework="pt")
+        path = os.path.join(directory, name)
+        if not os.path.isfile(path):
+            raise ConfigError(f"--input {directory!r}: {path} is missing (listed in the index); download it again")
+        try:  # the header is checked against the file's size: a truncated download fails here
+            h = safe_open(path, framework="pt")
+        except (SafetensorError, OSError) as e:
+            raise ConfigError(f"--input {directory!r}: {path} {DAMAGED.format(str(e).strip() or type(e).__name__)}") \
+                from None
         for k in h.keys():
             where[k] = h
     return where
+
+
+def check_input(input_dir: str) -> None:
+    """One-line errors for a directory that is not an importable Llama model or whose files are
+    damaged, before anything is written (and before torch.distributed starts)."""
+    _llama_config(input_dir)
+    _tensors(input_dir)
 
 
 def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,

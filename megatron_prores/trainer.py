@@ -224,13 +224,21 @@ class Trainer:
 
     def _checked_common(self, directory: str, iteration: int) -> dict:
         """Rank 0: verify every file of the checkpoint, read its common state, check the flags."""
-        from megatron_prores import mcore_compat, resume
+        from megatron_prores import checkpoint_check, mcore_compat, resume
 
         a = self.args
         resume.verify_or_hint(directory, iteration, None)
         if iteration > a.train_iters:
             raise ConfigError(f"--train-iters {a.train_iters} is below the checkpoint's iteration {iteration}: "
                               f"nothing to train; raise --train-iters (and see --override-opt-param-scheduler)")
+        rows = getattr(checkpoint_check.read_index(directory).state_dict_metadata.get(
+            "embedding.word_embeddings.weight"), "size", [self.cfg.padded_vocab_size])[0]
+        if rows != self.cfg.padded_vocab_size:
+            raise ConfigError(
+                f"the checkpoint's embedding has {rows} rows (padded vocabulary) but this layout pads to "
+                f"{self.cfg.padded_vocab_size} (--make-vocab-size-divisible-by {a.make_vocab_size_divisible_by} x TP "
+                f"{self.cfg.tensor_model_parallel_size}); set --make-vocab-size-divisible-by so that the padded "
+                f"size stays {rows} (it pads to a multiple of that value x TP)")
         common = mcore_compat.load_common_state(directory)
         saved = common.get("run_flags")
         world = (saved or {}).get("world_size")

@@ -330,7 +330,7 @@ def test_hf_to_megatron_to_hf_is_bit_identical(tmp_path):
                      "--vocab-size", str(VOCAB), "--train-iters", "2", "--log-interval", "1", "--eval-iters", "0",
                      "--norm-type", "pre", "--tensor-model-parallel-size", "2", "--load", tmp_path / "ckpt",
                      "--save", tmp_path / "ckpt"], nproc=2)
-    assert code == 0 and f"resumed from {tmp_path / 'ckpt'} at iteration 0" in out, out[-3000:]
+    assert code == 0 and f"resumed from {tmp_path / 'ckpt'}" in out and "at iteration 0" in out, out[-3000:]
     c = transformers.AutoConfig.from_pretrained(str(tmp_path / "back"))
     for key in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
                 "num_key_value_heads", "rms_norm_eps", "max_position_embeddings", "rope_parameters"):
@@ -376,3 +376,134 @@ def test_bad_inputs_give_one_line(tmp_path):
     r = tool("--load", tmp_path / "run", "--output", tmp_path / "o")
     assert r.returncode == 2 and "no complete checkpoint" in r.stderr, r.stderr
     assert not os.path.exists(tmp_path / "o")
+
+
+@pytest.fixture(scope="module")
+def small_checkpoint(single_process, tmp_path_factory):
+    """A Post-LN checkpoint (exports without the fold's calibration: quick)."""
+    root = tmp_path_factory.mktemp("small") / "ckpt"
+    cfg = config("post", gpas=False)
+    save(trained_model(cfg), cfg, root)
+    return root
+
+
+def convert_to_hf(capsys, *args):
+    """(exit code, stderr) of megatron-prores-convert-to-hf, in this process."""
+    from megatron_prores.tools import run
+    from megatron_prores.tools.convert_to_hf import main
+
+    code = run(main, [str(a) for a in args])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") <= 1, err
+    return code, err.strip()
+
+
+def test_export_to_read_only_directory_gives_one_line(small_checkpoint, tmp_path, capsys, monkeypatch):
+    import errno
+
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    if os.access(ro, os.W_OK):  # root writes there anyway: what the kernel answers anyone else
+        makedirs = os.makedirs
+
+        def read_only(name, *args, **kwargs):
+            if os.path.abspath(name).startswith(str(ro) + os.sep):
+                raise PermissionError(errno.EACCES, "Permission denied", str(name))
+            return makedirs(name, *args, **kwargs)
+
+        monkeypatch.setattr(os, "makedirs", read_only)
+    code, err = convert_to_hf(capsys, "--load", small_checkpoint, "--output", ro / "hf")
+    ro.chmod(0o755)
+    assert code == 2 and err == (f"error: --output '{ro / 'hf'}': cannot create {ro / 'hf.tmp'} (Permission denied); "
+                                 f"give --output in a writable directory"), err
+    assert os.listdir(ro) == []
+
+
+def test_failed_export_leaves_no_tmp_and_a_stale_tmp_is_replaced(small_checkpoint, tmp_path, capsys, monkeypatch):
+    """A disk that fills while the shards are written (OSError or safetensors' own error), an interrupt
+    after them: no HF_DIR, no HF_DIR.tmp. A HF_DIR.tmp left by a killed convert does not stop the next."""
+    import errno
+
+    import safetensors.torch
+    from safetensors import SafetensorError
+
+    from megatron_prores import hf_export
+
+    out, tmp = tmp_path / "hf", tmp_path / "hf.tmp"
+
+    def killed_convert():
+        tmp.mkdir()
+        (tmp / "model-00001.safetensors.tmp").write_bytes(b"half a shard")
+
+    for error in (OSError(errno.ENOSPC, "No space left on device"),
+                  SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")):
+        def disk_full(tensors, filename, metadata=None):
+            with open(filename, "wb") as f:
+                f.write(b"partial")
+            if isinstance(error, OSError):
+                error.filename = filename
+            raise error
+
+        killed_convert()
+        monkeypatch.setattr(safetensors.torch, "save_file", disk_full)
+        code, err = convert_to_hf(capsys, "--load", small_checkpoint, "--output", out)
+        monkeypatch.undo()
+        where = f"{tmp / 'model-00001.safetensors.tmp'} (No space left on device)" if isinstance(error, OSError) \
+            else "the safetensors files (Error while serializing: I/O error: No space left on device (os error 28))"
+        assert code == 2 and err == (f"error: --output '{out}': cannot write {where}; give --output in a writable "
+                                     f"directory with free space"), err
+        assert os.listdir(tmp_path) == [], "partial output left behind"
+
+    def interrupted(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(hf_export, "_export_tokenizer", interrupted)  # after every shard is written
+    with pytest.raises(KeyboardInterrupt):
+        export(str(small_checkpoint), str(out), progress=False, log=lambda *_: None)
+    monkeypatch.undo()
+    assert os.listdir(tmp_path) == []
+
+    killed_convert()
+    report = export(str(small_checkpoint), str(out), progress=False, log=lambda *_: None)
+    assert report["format"] == "ProResForCausalLM" and os.listdir(tmp_path) == ["hf"]
+    files = sorted(os.listdir(out))
+    assert "config.json" in files and "model-00001-of-00001.safetensors" in files
+    assert not [f for f in files if f.endswith(".tmp")], files
+
+
+def test_convert_refuses_damaged_legacy_and_unsafe_checkpoints(small_checkpoint, tmp_path, capsys):
+    """The export reads a checkpoint through the same checks as a resume: a truncated shard, code
+    planted in .metadata or an RNG-style file, a Megatron-LM legacy checkpoint: one line each,
+    nothing written, the planted code never runs."""
+    import pickle
+    import shutil
+
+    it = int(open(os.path.join(small_checkpoint, "latest_checkpointed_iteration.txt")).read())
+    mark = tmp_path / "MARK"
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {mark}",))
+
+    def damaged(name, mutate):
+        root = tmp_path / name
+        shutil.copytree(small_checkpoint, root)
+        mutate(root / f"iter_{it:07d}")
+        return root
+
+    def truncate(d):
+        shard = sorted(p for p in os.listdir(d) if p.endswith(".distcp"))[0]
+        open(d / shard, "r+b").truncate(100)
+
+    cases = {
+        "is truncated (100 of at least": damaged("trunc", truncate),
+        "holds objects a checkpoint index never has": damaged("meta", lambda d: pickle.dump(Payload(), open(d / ".metadata", "wb"))),
+        "(RNG state) holds objects this project never writes": damaged("rng", lambda d: torch.save(Payload(), d / "rng_rank00000.pt")),
+        "is a Megatron-LM legacy checkpoint": damaged("legacy", lambda d: os.makedirs(d / "mp_rank_00")),
+    }
+    for message, root in cases.items():
+        code, err = convert_to_hf(capsys, "--load", root, "--output", tmp_path / "o")
+        assert code == 2 and message in err, (message, err)
+        assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "o.tmp")
+    assert not mark.exists()

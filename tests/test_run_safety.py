@@ -125,6 +125,8 @@ CASES = {
     "changed --seq-length": (None, ["--load", "R", "--save", "R", "--seq-length", "32"], "--seq-length is 32 but"),
     "plain -> distributed optimizer": (None, ["--load", "R", "--save", "R", "--use-distributed-optimizer"],
                                        "saved with the plain optimizer and this run uses the distributed optimizer; use the same setting of --use-distributed-optimizer, or pass --no-load-optim"),
+    "another padded vocabulary": (None, ["--load", "R", "--save", "R", "--make-vocab-size-divisible-by", "256"],
+                                  "the checkpoint's embedding has 128 rows (padded vocabulary) but this layout pads to 256"),
     "both scheduler overrides": (None, ["--load", "R", "--save", "R", "--override-opt-param-scheduler",
                                         "--use-checkpoint-opt-param-scheduler"], "exclude each other"),
     "a live run holds --save": (lambda r: open(r / ".lock", "w").write(json.dumps(
@@ -159,13 +161,16 @@ def test_refused_with_one_line_and_nothing_changed(case, run_dir, tmp_path, sing
 
 
 def test_the_latest_checkpoint_resumes_bitwise_and_a_finished_run_does_nothing(run_dir, tmp_path):
-    """Control for the refusals: --ckpt-step 2 (the way out named for a damaged latest) trains
-    iteration 3 again bitwise as the uninterrupted run did; resuming the finished run is a no-op."""
+    """Control for the refusals: --ckpt-step 2 (the way out named for a damaged latest; its RNG file
+    gone, --no-load-rng) trains iteration 3 again bitwise as the uninterrupted run did; resuming the
+    finished run is a no-op."""
     r = tmp_path / "run"
     shutil.copytree(run_dir, r)
     _, ref = train_state(run_dir)
     _truncate(r / IT3 / "__0_0.distcp", 1000)
-    code, out = run(TINY + ["--train-iters", "3", "--load", r, "--save", r, "--ckpt-step", "2"], nproc=1)
+    os.remove(r / "iter_0000002" / "rng_rank00000.pt")  # allowed with --no-load-rng (no dropout here)
+    code, out = run(TINY + ["--train-iters", "3", "--load", r, "--save", r, "--ckpt-step", "2", "--no-load-rng"],
+                    nproc=1)
     assert code == 0 and "resumed from" in out and "at iteration 2" in out, out[-3000:]
     _, got = train_state(r)
     assert got["train_state"]["losses"] == ref["train_state"]["losses"] and len(ref["train_state"]["losses"]) == 3
@@ -343,3 +348,17 @@ def test_bad_flag_values(flag, value, message):
     with pytest.raises(ConfigError) as e:
         parse_args(TINY + ["--train-iters", "3", flag, value])
     assert message in str(e.value) and "\n" not in str(e.value)
+
+
+def test_torchrun_launcher_keeps_the_one_line_promise(tmp_path):
+    """megatron-prores-torchrun (torchrun's arguments): a refused start on 2 ranks ends with the
+    driver's one error line and exit code 2, without torchrun's ChildFailedError traceback."""
+    from tests.conftest import free_port
+
+    cmd = [sys.executable, "-m", "megatron_prores.launch", "--nproc-per-node", "2", f"--master-port={free_port()}",
+           "-m", "megatron_prores.train", *TINY, "--train-iters", "3", "--load", str(tmp_path / "typo")]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    out = p.stdout + p.stderr
+    errors = [l for l in out.splitlines() if l.startswith("error:")]
+    assert p.returncode == 2 and len(errors) == 1 and "typo' does not exist" in errors[0], out[-3000:]
+    assert "Traceback" not in out and "ChildFailedError" not in out

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 from megatron_prores.config import ConfigError
@@ -28,8 +29,33 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
-    if os.path.exists(args.save) and os.listdir(args.save):
-        raise ConfigError(f"--save {args.save!r} is not empty; give a new directory")
+    if os.path.exists(args.save) and (not os.path.isdir(args.save) or os.listdir(args.save)):
+        raise ConfigError(f"--save {args.save!r} is not an empty directory; give a new directory")
+    from megatron_prores.hf_import import check_input
+
+    check_input(args.input)  # a damaged download fails here, in one line, before anything is written
+    created = not os.path.exists(args.save)
+    try:
+        os.makedirs(args.save, exist_ok=True)
+    except OSError as e:
+        raise ConfigError(f"--save {args.save!r}: cannot create {e.filename or args.save} ({e.strerror}); "
+                          f"give a writable directory") from None
+    try:
+        _import(args)
+    except BaseException:  # no partial checkpoint: --save was empty or did not exist
+        if created:
+            shutil.rmtree(args.save, ignore_errors=True)
+        else:
+            for name in os.listdir(args.save):
+                path = os.path.join(args.save, name)
+                if os.path.isdir(path) and not os.path.islink(path):
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    os.remove(path)
+        raise
+
+
+def _import(args):
     import socket
 
     # one process of its own: a free local port, whatever a surrounding launcher exported

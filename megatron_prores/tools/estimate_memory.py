@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron_prores.config import ConfigError
 from megatron_prores.tools import run
 
 GIB = 1024 ** 3
@@ -87,6 +88,10 @@ def main(argv=None):
     p.add_argument("--vocab-size", type=int, default=32000, help="tokenizer size when the flags give none")
     p.add_argument("flags", nargs=argparse.REMAINDER, help="-- then the training flags (or @recipe.txt)")
     a = p.parse_args(argv)
+    for flag, value, what in (("--world-size", a.world_size, "the job's GPUs, nodes x GPUs per node"),
+                              ("--vocab-size", a.vocab_size, "the tokenizer's size")):
+        if value < 1:
+            raise ConfigError(f"{flag} {value} is not valid; give a positive integer ({what})")
     flags = a.flags[1:] if a.flags[:1] == ["--"] else a.flags
     flags = flags + ["--save", "<not used>"]  # recipes save (the launcher adds --save); nothing is written here
     args, cfg, dp, num_micro = check_recipe(flags, a.world_size, a.vocab_size)

@@ -8,16 +8,18 @@ renamed when complete: an interrupted run never leaves a readable half dataset.
 from __future__ import annotations
 
 import argparse
-import json
+import contextlib
 import multiprocessing
 import os
 import sys
 import time
 
 from megatron_prores.config import ConfigError
+from megatron_prores.text_corpus import BadLine, Skipped, parse_jsonl_line, read_lines
 from megatron_prores.tools import run
 
 _worker = {}
+CHUNK = 32  # lines a worker takes at a time
 
 
 def parse(argv=None):
@@ -29,10 +31,15 @@ def parse(argv=None):
     p.add_argument("--tokenizer-model", default=None)
     p.add_argument("--vocab-size", type=int, default=None, help="for NullTokenizer")
     p.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True)
-    p.add_argument("--workers", type=int, default=max(1, (os.cpu_count() or 1)))
+    p.add_argument("--workers", type=int, default=None,
+                   help="tokenizing processes (default: one per CPU; never more than the CPUs or the input's "
+                        f"chunks of {CHUNK} lines)")
     p.add_argument("--log-interval", type=int, default=1000,
                    help="documents between progress lines (when stderr is not a terminal; a terminal "
                         "gets a progress bar)")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip lines that are not UTF-8, not JSON or not an object (counted at the end) instead "
+                        "of stopping at the first")
     return p.parse_args(argv)
 
 
@@ -44,35 +51,72 @@ def _init(args):
 
 
 def _encode(item):
-    n, line = item
+    """(line number, {key: token ids} or None, bytes, the line's error or None) of one input line."""
+    n, offset, raw = item
     args, tok = _worker["args"], _worker["tok"]
-    if not line.strip():
-        return n, None, 0
     try:
-        doc = json.loads(line)
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{args.input}:{n}: not valid JSON ({e.msg}); fix or remove that line") from None
+        doc = parse_jsonl_line(args.input, n, offset, raw)
+    except BadLine as e:
+        return n, None, len(raw), str(e)
+    if doc is None:
+        return n, None, 0, None
     out = {}
     for key in args.json_keys:
-        if not isinstance(doc, dict) or key not in doc:
+        if key not in doc:
             raise ConfigError(f"{args.input}:{n}: no key {key!r}; pick the text keys with --json-keys")
         ids = tok.tokenize(str(doc[key]))
         if args.append_eod:
             ids.append(tok.eod)
         out[key] = ids
-    return n, out, len(line.encode("utf-8"))
+    return n, out, len(raw), None
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def _lines_up_to(path: str, limit: int) -> int:
+    """Lines of ``path``, counted only up to ``limit`` (a quick look at the start of a large file)."""
+    lines, last = 0, b""
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            lines += block.count(b"\n")
+            last = block
+            if lines >= limit:
+                return lines
+    return lines + (1 if last and not last.endswith(b"\n") else 0)
+
+
+def workers(args) -> int:
+    """--workers (default: the CPUs), capped by the CPUs and the input's chunks; a note when capped."""
+    cpus = _cpus()
+    want = cpus if args.workers is None else args.workers
+    lines = _lines_up_to(args.input, want * CHUNK)
+    chunks = max(1, -(-lines // CHUNK))
+    n = min(want, cpus, chunks)
+    if args.workers is not None and n < args.workers:
+        why = (f"the input has {lines} line{'s' if lines != 1 else ''} ({chunks} chunk{'s' if chunks != 1 else ''} "
+               f"of {CHUNK})" if chunks < min(want, cpus) else f"this machine has {cpus} CPUs")
+        print(f"note: using {n} worker{'s' if n != 1 else ''} instead of --workers {args.workers}: {why}",
+              file=sys.stderr, flush=True)
+    return n
 
 
 def main(argv=None):
     args = parse(argv)
+    if args.workers is not None and args.workers < 1:
+        raise ConfigError(f"--workers {args.workers} is not valid; give at least 1 (tokenizing processes)")
+    if args.log_interval < 1:
+        raise ConfigError(f"--log-interval {args.log_interval} is not valid; give at least 1 (documents)")
+    if not os.path.isfile(args.input):
+        raise ConfigError(f"--input {args.input!r} does not exist or is not a file")
+    nworkers = workers(args)
     import numpy
     import torch
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
     from megatron_prores.tokenizer import build_tokenizer
 
-    if not os.path.isfile(args.input):
-        raise ConfigError(f"--input {args.input!r} does not exist or is not a file")
     tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     dtype = DType.optimal_dtype(tok.vocab_size)
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
@@ -84,17 +128,22 @@ def main(argv=None):
     bar = tqdm(total=os.path.getsize(args.input), unit="B", unit_scale=True, desc="tokenizing",
                disable=not sys.stderr.isatty(), file=sys.stderr)
     start, docs, tokens, nbytes = time.time(), 0, 0, 0
-    with open(args.input, encoding="utf-8") as f:
-        lines = enumerate(f, 1)
-        if args.workers > 1:
-            pool = multiprocessing.get_context("spawn").Pool(args.workers, _init, (args,))
-            results = pool.imap(_encode, lines, chunksize=32)
+    skipped = Skipped()
+    with contextlib.closing(read_lines(args.input)) as lines:
+        if nworkers > 1:
+            pool = multiprocessing.get_context("spawn").Pool(nworkers, _init, (args,))
+            results = pool.imap(_encode, lines, chunksize=CHUNK)
         else:
             pool = None
             _init(args)
             results = map(_encode, lines)
         try:
-            for n, out, size in results:
+            for n, out, size, bad in results:
+                if bad is not None:
+                    if not args.skip_bad_lines:
+                        raise ConfigError(bad)
+                    skipped.add(bad)
+                    bar.update(size)
                 if out is None:
                     continue
                 for key, ids in out.items():
@@ -121,7 +170,8 @@ def main(argv=None):
         for key, b in builders.items():
             b.data_file.close()
             os.remove(paths[key] + ".bin.tmp")
-        raise ConfigError(f"--input {args.input!r} holds no documents")
+        raise ConfigError(f"--input {args.input!r} holds no documents"
+                          + (f" ({skipped.summary()})" if skipped.count else ""))
     for key, b in builders.items():
         b.finalize(paths[key] + ".idx.tmp")
         os.replace(paths[key] + ".bin.tmp", paths[key] + ".bin")
@@ -129,7 +179,9 @@ def main(argv=None):
     dt = time.time() - start
     print(f"wrote {docs} documents, {tokens:,} tokens ({numpy.dtype(dtype).name}) to "
           f"{', '.join(p + '.bin/.idx' for p in paths.values())} in {dt:.1f}s: "
-          f"{tokens / dt:,.0f} tokens/s with {args.workers} workers")
+          f"{tokens / dt:,.0f} tokens/s with {nworkers} worker{'s' if nworkers != 1 else ''}")
+    if skipped.count:
+        print(skipped.summary())
 
 
 def cli():

@@ -8,7 +8,7 @@ import os
 import sys
 
 from megatron_prores.config import ConfigError
-from megatron_prores.text_corpus import iter_texts
+from megatron_prores.text_corpus import Skipped, iter_texts
 from megatron_prores.tools import run
 
 
@@ -24,6 +24,9 @@ def parse(argv=None):
     p.add_argument("--character-coverage", type=float, default=0.9995)
     p.add_argument("--max-sentences", type=int, default=2_000_000,
                    help="lines sampled for training (input is split into lines)")
+    p.add_argument("--skip-bad-lines", action="store_true",
+                   help="skip JSONL lines that are not UTF-8, not JSON or not an object (counted at the end) "
+                        "instead of stopping at the first")
     return p.parse_args(argv)
 
 
@@ -33,9 +36,12 @@ def main(argv=None):
 
     if args.vocab_size < 16:
         raise ConfigError(f"--vocab-size {args.vocab_size} is too small; use at least 16")
-    lines = [line for text in iter_texts(args.input, args.json_keys) for line in text.splitlines() if line.strip()]
+    skipped = Skipped() if args.skip_bad_lines else None
+    lines = [line for text in iter_texts(args.input, args.json_keys, skipped)
+             for line in text.splitlines() if line.strip()]
     if not lines:
-        raise ConfigError(f"--input {' '.join(args.input)} holds no text")
+        raise ConfigError(f"--input {' '.join(args.input)} holds no text"
+                          + (f" ({skipped.summary()})" if skipped and skipped.count else ""))
     os.makedirs(os.path.dirname(os.path.abspath(args.model_prefix)), exist_ok=True)
     model = io.BytesIO()
     try:
@@ -62,6 +68,8 @@ def main(argv=None):
             f.write(f"{sp.IdToPiece(i)}\t{sp.GetScore(i)}\n")
     print(f"trained a {args.model_type} tokenizer of {sp.GetPieceSize()} pieces on {len(lines)} lines: "
           f"{args.model_prefix}.model (eos id {sp.eos_id()})")
+    if skipped and skipped.count:
+        print(skipped.summary())
 
 
 def cli():
