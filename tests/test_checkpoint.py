@@ -9,6 +9,8 @@ from megatron_prores.layer import prores_layers, set_prores_step
 from megatron_prores.model import build_model
 from megatron_prores.parallel import seed_everything
 
+pytestmark = pytest.mark.stack  # CI's Python 3.12 / megatron-core 0.19 leg too
+
 
 def make(seed):
     method = MethodConfig(norm_type="mix", prores_schedule="linear", prores_warmup_steps=400,

@@ -120,6 +120,7 @@ def exported(single_process, tmp_path_factory):
     return get
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize("norm_type", [c[0] for c in CASES])
 def test_exported_model_matches_megatron(exported, norm_type):
     """Logits and loss equal Megatron's; greedy generate, with and without the cache, and a left-padded
@@ -292,6 +293,7 @@ def test_tensor_and_pipeline_parallel_checkpoint_converts_like_tp1(single_proces
     assert ca == cb and ca["architectures"] == [reports[0]["format"]]
 
 
+@pytest.mark.stack
 def test_hf_to_megatron_to_hf_is_bit_identical(tmp_path):
     """A random Llama (GQA, SwiGLU, untied) -> this project's checkpoint -> Llama again."""
     from safetensors.torch import load_file
@@ -472,6 +474,7 @@ def test_failed_export_leaves_no_tmp_and_a_stale_tmp_is_replaced(small_checkpoin
     assert not [f for f in files if f.endswith(".tmp")], files
 
 
+@pytest.mark.stack
 def test_convert_refuses_damaged_legacy_and_unsafe_checkpoints(small_checkpoint, tmp_path, capsys):
     """The export reads a checkpoint through the same checks as a resume: a truncated shard, code
     planted in .metadata or an RNG-style file, a Megatron-LM legacy checkpoint: one line each,

@@ -12,6 +12,8 @@ from megatron_prores.layer import prores_layers, set_prores_step
 from megatron_prores.model import build_model
 from megatron_prores.parallel import seed_everything
 
+pytestmark = pytest.mark.stack  # CI's Python 3.12 / megatron-core 0.19 leg too
+
 L, H, SEQ, B = 4, 32, 8, 2
 
 

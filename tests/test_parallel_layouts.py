@@ -67,6 +67,7 @@ def run_matrix(tmp_path, methods, layouts, world):
                 assert err < 1e-10, f"{key}: {pname} gradient differs, relative error {err:.2e}"
 
 
+@pytest.mark.stack
 def test_layouts_match_single_process(single_process, tmp_path):
     run_matrix(tmp_path, CI_METHODS, WORLD2_LAYOUTS, world=2)
 

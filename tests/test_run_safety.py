@@ -135,6 +135,7 @@ CASES = {
 }
 
 
+@pytest.mark.stack
 @pytest.mark.parametrize("case", list(CASES))
 def test_refused_with_one_line_and_nothing_changed(case, run_dir, tmp_path, single_process, capsys):
     from megatron_prores.train import main
@@ -240,6 +241,7 @@ def test_nonfinite_weights_are_never_saved(tmp_path):
     assert os.listdir(tmp_path / "c") == []
 
 
+@pytest.mark.stack
 def test_checkpointer_refuses_nonfinite_state_and_keeps_the_latest(run_dir, tmp_path, single_process, capsys):
     """The part the driver calls at every save: one NaN in the model (or the Adam moments) and
     nothing is written; the run directory keeps every byte."""
@@ -315,6 +317,7 @@ def test_run_lock_stale_and_live_holders(tmp_path, monkeypatch):
         RunLock(str(tmp_path)).acquire()
 
 
+@pytest.mark.stack
 def test_keep_last_n_never_deletes_the_latest(tmp_path, single_process):
     from megatron_prores.checkpointing import _publish, iteration_dir
 

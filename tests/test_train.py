@@ -85,6 +85,7 @@ def wait_for(p, text, timeout=300):
     raise AssertionError(f"never saw {text!r}:\n" + "".join(seen[-30:]))
 
 
+@pytest.mark.stack
 def test_resume_after_sigkill_is_bitwise(tmp_path):
     iters = 40
     common = BASE + ["--train-iters", iters, "--tensor-model-parallel-size", "2", "--save-interval", "4",
@@ -138,6 +139,7 @@ def test_exit_duration_saves_and_exits_0(tmp_path):
     assert 1 <= it < 100000 and len(state["train_state"]["losses"]) == it
 
 
+@pytest.mark.stack
 def test_async_save_checkpoints_equal_sync_ones_and_resume_bitwise(tmp_path):
     """--async-save: stop at 4 (written in the background), resume to 8; every loss and the final
     weights equal a run that saved synchronously."""
@@ -256,6 +258,7 @@ def test_disk_full_during_save_keeps_the_previous_checkpoint(tmp_path, mode):
         subprocess.run(["umount", str(mnt)])
 
 
+@pytest.mark.stack
 def test_distributed_optimizer_resume_is_bitwise(tmp_path):
     """DP=2 with megatron's distributed optimizer: stop at 4 (--exit-interval), resume to 8."""
     args = BASE + ["--train-iters", "8", "--use-distributed-optimizer", "--save-interval", "2",
