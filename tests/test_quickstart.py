@@ -6,9 +6,12 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.exhaustive  # 8-15 minutes on 2 cores: behind the marker to keep CI inside its 90 minutes
 def test_quickstart(tmp_path):
     run_dir = tmp_path / "qs"
     out = subprocess.run(["bash", os.path.join(ROOT, "examples", "quickstart.sh")], capture_output=True,

@@ -218,6 +218,7 @@ def assert_same_run(a, b):
     assert_same_weights(a, b)
 
 
+@pytest.mark.exhaustive  # 10-25 minutes with the cluster's set-up: CI's 90 minutes
 def test_preempted_job_is_requeued_and_resumes_to_the_same_result(slurm, reference, tmp_path):
     job_id = submit(slurm, tmp_path, tmp_path / "run")
     wait_latest(tmp_path / "run", 100, reference.timeout(), lambda: job_output(tmp_path, job_id))
@@ -233,6 +234,7 @@ def test_preempted_job_is_requeued_and_resumes_to_the_same_result(slurm, referen
     assert_same_run(reference.checkpoints, tmp_path / "run" / "checkpoints")
 
 
+@pytest.mark.exhaustive  # 10-25 minutes with the cluster's set-up: CI's 90 minutes
 def test_time_limit_signal_saves_requeues_and_resumes_to_the_same_result(slurm, reference, tmp_path):
     """SLURM's own time limit: the job runs with a 30-minute limit and USR1 LEAD s before it. Once
     it is training with enough steps left (measured step time) to outlast SLURM's next time-limit
