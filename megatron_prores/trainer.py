@@ -212,7 +212,7 @@ class Trainer:
                 g["max_lr"], g["min_lr"] = a.lr, a.min_lr
             self.scheduler.step(increment=0)
         lr = self.scheduler.get_lr(self.optimizer.param_groups[0])
-        self._say(f"resumed from {directory} at iteration {self.state.iteration} (learning rate {lr:.6E}"
+        self._say(f"resumed from {a.load} at iteration {self.state.iteration} (learning rate {lr:.6E}"
                   + {"override": ", schedule from the new flags: --override-opt-param-scheduler",
                      "checkpoint": ", the checkpoint's schedule: --use-checkpoint-opt-param-scheduler"}.get(mode, "")
                   + ")")
