@@ -166,10 +166,16 @@ def verify(directory: str, world_size: Optional[int] = None) -> None:
     for n in rng_files:
         safe_torch_load(os.path.join(directory, n), "RNG state")
     if world_size is not None:
-        for r in range(world_size):
-            if f"rng_rank{r:05d}.pt" not in rng_files:
-                raise CheckpointDamaged(f"{os.path.join(directory, f'rng_rank{r:05d}.pt')} is missing "
-                                        f"(written by each of the {world_size} processes that saved it)")
+        check_rng_files(directory, world_size)
+
+
+def check_rng_files(directory: str, world_size: int) -> None:
+    """One RNG file per process that saved the checkpoint (each restores its own)."""
+    present = set(os.listdir(directory))
+    for r in range(world_size):
+        if f"rng_rank{r:05d}.pt" not in present:
+            raise CheckpointDamaged(f"{os.path.join(directory, f'rng_rank{r:05d}.pt')} is missing "
+                                    f"(written by each of the {world_size} processes that saved it)")
 
 
 def iterations(root: str) -> List[int]:

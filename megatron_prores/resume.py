@@ -92,9 +92,7 @@ def _fallback_hint(root: str, below: int) -> str:
 def starting_point(args) -> Optional[Tuple[str, int]]:
     """(checkpoint directory, iteration) to resume from, or None for a fresh start."""
     load, save, step = args.load, args.save, args.ckpt_step
-    if not load:
-        if step is not None:
-            raise ConfigError("--ckpt-step needs --load DIR (the run directory to resume from)")
+    if not load:  # (--ckpt-step without --load is refused by arguments.check_args)
         held = _holds_checkpoints(save)
         if held is not None:
             raise ConfigError(f"--save {save!r} already holds checkpoints (up to iteration {held}) and no --load "
@@ -138,10 +136,15 @@ def starting_point(args) -> Optional[Tuple[str, int]]:
     return directory, iteration
 
 
-def verify_or_hint(directory: str, iteration: int, world_size: Optional[int]) -> None:
-    """checkpoint_check.verify, with the older complete checkpoint named when this one is damaged."""
+def verify_or_hint(directory: str, iteration: int, world_size: Optional[int] = None,
+                   only_rng: bool = False) -> None:
+    """checkpoint_check.verify (``only_rng``: just the RNG files of ``world_size`` processes), with
+    the older complete checkpoint named when this one is damaged."""
     try:
-        checkpoint_check.verify(directory, world_size)
+        if only_rng:
+            checkpoint_check.check_rng_files(directory, world_size)
+        else:
+            checkpoint_check.verify(directory, world_size)
     except CheckpointDamaged as e:
         raise CheckpointDamaged(f"checkpoint iteration {iteration} is damaged: {e}"
                                 f"{_fallback_hint(os.path.dirname(directory), iteration)}") from None
@@ -155,9 +158,6 @@ def check_flags(saved: Optional[dict], args, iteration: int) -> str:
     """Compare the checkpoint's run flags with this run's; returns how the LR/WD schedule loads:
     'same', 'override' (flags apply) or 'checkpoint' (the checkpoint's). Raises ConfigError
     (one line naming the flag and the way out) for a change the user did not allow."""
-    if args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler:
-        raise ConfigError("--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each "
-                          "other; give one")
     if not saved:  # a checkpoint of an earlier version, or imported from Hugging Face
         return "override" if args.override_opt_param_scheduler else "same"
     now = run_flags(args)

@@ -243,7 +243,7 @@ class Trainer:
         saved = common.get("run_flags")
         world = (saved or {}).get("world_size")
         if world == self.world and not a.no_load_rng:  # each process restores its own RNG file
-            resume.verify_or_hint(directory, iteration, world)
+            resume.verify_or_hint(directory, iteration, world, only_rng=True)
         if "optimizer" not in common:  # model-only (imported, or an initial checkpoint): nothing to keep
             saved = None
         common["_schedule_mode"] = resume.check_flags(saved, a, iteration)
