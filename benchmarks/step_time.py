@@ -16,7 +16,9 @@ optimizer step) on synthetic tokens, in a process of its own:
                fp32 weights, torch AdamW as megatron-core uses without TE/apex, grad clip 1.0
 Time: median over --steps timed steps after --warmup steps (times --rounds, run round-robin). Tokens/s = global batch x seq / time;
 TFLOP/s from the dense-GPT FLOP count of the driver (megatron_prores.metrics.flops_per_token); MFU
-against the matmul peak this script measures on the device (bf16 on GPUs, fp32 on CPU), printed too.
+against the datasheet dense bf16 peak (megatron_prores.metrics.peak_tflops, as the driver's log line
+and published MFU figures), with the matmul rate this script measures on the device beside it (on
+CPU, or a GPU without a datasheet entry, MFU is against the measured rate).
 Peak memory: max allocated CUDA memory (GPU) or max resident set (CPU) of the variant's process.
 --micro-batch-size auto (the GPU default) measures the peak memory of the prores_mid variant at
 micro batch 1 and 2, extrapolates to the largest power of two under 90% of the device, confirms it
@@ -186,8 +188,22 @@ def driver_worker(flags, warmup, out_path):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         times.append(1000 * (time.perf_counter() - t0))
+    peak = peak_memory_gib()
+    if os.environ.get("STEP_TIME_PROFILE") and torch.cuda.is_available():
+        # two more steps under the profiler: the kernels that take the step's time, into the log
+        from torch.profiler import ProfilerActivity, profile
+
+        try:
+            with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+                for step in range(trainer.args.train_iters - 2, trainer.args.train_iters):
+                    trainer.train_step(step)
+                torch.cuda.synchronize()
+            print(prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=25,
+                                            max_name_column_width=90), flush=True)
+        except Exception as e:  # noqa: BLE001 - the timing above stands without the profile
+            print(f"profile failed: {type(e).__name__}: {e}", flush=True)
     with open(out_path, "w") as f:
-        json.dump({"times_ms": times[warmup:], "peak_gib": peak_memory_gib()}, f)
+        json.dump({"times_ms": times[warmup:], "peak_gib": peak}, f)
 
 
 def run_driver(runner, variant, shape, mb, acc, steps, warmup, extra, tmp):
@@ -321,7 +337,7 @@ def largest_micro_batch(runner, shape, args) -> int:
     return mb
 
 
-def summarize(rows, shape, fpt, peak):
+def summarize(rows, shape, fpt, peak, measured):
     """Medians, tokens/s, TFLOP/s, MFU per variant and the target ratios of one shape."""
     for res in rows.values():
         if "error" not in res and res["times_ms"]:
@@ -330,6 +346,7 @@ def summarize(rows, shape, fpt, peak):
             res["tokens_per_s"] = tokens / (res["step_ms"] / 1000)
             res["tflops"] = res["tokens_per_s"] * fpt / 1e12
             res["mfu"] = res["tflops"] / peak
+            res["mfu_of_measured_matmul"] = res["tflops"] / measured
     checks = []
     for what, a, b, kind, bound in TARGETS:
         if any(v not in rows or "step_ms" not in rows[v] for v in (a, b)):
@@ -346,8 +363,9 @@ def summarize(rows, shape, fpt, peak):
 
 
 def print_table(results):
-    print(f"device {results['device']}, measured matmul peak {results['matmul_peak_tflops']:.1f} TFLOP/s "
-          f"(MFU below is against it), {results['accumulation']} microbatches per step, median of "
+    print(f"device {results['device']}, MFU against {results['mfu_peak_tflops']:.1f} TFLOP/s "
+          f"({results['mfu_peak']}; measured matmul {results['matmul_peak_tflops']:.1f} TFLOP/s), "
+          f"{results['accumulation']} microbatches per step, median of "
           f"{results['steps']} steps x {results['rounds']} round(s), extra flags: {results['extra_flags'] or '-'}")
     for name, shp in results["shapes"].items():
         print(f"\nshape {name} {shp['shape']}")
@@ -397,17 +415,24 @@ def main(argv=None):
         print(f"note: --steps {args.steps} is below the 20 timed steps the issue asks for", flush=True)
     os.makedirs(args.out, exist_ok=True)
 
-    peak = matmul_peak_tflops()
+    sys.path.insert(0, os.path.dirname(HERE))
+    from megatron_prores.metrics import peak_tflops
+
+    measured = matmul_peak_tflops()
+    datasheet = peak_tflops()
+    peak = datasheet or measured
     if gpu:
         torch.cuda.empty_cache()  # leave the device to the variants' processes
     dev = device_name()
     stamp = f"{dev}-{datetime.date.today().isoformat()}"
     path = os.path.join(args.out, f"{stamp}-step-time.json")
     runner = Runner(os.path.join(args.out, f"{stamp}-step-time.log"), args.budget, args.timeout)
-    print(f"device {dev}: measured {'bf16' if gpu else 'fp32'} matmul peak {peak:.1f} TFLOP/s; "
+    print(f"device {dev}: measured {'bf16' if gpu else 'fp32'} matmul {measured:.1f} TFLOP/s, datasheet bf16 "
+          f"peak {datasheet or '-'} TFLOP/s (MFU against {peak:.1f}); "
           f"every process's output goes to {runner.log_path}", flush=True)
     results = {"device": dev, "date": datetime.date.today().isoformat(), "torch": torch.__version__,
-               "matmul_peak_tflops": peak, "extra_flags": args.extra, "accumulation": args.accumulation,
+               "matmul_peak_tflops": measured, "mfu_peak_tflops": peak,
+               "mfu_peak": "datasheet dense bf16" if datasheet else "measured matmul", "extra_flags": args.extra, "accumulation": args.accumulation,
                "steps": args.steps, "warmup": args.warmup, "rounds": args.rounds, "shapes": {}}
 
     def write():
@@ -446,7 +471,7 @@ def main(argv=None):
                     row["peak_gib"] = max(row["peak_gib"], res["peak_gib"])
                     print(f"  median {statistics.median(res['times_ms']):.1f} ms, peak {res['peak_gib']:.2f} GiB",
                           flush=True)
-                entry["ratios"] = summarize(rows, shape, fpt, peak)
+                entry["ratios"] = summarize(rows, shape, fpt, peak, measured)
                 write()
 
     write()
