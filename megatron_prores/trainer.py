@@ -292,10 +292,9 @@ class Trainer:
 
     # ---- the step -------------------------------------------------------------------------
     def forward_step(self, data_iterator, chunk):
-        batch = next(data_iterator)
-        dev = self.device
-        out = chunk(batch["tokens"].to(dev), batch["position_ids"].to(dev), None, labels=batch["labels"].to(dev))
-        loss_mask = batch["loss_mask"].to(dev).float()
+        batch = to_device(next(data_iterator), self.device)
+        out = chunk(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+        loss_mask = batch["loss_mask"].float()
 
         def loss_func(per_token):
             total = (per_token.float() * loss_mask).sum()
@@ -447,6 +446,15 @@ class Trainer:
             self.lock.release()
 
 
+def to_device(batch: dict, device: torch.device) -> dict:
+    """A host micro batch on ``device`` without a host sync: on a GPU through pinned memory and
+    asynchronous copies (``.to()`` from pageable memory waits until the GPU has drained its queue,
+    once per tensor and micro batch, which leaves the GPU idle while the next launches queue up)."""
+    if device.type != "cuda":
+        return batch
+    return {k: v.pin_memory().to(device, non_blocking=True) for k, v in batch.items()}
+
+
 @torch.no_grad()
 def state_is_finite(model, optimizer) -> bool:
     """Every parameter, main (fp32) parameter and Adam moment is finite, on every rank."""
@@ -458,7 +466,14 @@ def state_is_finite(model, optimizer) -> bool:
         flags += [torch.isfinite(p).all() for g in inner.param_groups for p in g["params"]]
         flags += [torch.isfinite(v).all() for st in inner.state.values() for v in st.values()
                   if torch.is_tensor(v) and v.is_floating_point()]
-    ok = torch.stack(flags).all().float().cpu().view(1) if flags else torch.ones(1)
+    # one reduction per device (Adam's step counts stay on the CPU while the moments are on the GPU),
+    # then one host copy per device; the all-reduce runs on gloo (the CPU half of the default group)
+    per_device = {}
+    for f in flags:
+        per_device.setdefault(f.device, []).append(f)
+    ok = torch.ones(1)
+    for fs in per_device.values():
+        ok = torch.minimum(ok, torch.stack(fs).all().float().cpu().view(1))
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
 

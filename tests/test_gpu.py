@@ -151,3 +151,52 @@ def test_te_fp8_trains_with_every_norm_type(single_process, norm, recipe):
         outs.append(logits.float())
     rel = (outs[1] - outs[0]).norm() / outs[0].norm()
     assert rel < 0.1, f"FP8 logits differ from bf16 by {rel:.3f}"
+
+
+@needs_cuda
+@pytest.mark.parametrize("plant", [None, "moment"])
+def test_state_is_finite_with_cuda_moments_and_cpu_step_counts(single_process, plant):
+    """The save-time finite check on the layout of a GPU run: weights and Adam moments on the GPU,
+    Adam's step counts on the CPU (the first GPU run's save crashed on this mix)."""
+    from megatron_prores.trainer import state_is_finite
+
+    model = torch.nn.Linear(4, 3).cuda()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(2, 4, device="cuda")).sum().backward()
+    opt.step()
+    devices = {v.device.type for st in opt.state.values() for v in st.values()}
+    assert devices == {"cpu", "cuda"}
+    if plant:
+        next(iter(opt.state.values()))["exp_avg"][0] = float("nan")
+
+    class Wrapped:
+        optimizer = opt
+
+    assert state_is_finite([model], Wrapped()) is (plant is None)
+
+
+@needs_cuda
+def test_forward_step_has_no_host_sync(single_process, tmp_path):
+    """The driver's forward_step (batch to the GPU, forward, loss function) never waits for the GPU:
+    torch's sync debug mode raises on any synchronizing call (CPU counterpart: the driver tests,
+    which run the same forward_step and check its losses)."""
+    from megatron_prores.arguments import parse_args
+    from megatron_prores.trainer import Trainer
+
+    trainer = Trainer(parse_args(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                                  "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+                                  "--mock-data", "--vocab-size", "256", "--bf16", "--prores-schedule", "linear",
+                                  "--prores-warmup-steps", "10", "--gpas", "--train-iters", "2",
+                                  "--eval-iters", "0"]))
+    try:
+        trainer.train_step(0)  # compile and allocate first
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            out, loss_func = trainer.forward_step(trainer.train_iter, trainer.model[0])
+            loss, _ = loss_func(out)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        assert torch.isfinite(loss).item()
+    finally:
+        trainer.close()

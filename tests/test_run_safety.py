@@ -15,6 +15,7 @@ import socket
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -365,3 +366,28 @@ def test_torchrun_launcher_keeps_the_one_line_promise(tmp_path):
     errors = [l for l in out.splitlines() if l.startswith("error:")]
     assert p.returncode == 2 and len(errors) == 1 and "typo' does not exist" in errors[0], out[-3000:]
     assert "Traceback" not in out and "ChildFailedError" not in out
+
+
+def _adam_after_one_step(device):
+    """A model and torch AdamW after one step: moments on ``device``, step counts on the CPU
+    (torch keeps them there unless capturable), as the driver's optimizer state is laid out."""
+    model = torch.nn.Linear(4, 3).to(device)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    model(torch.ones(2, 4, device=device)).sum().backward()
+    opt.step()
+    return model, SimpleNamespace(optimizer=opt)
+
+
+@pytest.mark.parametrize("plant", [None, "param", "moment"])
+def test_state_is_finite_sees_every_parameter_and_moment(single_process, plant):
+    """The save-time check (CPU counterpart of test_gpu's mixed-device case): a planted NaN in a
+    weight or in an Adam moment is found; finite state passes, the CPU step counts included."""
+    from megatron_prores.trainer import state_is_finite
+
+    model, opt = _adam_after_one_step("cpu")
+    assert any(v.device.type == "cpu" for st in opt.optimizer.state.values() for v in st.values())
+    if plant == "param":
+        model.weight.data[1, 2] = float("nan")
+    elif plant == "moment":
+        next(iter(opt.optimizer.state.values()))["exp_avg_sq"][0] = float("inf")
+    assert state_is_finite([model], opt) is (plant is None)

@@ -99,6 +99,12 @@ class Runs:
         return state == 2, "".join(seen)
 
 
+def last_error(out: str):
+    """The driver's one-line error, else the last '...Error: ...' line of a traceback."""
+    lines = [l.split("]: ", 1)[-1].strip() for l in out.splitlines()]
+    return next((l for l in reversed(lines) if l.startswith("error:") or "Error: " in l), None)
+
+
 def train_state(ckpt):
     from megatron.core import dist_checkpointing
 
@@ -152,7 +158,7 @@ def main(argv=None):
     def done(name, code, out, secs):
         lines = [l for l in out.splitlines() if l.startswith(" iteration ")]
         res["runs"][name] = {"exit": code, "seconds": round(secs, 1), "last_lines": lines[-2:],
-                             "error": next((l for l in reversed(out.splitlines()) if l.startswith("error")), None)}
+                             "error": last_error(out) if code else None}
         print(f"{name}: exit {code} in {secs:.0f} s" + (f" ({res['runs'][name]['error']})" if code else ""),
               flush=True)
         write()
