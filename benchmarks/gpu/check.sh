@@ -9,8 +9,8 @@
 #   a. env_probe.py: GPU, driver, torch/CUDA/triton/megatron-core versions, matmul rate, which SDPA
 #      kernel runs the 1.3B GQA layout
 #   b. tests/test_gpu.py (Transformer Engine tests skip: TE cannot be brought to the device)
-#   c. driver_resume.py: the driver at ~125M, bf16, ProRes+GPAS, sync and async save at step 20,
-#      kill -9, resume; losses after the resume vs the uninterrupted run
+#   c. driver_resume.py: the driver at ~125M, bf16, ProRes+GPAS; its sync step-20 checkpoint resumed,
+#      and an --async-save run killed with -9 after step 20, resumed; losses vs the uninterrupted run
 #   d. step_time.py at the 1.3B shape (megatron / prores_mid / prores_done / hf), then the 48x512
 #      shape while the budget lasts; the driver variants print a profile of two steps into the log
 # CHECK_BUDGET (seconds, default 530) bounds the whole command.
@@ -55,7 +55,7 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, keep going whatev
 
 stage env 60 python3 benchmarks/gpu/env_probe.py --out "$out" "${toy[@]}"
 stage tests 130 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py --junitxml="$out/gpu-tests.xml"
-stage driver-resume 170 python3 benchmarks/gpu/driver_resume.py --out "$out" "${toy[@]}"
+stage driver-resume 200 python3 benchmarks/gpu/driver_resume.py --out "$out" "${toy[@]}"
 export STEP_TIME_PROFILE=1
 stage step-time 600 python3 benchmarks/step_time.py --out "$out" --budget $(( $(left) - 15 )) \
     --shapes "${shapes[@]}" "${st[@]}"

@@ -1,6 +1,9 @@
-"""The driver itself on one device: a bf16 run with ProRes + GPAS (compiled residual op, SDPA), a
-checkpoint at step SAVE_AT written synchronously and one written in the background, kill -9 a few
-steps later, resume; the losses after the resume are compared with the uninterrupted run's.
+"""The driver itself on one device: a bf16 run with ProRes + GPAS (compiled residual op, SDPA) and
+its checkpoints; the losses after each resume are compared with the uninterrupted run's, bitwise:
+- sync: the uninterrupted run's own step-SAVE_AT checkpoint (written synchronously), resumed;
+- async: a run with --async-save, killed with SIGKILL a few steps after its step-SAVE_AT
+  checkpoint was complete, resumed (the dead run's lock is taken over).
+Four processes in all.
 
     python benchmarks/gpu/driver_resume.py --out DIR           # GPU: ~125M shape, 30 steps
     python benchmarks/gpu/driver_resume.py --out DIR --toy     # CPU rehearsal at toy size
@@ -176,18 +179,26 @@ def main(argv=None):
     write()
 
     ok = res["checks"]["loss_falls"]
-    for mode, extra, marker in (("sync", [], f"saved checkpoint at iteration {args.save_at}"),
-                                ("async", ["--async-save"], f"saved checkpoint at iteration {args.save_at}")):
-        d = os.path.join(work, mode)
-        t = time.perf_counter()
-        killed, out = runs.run_and_kill(f"{mode} (killed)", base + extra + ["--save", d], marker,
-                                        min(args.save_at + 3, args.iters - 1))
-        res["runs"][f"{mode}_killed"] = {"killed_after_save": killed, "seconds": round(time.perf_counter() - t, 1),
-                                         "background_write_logged": "in the background" in out}
-        write()
-        if not killed:
-            print(f"{mode}: never saw '{marker}' and the next iterations; see the log", flush=True)
-            ok = False
+    # sync: the uninterrupted run's own step-SAVE_AT checkpoint (written synchronously), alone in a
+    # run directory of its own, resumed; async: a run that writes in the background, killed with -9
+    # a few steps after its step-SAVE_AT checkpoint was complete, resumed
+    sync_dir = os.path.join(work, "sync")
+    os.makedirs(sync_dir)
+    shutil.copytree(os.path.join(full, f"iter_{args.save_at:07d}"), os.path.join(sync_dir, f"iter_{args.save_at:07d}"))
+    with open(os.path.join(sync_dir, "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write(str(args.save_at))
+    async_dir = os.path.join(work, "async")
+    t = time.perf_counter()
+    killed, out = runs.run_and_kill("async (killed)", base + ["--async-save", "--save", async_dir],
+                                    f"saved checkpoint at iteration {args.save_at}", min(args.save_at + 3, args.iters - 1))
+    res["runs"]["async_killed"] = {"killed_after_save": killed, "seconds": round(time.perf_counter() - t, 1),
+                                   "background_write_logged": "in the background" in out}
+    write()
+    if not killed:
+        print("async: never saw its checkpoint complete and the next iterations; see the log", flush=True)
+        ok = False
+    for mode, d, extra in (("sync", sync_dir, []), ("async", async_dir, ["--async-save"])):
+        if mode == "async" and not killed:
             continue
         if not done(f"{mode}_resumed", *runs.run(f"{mode} (resumed)", base + extra + ["--save", d, "--load", d])):
             ok = False
