@@ -31,6 +31,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
 from megatron_prores import checkpoint_check, mcore_compat
+from megatron_prores.block_styles import MIXED
 from megatron_prores.config import ConfigError
 
 LATEST = checkpoint_check.LATEST
@@ -340,7 +341,7 @@ def model_args_for_checkpoint(cfg) -> dict:
                 num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.query_groups,
                 ffn_hidden_size=cfg.ffn_size, vocab_size=cfg.vocab_size, normalization=cfg.normalization,
                 norm_type=m.norm_type, gpas=m.gpas, gpas_gate=m.gpas_gate,
-                mix_post_layers=m.post_layers(cfg.num_layers) if m.norm_type == "mix" else None)
+                mix_post_layers=m.post_layers(cfg.num_layers) if m.norm_type in MIXED else None)
 
 
 def check_model_args(saved: dict, current: dict, where: str) -> None:

@@ -16,9 +16,9 @@ from typing import Optional
 
 import torch
 
+from megatron_prores.block_styles import MIXED, NORM_TYPES, gpas_norm_types, styles_of
 from megatron_prores.schedules import SCHEDULES, needs_warmup
 
-NORM_TYPES = ("pre", "post", "sandwich", "deepnorm", "lns", "mix")
 GPAS_GATES = ("block", "sublayer")
 INIT_METHODS = ("normal", "scaled", "ds-init")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
@@ -66,15 +66,18 @@ class MethodConfig:
         return num_layers // 4
 
     def block_style(self, layer: int, num_layers: int) -> str:
-        """The placement used by global 1-based block ``layer``: Mix-LN resolves to post/pre."""
-        if self.norm_type == "mix":
-            return "post" if layer <= self.post_layers(num_layers) else "pre"
+        """The style (block_styles.STYLES) of global 1-based block ``layer``: Mix-LN resolves to
+        post for its first k blocks and pre for the rest."""
+        if self.norm_type in MIXED:
+            first, rest = MIXED[self.norm_type]
+            return first if layer <= self.post_layers(num_layers) else rest
         return self.norm_type
 
     @property
     def has_final_norm(self) -> bool:
-        """Post-LN and DeepNorm end on a norm already; the rest get a final norm."""
-        return self.norm_type not in ("post", "deepnorm")
+        """A model whose last block normalizes its sum (Post-LN, DeepNorm) ends on a norm already;
+        the rest get a final norm."""
+        return not styles_of(self.norm_type)[-1].sum_norm
 
     def validate(self, num_layers: int) -> None:
         _choice("--norm-type", self.norm_type, NORM_TYPES)
@@ -93,12 +96,12 @@ class MethodConfig:
                     f"--prores-warmup-steps {w!r} is not valid for --prores-schedule "
                     f"{self.prores_schedule}: give the total warmup as a positive number of steps"
                 )
-        if self.gpas and self.norm_type == "post":
+        if self.gpas and self.norm_type not in gpas_norm_types():
             raise ConfigError(
-                "--gpas with --norm-type post is not defined by the GPAS paper; "
-                "use GPAS with pre, lns, sandwich, deepnorm or mix"
+                f"--gpas with --norm-type {self.norm_type} is not defined by the GPAS paper; "
+                f"use GPAS with {', '.join(gpas_norm_types()[:-1])} or {gpas_norm_types()[-1]}"
             )
-        if self.norm_type == "mix":
+        if self.norm_type in MIXED:
             k = self.post_layers(num_layers)
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_layers - 1:
                 raise ConfigError(
@@ -335,7 +338,7 @@ class ModelConfig:
             attention_backend=(AttnBackend[self.attention_backend]
                                if self.transformer_impl == "transformer_engine" else AttnBackend.auto),
             # Mix-LN blocks differ (post vs pre norms): checkpoint them per block.
-            hetereogenous_dist_checkpoint=self.method.norm_type == "mix",
+            hetereogenous_dist_checkpoint=self.method.norm_type in MIXED,
         )
 
 

@@ -15,6 +15,8 @@ import math
 
 import torch
 
+from megatron_prores.block_styles import STYLES
+
 
 def deepnorm_shortcut(num_layers: int) -> float:
     """DeepNorm's shortcut constant c = (2L)**0.25."""
@@ -48,7 +50,7 @@ def apply_depth_init(layer, method) -> None:
         s = 1.0 / math.sqrt(layer.layer_number)
         attn.linear_proj.weight.mul_(s)
         mlp.linear_fc2.weight.mul_(s)
-    if method.norm_type == "deepnorm":
+    if STYLES[layer.style].deepnorm:
         b = deepnorm_init_gain(config.num_layers)
         _value_rows(attn.linear_qkv.weight, config).mul_(b)
         attn.linear_proj.weight.mul_(b)

@@ -41,12 +41,10 @@ from megatron.core.transformer.transformer_layer import (
 )
 
 from megatron_prores import fused_residual, schedules
+from megatron_prores.block_styles import STYLES
 from megatron_prores.config import MethodConfig
 from megatron_prores.initialization import apply_depth_init, deepnorm_shortcut
 from megatron_prores.norms import scale_output
-
-PRE_STYLES = ("pre", "lns", "sandwich")
-POST_STYLES = ("post", "deepnorm")
 
 
 @dataclass
@@ -79,23 +77,23 @@ class ProResTransformerLayer(TransformerLayer):
             pg_collection=pg_collection,
             vp_stage=vp_stage,
         )
-        assert style in PRE_STYLES + POST_STYLES, style
+        assert style in STYLES, style
         self.method = method
         self.style = style
+        s = STYLES[style]
         L, l = config.num_layers, self.layer_number
 
         norm_args = dict(config=config, hidden_size=config.hidden_size, eps=config.layernorm_epsilon)
         self.post_self_attn_layernorm = build_module(submodules.post_self_attn_layernorm, **norm_args)
         self.post_mlp_layernorm = build_module(submodules.post_mlp_layernorm, **norm_args)
-        needs_post_norm = style != "pre" and style != "lns"
-        assert needs_post_norm == (not isinstance(self.post_mlp_layernorm, IdentityOp)), (
+        assert s.post_norm == (not isinstance(self.post_mlp_layernorm, IdentityOp)), (
             f"spec of block {l} does not match its style {style}"
         )
 
-        if style == "lns":
+        if s.depth_scaled_pre_norm:
             for norm in (self.input_layernorm, self.pre_mlp_layernorm):
                 scale_output(norm, l ** -0.5)
-        self.shortcut_scale = deepnorm_shortcut(L) if style == "deepnorm" else None
+        self.shortcut_scale = deepnorm_shortcut(L) if s.deepnorm else None
 
         # GPAS gates: shape [1] (one per block) or [2] (attention, MLP). 1-D, so megatron-core's
         # optimizer gives them no weight decay. Under sequence parallelism each TP rank sees a
@@ -155,16 +153,16 @@ class ProResTransformerLayer(TransformerLayer):
         ``fused`` (config.bias_dropout_fusion) compiles the residual op as megatron compiles its own."""
         gate = self._gate(sublayer)
         scale = self.prores_scale if self.prores_active else None
-        style = self.style
-        if style in ("pre", "lns") and gate is None and scale is None:
+        s = STYLES[self.style]
+        if s.plain_residual and gate is None and scale is None:
             return get_bias_dropout_add(training, fused)  # exactly megatron-core's residual add
         post_norm = self.post_self_attn_layernorm if sublayer == 0 else self.post_mlp_layernorm
-        post = style in POST_STYLES
+        post = s.sum_norm  # the sum is normalized next: GPAS scales the shortcut
         recompute = self.gpas_recompute
 
         def residual_op(x_with_bias, residual, prob):
             x, bias = x_with_bias
-            if style == "sandwich":
+            if s.branch_norm:
                 x = post_norm(x if bias is None else x + bias)
                 bias = None
             out = fused_residual.residual_op(

@@ -27,6 +27,7 @@ from megatron.core.transformer.transformer_block import (
 )
 from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
+from megatron_prores.block_styles import STYLES
 from megatron_prores.config import ConfigError, MethodConfig
 from megatron_prores.layer import ProResLayerSubmodules, ProResTransformerLayer
 
@@ -86,12 +87,14 @@ def layer_spec(method: MethodConfig, style: str, impl: str = "local",
                attention_backend: str = "auto") -> ModuleSpec:
     """Spec of one ProRes/GPAS layer of the given block style."""
     m = _Modules(impl, attention_backend)
-    pre_norm = style in ("pre", "sandwich", "lns")
-    fuse = pre_norm and style != "lns" and m.norm_column is not None
-    map_keys = pre_norm and style != "lns" and m.norm_column is None
+    s = STYLES[style]
+    # TE fuses a pre-norm into the next linear, unless LNS scales the norm's output in between
+    fusable = s.pre_norm and not s.depth_scaled_pre_norm
+    fuse = fusable and m.norm_column is not None
+    map_keys = fusable and m.norm_column is None
     input_linear = m.norm_column if fuse else m.column
-    norm_in = m.norm if pre_norm and not fuse else IdentityOp
-    norm_post = m.norm if style != "pre" and style != "lns" else IdentityOp
+    norm_in = m.norm if s.pre_norm and not fuse else IdentityOp
+    norm_post = m.norm if s.post_norm else IdentityOp
     return ModuleSpec(
         module=ProResTransformerLayer,
         params={"method": method, "style": style},
