@@ -8,7 +8,7 @@ parallel size). Resuming from ``consumed_samples`` therefore continues the exact
 from __future__ import annotations
 
 import os
-from typing import Iterator, List
+from typing import Iterator, List, Optional
 
 import numpy
 import torch
@@ -107,23 +107,26 @@ def _check_splits(prefixes, split_matrix, num_samples, split) -> None:
                 )
 
 
-def build_datasets(args, tokenizer, num_samples: List[int]):
-    """(train, valid, test) megatron-core datasets of at least ``num_samples`` samples each."""
+def build_datasets(tokenizer, num_samples: List[int], *, data_path: Optional[List[str]], split: str,
+                   seq_length: int, seed: int, cache_path: Optional[str] = None, mock: bool = False):
+    """(train, valid, test) megatron-core datasets of at least ``num_samples`` samples each, from
+    ``data_path`` (--data-path: PREFIX or WEIGHT PREFIX ...) split by ``split`` (--split), or
+    megatron-core's mock dataset with ``mock`` (--mock-data)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
     blend = None
-    if not args.mock_data:
-        prefixes, weights = parse_data_path(args.data_path)
+    if not mock:
+        prefixes, weights = parse_data_path(data_path)
         for prefix in prefixes:
             check_prefix(prefix)
         blend = (prefixes, weights)
     config = GPTDatasetConfig(
-        random_seed=args.seed,
-        sequence_length=args.seq_length,
+        random_seed=seed,
+        sequence_length=seq_length,
         blend=blend,
-        split=args.split,
-        path_to_cache=args.data_cache_path,
+        split=split,
+        path_to_cache=cache_path,
         tokenizer=_TokenizerForDataset(tokenizer),
         reset_position_ids=False,
         reset_attention_mask=False,
@@ -132,8 +135,8 @@ def build_datasets(args, tokenizer, num_samples: List[int]):
         mmap_bin_files=True,
     )
     if blend is not None:
-        _check_splits(blend[0], config.split_matrix, num_samples, args.split)
-    cls = MockGPTDataset if args.mock_data else GPTDataset
+        _check_splits(blend[0], config.split_matrix, num_samples, split)
+    cls = MockGPTDataset if mock else GPTDataset
     builder = BlendedMegatronDatasetBuilder(cls, num_samples, lambda: True, config)
     try:
         return builder.build()

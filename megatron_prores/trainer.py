@@ -263,7 +263,9 @@ class Trainer:
         eval_runs = (a.train_iters // a.eval_interval + 1) if a.eval_interval else 1
         sizes = [a.train_iters * a.global_batch_size,
                  eval_runs * a.eval_iters * a.global_batch_size if a.eval_iters else 0, 0]
-        self.train_ds, self.valid_ds, _ = data.build_datasets(a, self.tokenizer, sizes)
+        self.train_ds, self.valid_ds, _ = data.build_datasets(
+            self.tokenizer, sizes, data_path=a.data_path, split=a.split, seq_length=a.seq_length, seed=a.seed,
+            cache_path=a.data_cache_path, mock=a.mock_data)
         self.train_iter = self.chunk_iterators(self.train_ds, self.state.consumed_samples)
 
     def chunk_iterators(self, dataset, consumed: int):

@@ -191,8 +191,8 @@ def test_data_loader_empty_or_broken_dataset_one_line(tmp_path, capsys, monkeypa
     make(prefix)
     ignored = []
     monkeypatch.setattr(sys, "unraisablehook", ignored.append)
-    args = types.SimpleNamespace(mock_data=False, data_path=[prefix])
-    code = run(lambda argv: build_datasets(args, None, [1, 0, 0]))
+    code = run(lambda argv: build_datasets(None, [1, 0, 0], data_path=[prefix], split="969,30,1", seq_length=16,
+                                           seed=1))
     gc.collect()  # whatever the failed open left behind is finalized now
     err = one_error_line(capsys, code)
     assert message.format(p=prefix) in err, err
