@@ -14,14 +14,16 @@ import shlex
 import torch
 
 from megatron_prores.config import (
+    EMBEDDING_INITS,
     GPAS_GATES,
     INIT_METHODS,
+    LNS_GAINS,
     NORM_TYPES,
     ConfigError,
     MethodConfig,
     ModelConfig,
 )
-from megatron_prores.schedules import SCHEDULES
+from megatron_prores.schedules import SCHEDULES, WARMUP_ROUNDINGS
 from megatron_prores.tokenizer import TOKENIZER_TYPES
 
 
@@ -68,6 +70,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="separate gradient-norm clip over all GPAS gates (0: off)")
     g.add_argument("--mix-post-layers", type=int, default=None, help="Mix-LN: Post-LN blocks (default L/4)")
     g.add_argument("--init-method", choices=INIT_METHODS, default="normal")
+
+    g = p.add_argument_group("choices of the official ProRes / GPAS code (defaults: the papers' text)")
+    g.add_argument("--prores-warmup-rounding", choices=WARMUP_ROUNDINGS, default="exact",
+                   help="per-block warmup W/L (exact) or floor(W/L) (the official ProRes code)")
+    g.add_argument("--post-final-norm", action="store_true",
+                   help="Post-LN/DeepNorm: one more norm before the output layer (the other norm types "
+                        "have one already)")
+    g.add_argument("--lns-gain", choices=LNS_GAINS, default="fixed",
+                   help="LNS: a fixed 1/sqrt(l) scale on the pre-norm output, or learnable norm gains "
+                        "initialized to 1/sqrt(l) (the official code); no effect on other norm types")
+    g.add_argument("--embedding-init", choices=EMBEDDING_INITS, default="normal",
+                   help="word embedding std: --init-method-std (normal), 0.02*sqrt(hidden) (prores-code) "
+                        "or sqrt(2/5) (gpas-code)")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, required=True)
@@ -278,7 +293,9 @@ def model_config(args, vocab_size: int) -> ModelConfig:
     method = MethodConfig(norm_type=args.norm_type, prores_schedule=args.prores_schedule,
                           prores_warmup_steps=args.prores_warmup_steps, gpas=args.gpas,
                           gpas_gate=args.gpas_gate, mix_post_layers=args.mix_post_layers,
-                          init_method=args.init_method)
+                          init_method=args.init_method, prores_warmup_rounding=args.prores_warmup_rounding,
+                          post_final_norm=args.post_final_norm, lns_gain=args.lns_gain,
+                          embedding_init=args.embedding_init)
     return ModelConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,

@@ -341,7 +341,8 @@ def model_args_for_checkpoint(cfg) -> dict:
                 num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.query_groups,
                 ffn_hidden_size=cfg.ffn_size, vocab_size=cfg.vocab_size, normalization=cfg.normalization,
                 norm_type=m.norm_type, gpas=m.gpas, gpas_gate=m.gpas_gate,
-                mix_post_layers=m.post_layers(cfg.num_layers) if m.norm_type in MIXED else None)
+                mix_post_layers=m.post_layers(cfg.num_layers) if m.norm_type in MIXED else None,
+                final_norm=m.has_final_norm, lns_gain=m.lns_gain)
 
 
 def check_model_args(saved: dict, current: dict, where: str) -> None:

@@ -17,10 +17,13 @@ from typing import Optional
 import torch
 
 from megatron_prores.block_styles import MIXED, NORM_TYPES, gpas_norm_types, styles_of
-from megatron_prores.schedules import SCHEDULES, needs_warmup
+from megatron_prores import schedules
+from megatron_prores.schedules import SCHEDULES, WARMUP_ROUNDINGS, needs_warmup
 
 GPAS_GATES = ("block", "sublayer")
 INIT_METHODS = ("normal", "scaled", "ds-init")
+LNS_GAINS = ("fixed", "learnable")
+EMBEDDING_INITS = ("normal", "prores-code", "gpas-code")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
@@ -54,10 +57,26 @@ class MethodConfig:
     gpas_gate: str = "block"  # --gpas-gate: one gate per block, or one per sublayer
     mix_post_layers: Optional[int] = None  # --mix-post-layers, k (default floor(L/4))
     init_method: str = "normal"  # --init-method
+    # choices of the official ProRes/GPAS code (methods.md section 5); the defaults follow the papers' text
+    prores_warmup_rounding: str = "exact"  # --prores-warmup-rounding: per-block warmup W/L or floor(W/L)
+    # (the next two change nothing where they do not apply, so that one preset serves every norm type)
+    post_final_norm: bool = False  # --post-final-norm: Post-LN/DeepNorm get a final norm too
+    lns_gain: str = "fixed"  # --lns-gain: LNS as a fixed 1/sqrt(l) scale, or norm gains initialized to it
+    embedding_init: str = "normal"  # --embedding-init: std init_method_std, 0.02 sqrt(hidden), sqrt(2/5)
 
     @property
     def prores(self) -> bool:
         return self.prores_schedule != "none"
+
+    def prores_value(self, step: int, layer: int, num_layers: int) -> float:
+        """a(l, step) of global 1-based block ``layer`` (schedules.prores_value with these flags)."""
+        return schedules.prores_value(self.prores_schedule, step, layer, num_layers, self.prores_warmup_steps,
+                                      self.prores_warmup_rounding)
+
+    def prores_final_step(self, layer: int, num_layers: int):
+        """First step from which block ``layer`` keeps a == 1 (None: never)."""
+        return schedules.final_step(self.prores_schedule, layer, num_layers, self.prores_warmup_steps,
+                                    self.prores_warmup_rounding)
 
     def post_layers(self, num_layers: int) -> int:
         """Number of leading Post-LN blocks of Mix-LN."""
@@ -71,19 +90,24 @@ class MethodConfig:
         if self.norm_type in MIXED:
             first, rest = MIXED[self.norm_type]
             return first if layer <= self.post_layers(num_layers) else rest
+        if self.norm_type == "lns" and self.lns_gain == "learnable":
+            return "pre"  # Pre-LN blocks whose norm gains start at 1/sqrt(l) (initialization.py)
         return self.norm_type
 
     @property
     def has_final_norm(self) -> bool:
         """A model whose last block normalizes its sum (Post-LN, DeepNorm) ends on a norm already;
         the rest get a final norm."""
-        return not styles_of(self.norm_type)[-1].sum_norm
+        return self.post_final_norm or not styles_of(self.norm_type)[-1].sum_norm
 
     def validate(self, num_layers: int) -> None:
         _choice("--norm-type", self.norm_type, NORM_TYPES)
         _choice("--prores-schedule", self.prores_schedule, SCHEDULES)
         _choice("--gpas-gate", self.gpas_gate, GPAS_GATES)
         _choice("--init-method", self.init_method, INIT_METHODS)
+        _choice("--prores-warmup-rounding", self.prores_warmup_rounding, WARMUP_ROUNDINGS)
+        _choice("--lns-gain", self.lns_gain, LNS_GAINS)
+        _choice("--embedding-init", self.embedding_init, EMBEDDING_INITS)
         w = self.prores_warmup_steps
         if not needs_warmup(self.prores_schedule) and w:
             raise ConfigError(
@@ -95,6 +119,11 @@ class MethodConfig:
                 raise ConfigError(
                     f"--prores-warmup-steps {w!r} is not valid for --prores-schedule "
                     f"{self.prores_schedule}: give the total warmup as a positive number of steps"
+                )
+            if schedules.per_block_warmup(self.prores_schedule, num_layers, w, self.prores_warmup_rounding) == 0:
+                raise ConfigError(
+                    f"--prores-warmup-steps {w:g} with --prores-warmup-rounding floor leaves floor(W/L) = 0 "
+                    f"steps per block for {num_layers} layers; give at least {num_layers} warmup steps"
                 )
         if self.gpas and self.norm_type not in gpas_norm_types():
             raise ConfigError(

@@ -6,6 +6,9 @@ projections std/sqrt(2L) with ``--init-method scaled``). Then, per global 1-base
   i.e. std 0.02/sqrt(l);
 - DeepNorm (``--norm-type deepnorm``): the value part of the fused QKV weight, the attention
   out-proj and both MLP matrices (fc1 = [gate; up], fc2) times b = (8L)**-0.25; q and k unscaled.
+- ``--lns-gain learnable``: the pre-norm gains times 1/sqrt(l) (LNS as the official code has it).
+- ``--embedding-init prores-code|gpas-code``: word embeddings with std 0.02 sqrt(hidden) or
+  sqrt(2/5) (the official ProRes / GPAS code) instead of ``--init-method-std``.
 Rescaling (instead of re-drawing) keeps the result independent of the parallel layout.
 """
 
@@ -39,6 +42,35 @@ def _value_rows(qkv_weight: torch.Tensor, config) -> torch.Tensor:
     return w[:, -1]
 
 
+def pre_norm_gains(layer) -> list:
+    """The gains of the norms before attention and MLP: the norm modules' weights (local spec), or
+    the norm weights Transformer Engine fuses into the following linear (TE spec)."""
+    gains = []
+    for norm, linear in ((layer.input_layernorm, layer.self_attention.linear_qkv),
+                         (layer.pre_mlp_layernorm, layer.mlp.linear_fc1)):
+        weight = getattr(norm, "weight", None)
+        gains.append(weight if weight is not None else getattr(linear, "layer_norm_weight"))
+    return gains
+
+
+EMBEDDING_STD = {  # --embedding-init: std of the word embeddings
+    "prores-code": lambda hidden: 0.02 * math.sqrt(hidden),  # the official ProRes code
+    "gpas-code": lambda hidden: math.sqrt(2.0 / 5.0),  # the official GPAS code
+}
+
+
+@torch.no_grad()
+def apply_embedding_init(model, method, config) -> None:
+    """Rescale the word embeddings of a model chunk (first pipeline stage) from megatron-core's
+    normal init (std ``init_method_std``) to the std ``--embedding-init`` names."""
+    if method.embedding_init == "normal" or not config.perform_initialization:
+        return
+    embedding = getattr(model, "embedding", None)
+    if embedding is not None:
+        std = EMBEDDING_STD[method.embedding_init](config.hidden_size)
+        embedding.word_embeddings.weight.mul_(std / config.init_method_std)
+
+
 @torch.no_grad()
 def apply_depth_init(layer, method) -> None:
     """Rescale the freshly initialized weights of ``layer`` (a ProResTransformerLayer)."""
@@ -50,6 +82,10 @@ def apply_depth_init(layer, method) -> None:
         s = 1.0 / math.sqrt(layer.layer_number)
         attn.linear_proj.weight.mul_(s)
         mlp.linear_fc2.weight.mul_(s)
+    if method.norm_type == "lns" and method.lns_gain == "learnable":
+        # LNS as the official code has it: Pre-LN blocks whose norm gains start at 1/sqrt(l)
+        for gain in pre_norm_gains(layer):
+            gain.mul_(1.0 / math.sqrt(layer.layer_number))
     if STYLES[layer.style].deepnorm:
         b = deepnorm_init_gain(config.num_layers)
         _value_rows(attn.linear_qkv.weight, config).mul_(b)

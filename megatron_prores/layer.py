@@ -40,7 +40,7 @@ from megatron.core.transformer.transformer_layer import (
     TransformerLayerSubmodules,
 )
 
-from megatron_prores import fused_residual, schedules
+from megatron_prores import fused_residual
 from megatron_prores.block_styles import STYLES
 from megatron_prores.config import MethodConfig
 from megatron_prores.initialization import apply_depth_init, deepnorm_shortcut
@@ -108,7 +108,7 @@ class ProResTransformerLayer(TransformerLayer):
         # ProRes value a(l, t): fp32 0-d device buffer, written in place each step.
         self.prores_active = method.prores
         if method.prores:
-            start = schedules.prores_value(method.prores_schedule, 0, l, L, method.prores_warmup_steps)
+            start = method.prores_value(0, l, L)
             self.register_buffer(
                 "prores_scale", torch.tensor(start, dtype=torch.float32), persistent=False
             )
@@ -129,10 +129,8 @@ class ProResTransformerLayer(TransformerLayer):
         if self.prores_scale is None:
             return
         m, L, l = self.method, self.config.num_layers, self.layer_number
-        self.prores_scale.fill_(
-            schedules.prores_value(m.prores_schedule, step, l, L, m.prores_warmup_steps)
-        )
-        done = schedules.final_step(m.prores_schedule, l, L, m.prores_warmup_steps)
+        self.prores_scale.fill_(m.prores_value(step, l, L))
+        done = m.prores_final_step(l, L)
         self.prores_active = done is None or step < done
 
     def _apply(self, fn, *args, **kwargs):

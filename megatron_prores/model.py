@@ -10,6 +10,7 @@ from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
 from megatron_prores.config import ModelConfig
+from megatron_prores.initialization import apply_embedding_init
 from megatron_prores.specs import block_spec
 
 
@@ -41,6 +42,7 @@ def build_model(cfg: ModelConfig, parallel_output: bool = True) -> List[GPTModel
             rotary_base=cfg.rotary_base,
             vp_stage=stage,
         )
+        apply_embedding_init(chunk, cfg.method, tcfg)
         if torch.cuda.is_available():
             chunk = chunk.cuda()  # norms, gates and schedule buffers too, not only megatron's linears
         chunks.append(chunk)

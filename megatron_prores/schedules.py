@@ -15,12 +15,15 @@ The per-block warmup T of the paper's formulas follows from W:
 | stagewise-0        | clip((t - T (l-1)) / T, 0, 1)                 | W / L    | T l                 |
 | stagewise-L        | clip((t - T (l-1)) / T, 0, 1) (1 - 1/L) + 1/L | W / L    | T l                 |
 | stagewise-sqrt-l   | clip(...) (1 - 1/sqrt(l)) + 1/sqrt(l)         | W / L    | T l                 |
+| stagewise-sqrt-L   | clip(...) (1 - 1/sqrt(L)) + 1/sqrt(L)         | W / L    | T l                 |
 | fix-L              | 1 / L                                         | (none)   | never (constant)    |
 | fix-sqrt-L         | 1 / sqrt(L)                                   | (none)   | never (constant)    |
 | fix-sqrt-l         | 1 / sqrt(l)                                   | (none)   | never (constant)    |
 | none               | 1 (ProRes off)                                | (none)   | always              |
 
-T may be fractional (W not a multiple of L); the formulas are evaluated in float64.
+T may be fractional (W not a multiple of L); the formulas are evaluated in float64. With
+``rounding="floor"`` (``--prores-warmup-rounding floor``, the official ProRes code's choice) the
+per-block warmup is floor(W / L) instead of W / L (``equal`` keeps T = W).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ SCHEDULES = (
     "stagewise-0",
     "stagewise-L",
     "stagewise-sqrt-l",
+    "stagewise-sqrt-L",
     "fix-L",
     "fix-sqrt-L",
     "fix-sqrt-l",
@@ -51,23 +55,29 @@ def needs_warmup(schedule: str) -> bool:
     return schedule not in CONSTANT_SCHEDULES
 
 
-def per_block_warmup(schedule: str, num_layers: int, warmup: float) -> float:
+WARMUP_ROUNDINGS = ("exact", "floor")
+
+
+def per_block_warmup(schedule: str, num_layers: int, warmup: float, rounding: str = "exact") -> float:
     """T, the warmup of one block, from the total warmup W (see the module table)."""
     if not needs_warmup(schedule):
         return 0.0
-    return float(warmup) if schedule == "equal" else float(warmup) / num_layers
+    if schedule == "equal":
+        return float(warmup)
+    return float(math.floor(warmup / num_layers)) if rounding == "floor" else float(warmup) / num_layers
 
 
 def _ramp(x: float) -> float:
     return min(max(x, 0.0), 1.0)
 
 
-def prores_value(schedule: str, step: int, layer: int, num_layers: int, warmup: float) -> float:
+def prores_value(schedule: str, step: int, layer: int, num_layers: int, warmup: float,
+                 rounding: str = "exact") -> float:
     """a(l, t) for global 1-based block ``layer`` of ``num_layers`` at optimizer step ``step``."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown ProRes schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     t, l, L = float(step), layer, num_layers
-    done = final_step(schedule, layer, num_layers, warmup) if needs_warmup(schedule) else None
+    done = final_step(schedule, layer, num_layers, warmup, rounding) if needs_warmup(schedule) else None
     if done is not None and t >= done:
         return 1.0  # exactly, also where a fractional T rounds to 0.999...
     if schedule == "none":
@@ -78,7 +88,7 @@ def prores_value(schedule: str, step: int, layer: int, num_layers: int, warmup: 
         return 1.0 / math.sqrt(L)
     if schedule == "fix-sqrt-l":
         return 1.0 / math.sqrt(l)
-    T = per_block_warmup(schedule, L, warmup)
+    T = per_block_warmup(schedule, L, warmup, rounding)
     if schedule in ("linear", "linear-sqrt", "linear-square"):
         r = min(t / (T * l), 1.0)
         return {"linear": r, "linear-sqrt": math.sqrt(r), "linear-square": r * r}[schedule]
@@ -91,13 +101,14 @@ def prores_value(schedule: str, step: int, layer: int, num_layers: int, warmup: 
         return stage
     if schedule == "stagewise-L":
         return stage * (1.0 - 1.0 / L) + 1.0 / L
-    if schedule == "stagewise-sqrt-l":
-        floor = 1.0 / math.sqrt(l)
+    if schedule in ("stagewise-sqrt-l", "stagewise-sqrt-L"):
+        floor = 1.0 / math.sqrt(l if schedule == "stagewise-sqrt-l" else L)
         return stage * (1.0 - floor) + floor
     raise ValueError(f"unknown ProRes schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
 
 
-def final_step(schedule: str, layer: int, num_layers: int, warmup: float) -> Optional[float]:
+def final_step(schedule: str, layer: int, num_layers: int, warmup: float,
+               rounding: str = "exact") -> Optional[float]:
     """First step from which block ``layer`` has a == 1 for good (its multiply can be dropped).
 
     None when that never happens (the fix-* schedules keep a constant below 1).
@@ -106,9 +117,9 @@ def final_step(schedule: str, layer: int, num_layers: int, warmup: float) -> Opt
         return 0.0 if prores_value(schedule, 0, layer, num_layers, warmup) == 1.0 else None
     if schedule == "stagewise-sqrt-l" and layer == 1:
         return 0.0  # its floor 1/sqrt(1) is already 1
-    if schedule == "stagewise-L" and num_layers == 1:
+    if schedule in ("stagewise-L", "stagewise-sqrt-L") and num_layers == 1:
         return 0.0
-    T = per_block_warmup(schedule, num_layers, warmup)
+    T = per_block_warmup(schedule, num_layers, warmup, rounding)
     if schedule == "equal":
         return T
     if schedule == "reverse":

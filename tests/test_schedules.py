@@ -24,6 +24,7 @@ FORMULAS = {
     "stagewise-0": lambda t, l: clip01((t - 25 * (l - 1)) / 25),
     "stagewise-L": lambda t, l: clip01((t - 25 * (l - 1)) / 25) * (1 - 1 / L) + 1 / L,
     "stagewise-sqrt-l": lambda t, l: clip01((t - 25 * (l - 1)) / 25) * (1 - 1 / math.sqrt(l)) + 1 / math.sqrt(l),
+    "stagewise-sqrt-L": lambda t, l: clip01((t - 25 * (l - 1)) / 25) * (1 - 1 / math.sqrt(L)) + 1 / math.sqrt(L),
     "fix-L": lambda t, l: 1 / L,
     "fix-sqrt-L": lambda t, l: 1 / math.sqrt(L),
     "fix-sqrt-l": lambda t, l: 1 / math.sqrt(l),

@@ -1,0 +1,137 @@
+"""Options that select the official ProRes / GPAS code's choices (methods.md section 5), each
+against its formula written out here; the defaults (the papers' text) stay as they were."""
+
+import math
+
+import pytest
+import torch
+
+from megatron_prores.config import ConfigError, MethodConfig, ModelConfig
+from megatron_prores.model import build_model
+from megatron_prores.parallel import seed_everything
+from megatron_prores.schedules import final_step, prores_value
+
+L, H, SEQ, B, V = 4, 32, 8, 2, 64
+
+
+def build(**method):
+    m = MethodConfig(**method)
+    cfg = ModelConfig(num_layers=L, hidden_size=H, num_attention_heads=4, num_query_groups=2, ffn_hidden_size=48,
+                      vocab_size=V, seq_length=SEQ, params_dtype=torch.float64, method=m)
+    seed_everything(5)
+    return build_model(cfg)[0]
+
+
+def logits(model, tokens):
+    return model(tokens, torch.arange(SEQ)[None].expand(B, SEQ), None)
+
+
+# ---- schedules -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("Lm", [1, 4, 7])
+def test_stagewise_sqrt_L_formula(Lm):
+    W = 70.0
+    T = W / Lm
+    for l in range(1, Lm + 1):
+        for t in (0, 3, 10, 17, 40, 69, 70, 100):
+            stage = min(max((t - T * (l - 1)) / T, 0.0), 1.0)
+            want = stage * (1 - 1 / math.sqrt(Lm)) + 1 / math.sqrt(Lm)
+            assert prores_value("stagewise-sqrt-L", t, l, Lm, W) == pytest.approx(want, abs=1e-15)
+        assert final_step("stagewise-sqrt-L", l, Lm, W) == (0.0 if Lm == 1 else T * l)
+
+
+@pytest.mark.parametrize("schedule", ["linear", "reverse", "stagewise-0", "equal"])
+def test_floor_rounding_of_the_per_block_warmup(schedule):
+    W, Lm = 103, 4  # W / L = 25.75, floor 25
+    T = W if schedule == "equal" else math.floor(W / Lm)
+    for l in range(1, Lm + 1):
+        for t in (0, 5, 25, 26, 50, 77, 100, 103, 120):
+            want = {"linear": min(t / (T * l), 1.0), "reverse": min(t / (T * (Lm - l + 1)), 1.0),
+                    "stagewise-0": min(max((t - T * (l - 1)) / T, 0.0), 1.0), "equal": min(t / T, 1.0)}[schedule]
+            assert prores_value(schedule, t, l, Lm, W, "floor") == pytest.approx(want, abs=1e-15)
+    assert prores_value("linear", 26, 1, Lm, W, "floor") == 1.0  # floor: block 1 done at 25
+    assert prores_value("linear", 25, 1, Lm, W) == pytest.approx(25 / 25.75)  # exact: not yet
+
+
+def test_floor_rounding_refuses_a_zero_per_block_warmup():
+    with pytest.raises(ConfigError, match="floor"):
+        MethodConfig(prores_schedule="linear", prores_warmup_steps=3, prores_warmup_rounding="floor").validate(4)
+    MethodConfig(prores_schedule="linear", prores_warmup_steps=3).validate(4)  # exact: T = 0.75 is fine
+
+
+# ---- final norm after Post-LN / DeepNorm ----------------------------------------------------------------
+@pytest.mark.parametrize("norm_type", ["post", "deepnorm"])
+def test_post_final_norm_is_one_more_rmsnorm_before_the_output_layer(single_process, norm_type):
+    plain, extra = build(norm_type=norm_type), build(norm_type=norm_type, post_final_norm=True)
+    assert getattr(plain.decoder, "final_layernorm", None) is None
+    norm = extra.decoder.final_layernorm
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.5, 1.5, H, dtype=torch.float64))
+    seen = {}
+    extra.decoder.layers[-1].register_forward_hook(lambda m, a, out: seen.update(h=out[0] if isinstance(out, tuple) else out))
+    tokens = torch.randint(0, V, (B, SEQ))
+    out = logits(extra, tokens)
+    h = seen["h"]
+    normed = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-5) * norm.weight  # RMSNorm written out
+    want = (normed @ extra.output_layer.weight.t()).transpose(0, 1)
+    torch.testing.assert_close(out, want, rtol=1e-10, atol=1e-10)
+
+
+def test_official_options_change_nothing_where_they_do_not_apply(single_process):
+    """One preset serves every norm type: --post-final-norm on a model with a final norm, and
+    --lns-gain learnable without LNS, build the same model."""
+    tokens = torch.randint(0, V, (B, SEQ))
+    for nt in ("pre", "sandwich", "mix"):
+        a, b = build(norm_type=nt), build(norm_type=nt, post_final_norm=True, lns_gain="learnable")
+        assert [n for n, _ in a.named_parameters()] == [n for n, _ in b.named_parameters()]
+        torch.testing.assert_close(logits(b, tokens), logits(a, tokens), rtol=0, atol=0)
+    assert MethodConfig(norm_type="post", post_final_norm=True).has_final_norm
+
+
+# ---- LNS with learnable gains ---------------------------------------------------------------------------
+def test_lns_learnable_gain_starts_at_one_over_sqrt_l_and_equals_fixed_lns_at_init(single_process):
+    fixed, learn = build(norm_type="lns"), build(norm_type="lns", lns_gain="learnable")
+    for l, layer in enumerate(learn.decoder.layers, start=1):
+        assert layer.style == "pre" and not layer.input_layernorm._forward_hooks
+        for norm in (layer.input_layernorm, layer.pre_mlp_layernorm):
+            torch.testing.assert_close(norm.weight, torch.full((H,), l ** -0.5, dtype=torch.float64), rtol=0, atol=1e-15)
+    tokens = torch.randint(0, V, (B, SEQ))
+    torch.testing.assert_close(logits(learn, tokens), logits(fixed, tokens), rtol=1e-12, atol=1e-12)
+
+
+# ---- embedding init ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind,std", [("prores-code", 0.02 * math.sqrt(H)), ("gpas-code", math.sqrt(2 / 5))])
+def test_embedding_init_std(single_process, kind, std):
+    base, other = build(), build(embedding_init=kind)
+    a, b = base.embedding.word_embeddings.weight, other.embedding.word_embeddings.weight
+    torch.testing.assert_close(b, a * (std / 0.02), rtol=1e-12, atol=0)  # same draw, rescaled to std
+    for n, p in base.named_parameters():  # nothing else changes
+        if "word_embeddings" not in n:
+            assert torch.equal(p, dict(other.named_parameters())[n]), n
+
+
+# ---- flags -------------------------------------------------------------------------------------------------
+def test_flags_reach_the_method_config():
+    from megatron_prores.arguments import model_config, parse_args
+
+    args = parse_args(["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "8",
+                       "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",
+                       "--mock-data", "--vocab-size", "64", "--norm-type", "deepnorm", "--post-final-norm",
+                       "--prores-schedule", "stagewise-sqrt-L", "--prores-warmup-steps", "40",
+                       "--prores-warmup-rounding", "floor", "--embedding-init", "gpas-code"])
+    m = model_config(args, 64).method
+    assert (m.post_final_norm, m.prores_schedule, m.prores_warmup_rounding, m.embedding_init, m.lns_gain) == \
+        (True, "stagewise-sqrt-L", "floor", "gpas-code", "fixed")
+
+
+def test_official_code_preset_selects_every_option():
+    import os
+
+    from megatron_prores.arguments import model_config, parse_args
+
+    preset = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "slurm", "official_code.args")
+    args = parse_args(["--num-layers", "4", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "8",
+                       "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",
+                       "--mock-data", "--vocab-size", "64", "--norm-type", "lns", "@" + preset])
+    m = model_config(args, 64).method
+    assert (m.prores_warmup_rounding, m.post_final_norm, m.lns_gain, m.embedding_init) == \
+        ("floor", True, "learnable", "prores-code")
