@@ -23,7 +23,7 @@ from megatron_prores.config import (
     MethodConfig,
     ModelConfig,
 )
-from megatron_prores.schedules import SCHEDULES, WARMUP_ROUNDINGS
+from megatron_prores.schedules import SCHEDULES, WARMUP_SPACINGS
 from megatron_prores.tokenizer import TOKENIZER_TYPES
 
 
@@ -72,8 +72,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--init-method", choices=INIT_METHODS, default="normal")
 
     g = p.add_argument_group("choices of the official ProRes / GPAS code (defaults: the papers' text)")
-    g.add_argument("--prores-warmup-rounding", choices=WARMUP_ROUNDINGS, default="exact",
-                   help="per-block warmup W/L (exact) or floor(W/L) (the official ProRes code)")
+    g.add_argument("--prores-warmup-spacing", choices=WARMUP_SPACINGS, default="even",
+                   help="block l reaches its final ProRes value at W*l/L (even), or at linspace(floor(W/L), W, "
+                        "L)[l] (official: the official ProRes code; the same when L divides W)")
     g.add_argument("--post-final-norm", action="store_true",
                    help="Post-LN/DeepNorm: one more norm before the output layer (the other norm types "
                         "have one already)")
@@ -293,7 +294,7 @@ def model_config(args, vocab_size: int) -> ModelConfig:
     method = MethodConfig(norm_type=args.norm_type, prores_schedule=args.prores_schedule,
                           prores_warmup_steps=args.prores_warmup_steps, gpas=args.gpas,
                           gpas_gate=args.gpas_gate, mix_post_layers=args.mix_post_layers,
-                          init_method=args.init_method, prores_warmup_rounding=args.prores_warmup_rounding,
+                          init_method=args.init_method, prores_warmup_spacing=args.prores_warmup_spacing,
                           post_final_norm=args.post_final_norm, lns_gain=args.lns_gain,
                           embedding_init=args.embedding_init)
     return ModelConfig(

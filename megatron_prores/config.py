@@ -18,7 +18,7 @@ import torch
 
 from megatron_prores.block_styles import MIXED, NORM_TYPES, gpas_norm_types, styles_of
 from megatron_prores import schedules
-from megatron_prores.schedules import SCHEDULES, WARMUP_ROUNDINGS, needs_warmup
+from megatron_prores.schedules import SCHEDULES, WARMUP_SPACINGS, needs_warmup
 
 GPAS_GATES = ("block", "sublayer")
 INIT_METHODS = ("normal", "scaled", "ds-init")
@@ -58,7 +58,7 @@ class MethodConfig:
     mix_post_layers: Optional[int] = None  # --mix-post-layers, k (default floor(L/4))
     init_method: str = "normal"  # --init-method
     # choices of the official ProRes/GPAS code (methods.md section 5); the defaults follow the papers' text
-    prores_warmup_rounding: str = "exact"  # --prores-warmup-rounding: per-block warmup W/L or floor(W/L)
+    prores_warmup_spacing: str = "even"  # --prores-warmup-spacing: block l done at W l / L, or as the official code
     # (the next two change nothing where they do not apply, so that one preset serves every norm type)
     post_final_norm: bool = False  # --post-final-norm: Post-LN/DeepNorm get a final norm too
     lns_gain: str = "fixed"  # --lns-gain: LNS as a fixed 1/sqrt(l) scale, or norm gains initialized to it
@@ -71,12 +71,12 @@ class MethodConfig:
     def prores_value(self, step: int, layer: int, num_layers: int) -> float:
         """a(l, step) of global 1-based block ``layer`` (schedules.prores_value with these flags)."""
         return schedules.prores_value(self.prores_schedule, step, layer, num_layers, self.prores_warmup_steps,
-                                      self.prores_warmup_rounding)
+                                      self.prores_warmup_spacing)
 
     def prores_final_step(self, layer: int, num_layers: int):
         """First step from which block ``layer`` keeps a == 1 (None: never)."""
         return schedules.final_step(self.prores_schedule, layer, num_layers, self.prores_warmup_steps,
-                                    self.prores_warmup_rounding)
+                                    self.prores_warmup_spacing)
 
     def post_layers(self, num_layers: int) -> int:
         """Number of leading Post-LN blocks of Mix-LN."""
@@ -105,7 +105,7 @@ class MethodConfig:
         _choice("--prores-schedule", self.prores_schedule, SCHEDULES)
         _choice("--gpas-gate", self.gpas_gate, GPAS_GATES)
         _choice("--init-method", self.init_method, INIT_METHODS)
-        _choice("--prores-warmup-rounding", self.prores_warmup_rounding, WARMUP_ROUNDINGS)
+        _choice("--prores-warmup-spacing", self.prores_warmup_spacing, WARMUP_SPACINGS)
         _choice("--lns-gain", self.lns_gain, LNS_GAINS)
         _choice("--embedding-init", self.embedding_init, EMBEDDING_INITS)
         w = self.prores_warmup_steps
@@ -119,11 +119,6 @@ class MethodConfig:
                 raise ConfigError(
                     f"--prores-warmup-steps {w!r} is not valid for --prores-schedule "
                     f"{self.prores_schedule}: give the total warmup as a positive number of steps"
-                )
-            if schedules.per_block_warmup(self.prores_schedule, num_layers, w, self.prores_warmup_rounding) == 0:
-                raise ConfigError(
-                    f"--prores-warmup-steps {w:g} with --prores-warmup-rounding floor leaves floor(W/L) = 0 "
-                    f"steps per block for {num_layers} layers; give at least {num_layers} warmup steps"
                 )
         if self.gpas and self.norm_type not in gpas_norm_types():
             raise ConfigError(

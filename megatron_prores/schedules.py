@@ -21,9 +21,13 @@ The per-block warmup T of the paper's formulas follows from W:
 | fix-sqrt-l         | 1 / sqrt(l)                                   | (none)   | never (constant)    |
 | none               | 1 (ProRes off)                                | (none)   | always              |
 
-T may be fractional (W not a multiple of L); the formulas are evaluated in float64. With
-``rounding="floor"`` (``--prores-warmup-rounding floor``, the official ProRes code's choice) the
-per-block warmup is floor(W / L) instead of W / L (``equal`` keeps T = W).
+T may be fractional (W not a multiple of L); the formulas are evaluated in float64.
+
+``spacing="official"`` (``--prores-warmup-spacing official``) spaces the blocks as the official
+ProRes code does: block l reaches its final value at E_l = linspace(floor(W/L), W, L)[l] instead
+of E_l = T l (the same when L divides W). Every schedule above is written with the E_l: linear
+family t / E_l, reverse t / E_{L-l+1}, stagewise (t - E_{l-1}) / (E_l - E_{l-1}) with E_0 = 0;
+equal keeps E = W.
 """
 
 from __future__ import annotations
@@ -55,16 +59,27 @@ def needs_warmup(schedule: str) -> bool:
     return schedule not in CONSTANT_SCHEDULES
 
 
-WARMUP_ROUNDINGS = ("exact", "floor")
+WARMUP_SPACINGS = ("even", "official")
 
 
-def per_block_warmup(schedule: str, num_layers: int, warmup: float, rounding: str = "exact") -> float:
+def per_block_warmup(schedule: str, num_layers: int, warmup: float) -> float:
     """T, the warmup of one block, from the total warmup W (see the module table)."""
     if not needs_warmup(schedule):
         return 0.0
-    if schedule == "equal":
-        return float(warmup)
-    return float(math.floor(warmup / num_layers)) if rounding == "floor" else float(warmup) / num_layers
+    return float(warmup) if schedule == "equal" else float(warmup) / num_layers
+
+
+def warmup_end(block: int, num_layers: int, warmup: float, spacing: str = "even") -> float:
+    """E_l: the step at which the ramp of block ``block`` (1-based; 0 gives E_0 = 0) ends, for the
+    schedules whose blocks ramp one after another or at once (linear family, stagewise)."""
+    if block == 0:
+        return 0.0
+    if spacing == "official":
+        first = float(math.floor(warmup / num_layers))
+        if num_layers == 1:
+            return first
+        return first + (block - 1) * (float(warmup) - first) / (num_layers - 1)
+    return per_block_warmup("linear", num_layers, warmup) * block
 
 
 def _ramp(x: float) -> float:
@@ -72,12 +87,12 @@ def _ramp(x: float) -> float:
 
 
 def prores_value(schedule: str, step: int, layer: int, num_layers: int, warmup: float,
-                 rounding: str = "exact") -> float:
+                 spacing: str = "even") -> float:
     """a(l, t) for global 1-based block ``layer`` of ``num_layers`` at optimizer step ``step``."""
     if schedule not in SCHEDULES:
         raise ValueError(f"unknown ProRes schedule {schedule!r}; choose one of: {', '.join(SCHEDULES)}")
     t, l, L = float(step), layer, num_layers
-    done = final_step(schedule, layer, num_layers, warmup, rounding) if needs_warmup(schedule) else None
+    done = final_step(schedule, layer, num_layers, warmup, spacing) if needs_warmup(schedule) else None
     if done is not None and t >= done:
         return 1.0  # exactly, also where a fractional T rounds to 0.999...
     if schedule == "none":
@@ -88,15 +103,16 @@ def prores_value(schedule: str, step: int, layer: int, num_layers: int, warmup: 
         return 1.0 / math.sqrt(L)
     if schedule == "fix-sqrt-l":
         return 1.0 / math.sqrt(l)
-    T = per_block_warmup(schedule, L, warmup, rounding)
     if schedule in ("linear", "linear-sqrt", "linear-square"):
-        r = min(t / (T * l), 1.0)
+        r = min(t / warmup_end(l, L, warmup, spacing), 1.0)
         return {"linear": r, "linear-sqrt": math.sqrt(r), "linear-square": r * r}[schedule]
     if schedule == "equal":
-        return min(t / T, 1.0)
+        return min(t / float(warmup), 1.0)
     if schedule == "reverse":
-        return min(t / (T * (L - l + 1)), 1.0)
-    stage = _ramp((t - T * (l - 1)) / T)
+        return min(t / warmup_end(L - l + 1, L, warmup, spacing), 1.0)
+    lo, hi = warmup_end(l - 1, L, warmup, spacing), warmup_end(l, L, warmup, spacing)
+    width = hi - lo if spacing == "official" else per_block_warmup(schedule, L, warmup)  # even: T itself
+    stage = _ramp((t - lo) / width)
     if schedule == "stagewise-0":
         return stage
     if schedule == "stagewise-L":
@@ -108,7 +124,7 @@ def prores_value(schedule: str, step: int, layer: int, num_layers: int, warmup: 
 
 
 def final_step(schedule: str, layer: int, num_layers: int, warmup: float,
-               rounding: str = "exact") -> Optional[float]:
+               spacing: str = "even") -> Optional[float]:
     """First step from which block ``layer`` has a == 1 for good (its multiply can be dropped).
 
     None when that never happens (the fix-* schedules keep a constant below 1).
@@ -119,9 +135,8 @@ def final_step(schedule: str, layer: int, num_layers: int, warmup: float,
         return 0.0  # its floor 1/sqrt(1) is already 1
     if schedule in ("stagewise-L", "stagewise-sqrt-L") and num_layers == 1:
         return 0.0
-    T = per_block_warmup(schedule, num_layers, warmup, rounding)
     if schedule == "equal":
-        return T
+        return float(warmup)
     if schedule == "reverse":
-        return T * (num_layers - layer + 1)
-    return T * layer
+        return warmup_end(num_layers - layer + 1, num_layers, warmup, spacing)
+    return warmup_end(layer, num_layers, warmup, spacing)

@@ -39,23 +39,28 @@ def test_stagewise_sqrt_L_formula(Lm):
         assert final_step("stagewise-sqrt-L", l, Lm, W) == (0.0 if Lm == 1 else T * l)
 
 
-@pytest.mark.parametrize("schedule", ["linear", "reverse", "stagewise-0", "equal"])
-def test_floor_rounding_of_the_per_block_warmup(schedule):
-    W, Lm = 103, 4  # W / L = 25.75, floor 25
-    T = W if schedule == "equal" else math.floor(W / Lm)
+@pytest.mark.parametrize("schedule", ["linear", "linear-sqrt", "reverse", "stagewise-0", "stagewise-L", "equal"])
+@pytest.mark.parametrize("W,Lm", [(103, 4), (3, 4), (100, 4), (50, 1)])
+def test_official_spacing_of_the_block_warmups(schedule, W, Lm):
+    """Block l ends its ramp at E_l = linspace(floor(W/L), W, L)[l] (the official ProRes code)."""
+    first = W // Lm
+    E = [0.0] + [first + (k * (W - first) / (Lm - 1) if Lm > 1 else 0.0) for k in range(Lm)]  # E_0 = 0
+    clip = lambda x: min(max(x, 0.0), 1.0)  # noqa: E731
     for l in range(1, Lm + 1):
-        for t in (0, 5, 25, 26, 50, 77, 100, 103, 120):
-            want = {"linear": min(t / (T * l), 1.0), "reverse": min(t / (T * (Lm - l + 1)), 1.0),
-                    "stagewise-0": min(max((t - T * (l - 1)) / T, 0.0), 1.0), "equal": min(t / T, 1.0)}[schedule]
-            assert prores_value(schedule, t, l, Lm, W, "floor") == pytest.approx(want, abs=1e-15)
-    assert prores_value("linear", 26, 1, Lm, W, "floor") == 1.0  # floor: block 1 done at 25
-    assert prores_value("linear", 25, 1, Lm, W) == pytest.approx(25 / 25.75)  # exact: not yet
-
-
-def test_floor_rounding_refuses_a_zero_per_block_warmup():
-    with pytest.raises(ConfigError, match="floor"):
-        MethodConfig(prores_schedule="linear", prores_warmup_steps=3, prores_warmup_rounding="floor").validate(4)
-    MethodConfig(prores_schedule="linear", prores_warmup_steps=3).validate(4)  # exact: T = 0.75 is fine
+        for t in (0, 1, 2, 5, 25, 26, 50, 77, 100, 103, 120):
+            ramp = 1.0 if t >= E[l] else (t - E[l - 1]) / (E[l] - E[l - 1])
+            want = {"linear": clip(t / E[l]) if E[l] else 1.0,
+                    "linear-sqrt": math.sqrt(clip(t / E[l])) if E[l] else 1.0,
+                    "reverse": clip(t / E[Lm - l + 1]) if E[Lm - l + 1] else 1.0,
+                    "stagewise-0": clip(ramp),
+                    "stagewise-L": clip(ramp) * (1 - 1 / Lm) + 1 / Lm,
+                    "equal": clip(t / W)}[schedule]
+            assert prores_value(schedule, t, l, Lm, W, "official") == pytest.approx(want, abs=1e-15), (l, t)
+    if W % Lm == 0:  # L divides W: the same as the even spacing
+        for l in range(1, Lm + 1):
+            for t in range(0, W + 2):
+                assert prores_value(schedule, t, l, Lm, W, "official") == \
+                    pytest.approx(prores_value(schedule, t, l, Lm, W), abs=1e-15)
 
 
 # ---- final norm after Post-LN / DeepNorm ----------------------------------------------------------------
@@ -117,10 +122,10 @@ def test_flags_reach_the_method_config():
                        "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",
                        "--mock-data", "--vocab-size", "64", "--norm-type", "deepnorm", "--post-final-norm",
                        "--prores-schedule", "stagewise-sqrt-L", "--prores-warmup-steps", "40",
-                       "--prores-warmup-rounding", "floor", "--embedding-init", "gpas-code"])
+                       "--prores-warmup-spacing", "official", "--embedding-init", "gpas-code"])
     m = model_config(args, 64).method
-    assert (m.post_final_norm, m.prores_schedule, m.prores_warmup_rounding, m.embedding_init, m.lns_gain) == \
-        (True, "stagewise-sqrt-L", "floor", "gpas-code", "fixed")
+    assert (m.post_final_norm, m.prores_schedule, m.prores_warmup_spacing, m.embedding_init, m.lns_gain) == \
+        (True, "stagewise-sqrt-L", "official", "gpas-code", "fixed")
 
 
 def test_official_code_preset_selects_every_option():
@@ -133,5 +138,5 @@ def test_official_code_preset_selects_every_option():
                        "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",
                        "--mock-data", "--vocab-size", "64", "--norm-type", "lns", "@" + preset])
     m = model_config(args, 64).method
-    assert (m.prores_warmup_rounding, m.post_final_norm, m.lns_gain, m.embedding_init) == \
-        ("floor", True, "learnable", "prores-code")
+    assert (m.prores_warmup_spacing, m.post_final_norm, m.lns_gain, m.embedding_init) == \
+        ("official", True, "learnable", "prores-code")
