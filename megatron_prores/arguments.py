@@ -81,6 +81,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lns-gain", choices=LNS_GAINS, default="fixed",
                    help="LNS: a fixed 1/sqrt(l) scale on the pre-norm output, or learnable norm gains "
                         "initialized to 1/sqrt(l) (the official code); no effect on other norm types")
+    g.add_argument("--weight-decay-groups", choices=["megatron", "official"], default="megatron",
+                   help="no weight decay for 1-D parameters and biases (megatron), or also none for the word "
+                        "embeddings but decay for the final norm's gain (official: the official ProRes code)")
     g.add_argument("--embedding-init", choices=EMBEDDING_INITS, default="normal",
                    help="word embedding std: --init-method-std (normal), 0.02*sqrt(hidden) (prores-code) "
                         "or sqrt(2/5) (gpas-code)")

@@ -44,6 +44,7 @@ def run_flags(args) -> dict:
     flags = {k: getattr(args, k) for k in SCHEDULE_FLAGS + PRORES_FLAGS + DATA_FLAGS}
     flags["lr_decay_iters"] = args.lr_decay_iters or args.train_iters
     flags["use_distributed_optimizer"] = bool(args.use_distributed_optimizer)
+    flags["weight_decay_groups"] = args.weight_decay_groups
     return flags
 
 
@@ -175,6 +176,11 @@ def check_flags(saved: Optional[dict], args, iteration: int) -> str:
                           f"uses {kinds[now['use_distributed_optimizer']]}; use the same setting of "
                           f"--use-distributed-optimizer, or pass --no-load-optim to load the weights with a fresh "
                           f"Adam state")
+    if changed(["weight_decay_groups"]) and not args.no_load_optim:
+        raise ConfigError(f"--weight-decay-groups is {now['weight_decay_groups']!r} but the checkpoint was saved with "
+                          f"{saved['weight_decay_groups']!r} (other optimizer parameter groups); give "
+                          f"{saved['weight_decay_groups']!r} again, or pass --no-load-optim to load the weights with a "
+                          f"fresh Adam state")
     prores = changed(PRORES_FLAGS)
     if prores and not args.override_opt_param_scheduler:
         raise ConfigError(f"{_describe(prores, saved, now)} changes the ProRes schedule of the checkpoint "

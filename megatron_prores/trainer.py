@@ -483,8 +483,10 @@ def state_is_finite(model, optimizer) -> bool:
 def build_optimizer(args, model):
     """AdamW (megatron-core's plain or distributed optimizer) and its LR/WD scheduler.
 
-    Weight decay skips 1-D parameters (norm gains, GPAS gates) through megatron-core's ``wd_mult``
-    0, which only the scheduler turns into a group weight decay of 0: the two are built together.
+    Weight decay skips 1-D parameters (norm gains, GPAS gates) and biases through megatron-core's
+    ``wd_mult`` 0, which only the scheduler turns into a group weight decay of 0: the two are built
+    together. ``--weight-decay-groups official`` takes the official ProRes code's groups instead:
+    the word embeddings are not decayed either, and the final norm's gain is.
     """
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -495,7 +497,8 @@ def build_optimizer(args, model):
                         clip_grad=args.clip_grad, bf16=args.bf16,
                         params_dtype=torch.bfloat16 if args.bf16 else torch.float32,
                         use_distributed_optimizer=args.use_distributed_optimizer),
-        model, use_gloo_process_groups=torch.cuda.is_available())
+        model, config_overrides=weight_decay_overrides(args.weight_decay_groups),
+        use_gloo_process_groups=torch.cuda.is_available())
     gbs = args.global_batch_size  # megatron's scheduler counts samples
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
@@ -506,6 +509,25 @@ def build_optimizer(args, model):
         wsd_decay_steps=args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters else None,
         lr_wsd_decay_style=args.lr_wsd_decay_style)
     return optimizer, scheduler
+
+
+def official_no_weight_decay(param: torch.Tensor, name: str) -> bool:
+    """The official ProRes code's parameters without weight decay: biases, norm gains (except the
+    final norm's) and the word embeddings; GPAS gates (1-D) are not decayed either."""
+    if "word_embeddings" in name or name.endswith(".bias"):
+        return True
+    return param.dim() == 1 and "final_layernorm" not in name
+
+
+def weight_decay_overrides(groups: str):
+    """megatron-core's parameter-group overrides for ``--weight-decay-groups`` (None: its default,
+    no weight decay for 1-D parameters and biases)."""
+    if groups == "megatron":
+        return None
+    from megatron.core.optimizer.optimizer_config import ParamKey, ParamWithNamePredicate
+
+    key = ParamKey(with_name_predicate=ParamWithNamePredicate(name="official_no_wd", fn=official_no_weight_decay))
+    return {key: {"wd_mult": 0.0}}
 
 
 def gate_grad_norm(gates, clip: float, optimizer=None) -> torch.Tensor:

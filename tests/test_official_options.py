@@ -140,3 +140,33 @@ def test_official_code_preset_selects_every_option():
     m = model_config(args, 64).method
     assert (m.prores_warmup_spacing, m.post_final_norm, m.lns_gain, m.embedding_init) == \
         ("official", True, "learnable", "prores-code")
+
+
+@pytest.mark.parametrize("groups", ["megatron", "official"])
+def test_weight_decay_groups(single_process, groups):
+    """The weight decay each parameter gets after a scheduler step, against the rule written out:
+    megatron: none for 1-D parameters and biases; official (the ProRes code's AdamW groups): none
+    for biases, norm gains other than the final norm's, and the word embeddings."""
+    from megatron_prores.arguments import parse_args
+    from megatron_prores.trainer import Trainer
+
+    trainer = Trainer(parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+                                  "--seq-length", "8", "--micro-batch-size", "1", "--global-batch-size", "1",
+                                  "--train-iters", "2", "--lr", "1e-3", "--weight-decay", "0.1", "--mock-data",
+                                  "--vocab-size", "64", "--eval-iters", "0", "--gpas",
+                                  "--weight-decay-groups", groups]))
+    try:
+        trainer.scheduler.step(increment=1)
+        wd_of = {id(p): g["weight_decay"] for g in trainer.optimizer.param_groups for p in g["params"]}
+        seen = 0
+        for name, p in trainer.model[0].named_parameters():
+            if groups == "megatron":
+                want = 0.0 if p.dim() == 1 or name.endswith(".bias") else 0.1
+            else:
+                no = "word_embeddings" in name or (p.dim() == 1 and "final_layernorm" not in name)
+                want = 0.0 if no else 0.1
+            assert wd_of[id(p)] == pytest.approx(want), (name, wd_of[id(p)])
+            seen += 1
+        assert seen > 10
+    finally:
+        trainer.close()
