@@ -7,6 +7,7 @@ lines starting with # are comments). Bad values end in one line naming the flag 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import re
 import shlex
@@ -14,11 +15,16 @@ import shlex
 import torch
 
 from megatron_prores.config import (
+    ATTENTION_BACKENDS,
     EMBEDDING_INITS,
+    FP8_FORMATS,
+    FP8_RECIPES,
     GPAS_GATES,
     INIT_METHODS,
     LNS_GAINS,
     NORM_TYPES,
+    NORMALIZATIONS,
+    TRANSFORMER_IMPLS,
     ConfigError,
     MethodConfig,
     ModelConfig,
@@ -41,6 +47,11 @@ class _Parser(argparse.ArgumentParser):
 _NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
 
 
+# The method flags' defaults are MethodConfig's (one place); their names are its field names.
+_METHOD = {f.name: f.default for f in dataclasses.fields(MethodConfig)}
+_MODEL = ModelConfig()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="megatron-prores-train", fromfile_prefix_chars="@",
                 description="Pretrain a GPT with ProRes/GPAS on megatron-core. Flags may come "
@@ -54,37 +65,38 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-length", type=int, required=True)
     g.add_argument("--max-position-embeddings", type=int, default=None,
                    help="accepted for Megatron compatibility; RoPE needs none (must be >= seq length)")
-    g.add_argument("--normalization", choices=["RMSNorm", "LayerNorm"], default="RMSNorm")
-    g.add_argument("--init-method-std", type=float, default=0.02)
-    g.add_argument("--hidden-dropout", type=float, default=0.0)
-    g.add_argument("--attention-dropout", type=float, default=0.0)
+    g.add_argument("--normalization", choices=NORMALIZATIONS, default=_MODEL.normalization)
+    g.add_argument("--init-method-std", type=float, default=_MODEL.init_method_std)
+    g.add_argument("--hidden-dropout", type=float, default=_MODEL.hidden_dropout)
+    g.add_argument("--attention-dropout", type=float, default=_MODEL.attention_dropout)
 
     g = p.add_argument_group("ProRes / GPAS (this project)")
-    g.add_argument("--norm-type", choices=NORM_TYPES, default="pre")
-    g.add_argument("--prores-schedule", choices=SCHEDULES, default="none")
-    g.add_argument("--prores-warmup-steps", type=float, default=0,
+    g.add_argument("--norm-type", choices=NORM_TYPES, default=_METHOD["norm_type"])
+    g.add_argument("--prores-schedule", choices=SCHEDULES, default=_METHOD["prores_schedule"])
+    g.add_argument("--prores-warmup-steps", type=float, default=_METHOD["prores_warmup_steps"],
                    help="TOTAL warmup: steps until every block reaches its final value")
     g.add_argument("--gpas", action="store_true", help="gradient-preserving activation scaling")
-    g.add_argument("--gpas-gate", choices=GPAS_GATES, default="block")
+    g.add_argument("--gpas-gate", choices=GPAS_GATES, default=_METHOD["gpas_gate"])
     g.add_argument("--clip-gate-grad", type=float, default=0.0,
                    help="separate gradient-norm clip over all GPAS gates (0: off)")
-    g.add_argument("--mix-post-layers", type=int, default=None, help="Mix-LN: Post-LN blocks (default L/4)")
-    g.add_argument("--init-method", choices=INIT_METHODS, default="normal")
+    g.add_argument("--mix-post-layers", type=int, default=_METHOD["mix_post_layers"],
+                   help="Mix-LN: Post-LN blocks (default L/4)")
+    g.add_argument("--init-method", choices=INIT_METHODS, default=_METHOD["init_method"])
 
     g = p.add_argument_group("choices of the official ProRes / GPAS code (defaults: the papers' text)")
-    g.add_argument("--prores-warmup-spacing", choices=WARMUP_SPACINGS, default="even",
+    g.add_argument("--prores-warmup-spacing", choices=WARMUP_SPACINGS, default=_METHOD["prores_warmup_spacing"],
                    help="block l reaches its final ProRes value at W*l/L (even), or at linspace(floor(W/L), W, "
                         "L)[l] (official: the official ProRes code; the same when L divides W)")
     g.add_argument("--post-final-norm", action="store_true",
                    help="Post-LN/DeepNorm: one more norm before the output layer (the other norm types "
                         "have one already)")
-    g.add_argument("--lns-gain", choices=LNS_GAINS, default="fixed",
+    g.add_argument("--lns-gain", choices=LNS_GAINS, default=_METHOD["lns_gain"],
                    help="LNS: a fixed 1/sqrt(l) scale on the pre-norm output, or learnable norm gains "
                         "initialized to 1/sqrt(l) (the official code); no effect on other norm types")
     g.add_argument("--weight-decay-groups", choices=["megatron", "official"], default="megatron",
                    help="no weight decay for 1-D parameters and biases (megatron), or also none for the word "
                         "embeddings but decay for the final norm's gain (official: the official ProRes code)")
-    g.add_argument("--embedding-init", choices=EMBEDDING_INITS, default="normal",
+    g.add_argument("--embedding-init", choices=EMBEDDING_INITS, default=_METHOD["embedding_init"],
                    help="word embedding std: --init-method-std (normal), 0.02*sqrt(hidden) (prores-code) "
                         "or sqrt(2/5) (gpas-code)")
 
@@ -118,14 +130,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--use-distributed-optimizer", action="store_true")
-    g.add_argument("--transformer-impl", choices=["local", "transformer_engine"], default="local")
-    g.add_argument("--fp8-format", choices=["hybrid", "e4m3"], default=None,
+    g.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default=_MODEL.transformer_impl)
+    g.add_argument("--fp8-format", choices=FP8_FORMATS, default=_MODEL.fp8_format,
                    help="FP8 GEMMs through Transformer Engine (needs --transformer-impl transformer_engine "
                         "and --bf16); ProRes/GPAS math stays in bf16/fp32")
-    g.add_argument("--fp8-recipe", choices=["delayed", "tensorwise", "mxfp8", "blockwise"], default="delayed",
+    g.add_argument("--fp8-recipe", choices=FP8_RECIPES, default=_MODEL.fp8_recipe,
                    help="FP8 scaling: delayed (amax history) or tensorwise (current scaling); mxfp8 and "
                         "blockwise need Blackwell / TE support")
-    g.add_argument("--attention-backend", choices=["auto", "flash", "fused", "unfused", "local"], default="auto",
+    g.add_argument("--attention-backend", choices=ATTENTION_BACKENDS, default=_MODEL.attention_backend,
                    help="local spec: auto/flash/fused use PyTorch's scaled_dot_product_attention (any kernel / "
                         "flash only / memory-efficient only), unfused/local megatron-core's DotProductAttention; "
                         "TE spec: Transformer Engine's choice, local = megatron-core's DotProductAttention")
@@ -294,12 +306,7 @@ def parse_data_path(data_path):
 
 
 def model_config(args, vocab_size: int) -> ModelConfig:
-    method = MethodConfig(norm_type=args.norm_type, prores_schedule=args.prores_schedule,
-                          prores_warmup_steps=args.prores_warmup_steps, gpas=args.gpas,
-                          gpas_gate=args.gpas_gate, mix_post_layers=args.mix_post_layers,
-                          init_method=args.init_method, prores_warmup_spacing=args.prores_warmup_spacing,
-                          post_final_norm=args.post_final_norm, lns_gain=args.lns_gain,
-                          embedding_init=args.embedding_init)
+    method = MethodConfig(**{name: getattr(args, name) for name in _METHOD})  # the flags carry its field names
     return ModelConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size,
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
