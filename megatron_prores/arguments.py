@@ -192,6 +192,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--log-interval", type=int, default=10)
     g.add_argument("--eval-interval", type=int, default=None)
     g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--valid-data-path", nargs="+", default=None, metavar="[NAME=]PREFIX",
+                   help="held-out validation sets beside the --split part of --data-path: each whole file is "
+                        "evaluated on its own (--eval-iters batches) and logged under its NAME (default: the "
+                        "file name)")
     g.add_argument("--tensorboard-dir", default=None)
     p._negative_number_matcher = _NUMBER
     return p
@@ -222,6 +226,8 @@ def check_args(args, this_machine: bool = True) -> None:
     need(args.mock_data or args.data_path,
          "no training data: give --data-path PREFIX (from tools/preprocess_data.py) or --mock-data")
     need(not (args.mock_data and args.data_path), "give either --data-path or --mock-data, not both")
+    need(not args.valid_data_path or args.eval_iters > 0,
+         "--valid-data-path needs evaluation: give --eval-iters > 0 (with --eval-interval N to evaluate every N steps)")
     if args.tokenizer_type == "NullTokenizer" or args.mock_data:
         need(args.vocab_size or args.tokenizer_model,
              "--mock-data/--tokenizer-type NullTokenizer need --vocab-size")

@@ -30,7 +30,7 @@ class _TokenizerForDataset:
 IDX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core's .idx: magic, version 1, dtype code, #sequences, #documents + 1
 
 
-def check_prefix(prefix: str) -> None:
+def check_prefix(prefix: str, flag: str = "--data-path") -> None:
     """A clear error for a missing, empty or broken .bin/.idx pair, found before megatron-core opens it
     (its IndexedDataset, failing half way, adds 'Exception ignored in ... __del__' noise)."""
     import struct
@@ -40,13 +40,13 @@ def check_prefix(prefix: str) -> None:
     for ext in (".bin", ".idx"):
         if not os.path.isfile(prefix + ext):
             raise ConfigError(
-                f"--data-path {prefix!r}: {prefix + ext} does not exist; give the prefix written by "
+                f"{flag} {prefix!r}: {prefix + ext} does not exist; give the prefix written by "
                 f"tools/preprocess_data.py (e.g. data/corpus_text_document)"
             )
     idx, rerun = prefix + ".idx", "re-run tools/preprocess_data.py"
     idx_size, actual = os.path.getsize(idx), os.path.getsize(prefix + ".bin")
     if idx_size == 0:
-        raise ConfigError(f"--data-path {prefix!r}: {idx} is empty (0 bytes: preprocessing failed or was "
+        raise ConfigError(f"{flag} {prefix!r}: {idx} is empty (0 bytes: preprocessing failed or was "
                           f"interrupted); {rerun}")
     try:
         with open(prefix + ".bin", "rb"):
@@ -54,7 +54,7 @@ def check_prefix(prefix: str) -> None:
         with open(idx, "rb") as f:
             head = f.read(34)
             if len(head) < 34 or head[:9] != IDX_MAGIC:
-                raise ConfigError(f"--data-path {prefix!r}: {idx} is not an index written by "
+                raise ConfigError(f"{flag} {prefix!r}: {idx} is not an index written by "
                                   f"tools/preprocess_data.py (bad header); {rerun}")
             version, code, sequences, documents = struct.unpack("<QBQQ", head[9:])
             try:
@@ -62,31 +62,31 @@ def check_prefix(prefix: str) -> None:
             except Exception:
                 dtype_size = None
             if version != 1 or dtype_size is None:
-                raise ConfigError(f"--data-path {prefix!r}: unreadable index {idx} (version {version}, dtype code "
+                raise ConfigError(f"{flag} {prefix!r}: unreadable index {idx} (version {version}, dtype code "
                                   f"{code}); {rerun}")
             needed = 34 + 12 * sequences + 8 * documents
             if idx_size < needed:
-                raise ConfigError(f"--data-path {prefix!r}: {idx} is truncated ({idx_size} bytes, its header "
+                raise ConfigError(f"{flag} {prefix!r}: {idx} is truncated ({idx_size} bytes, its header "
                                   f"describes {needed}); {rerun}")
             lengths = numpy.fromfile(f, dtype=numpy.int32, count=sequences)
     except OSError as e:
-        raise ConfigError(f"--data-path {prefix!r}: cannot read {e.filename} ({e.strerror})") from None
+        raise ConfigError(f"{flag} {prefix!r}: cannot read {e.filename} ({e.strerror})") from None
     if sequences == 0 or documents <= 1:
-        raise ConfigError(f"--data-path {prefix!r} holds no documents (an empty dataset); preprocess a corpus "
+        raise ConfigError(f"{flag} {prefix!r} holds no documents (an empty dataset); preprocess a corpus "
                           f"with at least one document")
     expected = int(lengths.astype(numpy.int64).sum()) * dtype_size
     if expected == 0:
-        raise ConfigError(f"--data-path {prefix!r} holds no tokens (every document is empty); preprocess a "
+        raise ConfigError(f"{flag} {prefix!r} holds no tokens (every document is empty); preprocess a "
                           f"corpus with text")
     if actual != expected:
         raise ConfigError(
-            f"--data-path {prefix!r}: {prefix}.bin has {actual} bytes but its .idx describes "
+            f"{flag} {prefix!r}: {prefix}.bin has {actual} bytes but its .idx describes "
             f"{expected} (truncated or mismatched pair); {rerun}"
         )
     try:  # what megatron-core itself makes of the pair
         IndexedDataset(prefix, mmap=True)
     except Exception as e:
-        raise ConfigError(f"--data-path {prefix!r}: unreadable index ({type(e).__name__}: {e}); {rerun}") from None
+        raise ConfigError(f"{flag} {prefix!r}: unreadable index ({type(e).__name__}: {e}); {rerun}") from None
 
 
 def _check_splits(prefixes, split_matrix, num_samples, split) -> None:
@@ -142,6 +142,41 @@ def build_datasets(tokenizer, num_samples: List[int], *, data_path: Optional[Lis
         return builder.build()
     except (AssertionError, ValueError) as e:
         raise ConfigError(f"cannot build the datasets from --data-path/--split: {e}") from None
+
+
+def validation_sets(valid_data_path: Optional[List[str]]) -> List[tuple]:
+    """(name, prefix) of each ``--valid-data-path`` item: NAME=PREFIX, or a PREFIX named by its file name."""
+    sets = []
+    for item in valid_data_path or []:
+        name, sep, prefix = item.partition("=")
+        if not sep:
+            name, prefix = os.path.basename(item.rstrip("/")), item
+        if not name or not prefix:
+            raise ConfigError(f"--valid-data-path {item!r} is not valid; give PREFIX or NAME=PREFIX")
+        if name in [n for n, _ in sets]:
+            raise ConfigError(f"--valid-data-path names two sets {name!r}; name them apart with NAME=PREFIX "
+                              f"(e.g. c4={prefix})")
+        sets.append((name, prefix))
+    return sets
+
+
+def build_validation_set(tokenizer, prefix: str, num_samples: int, *, seq_length: int, seed: int,
+                         cache_path: Optional[str] = None):
+    """A held-out validation set: every document of ``prefix`` (no split), at least ``num_samples``
+    samples (documents repeat in another order when the file holds fewer)."""
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+
+    check_prefix(prefix, "--valid-data-path")
+    config = GPTDatasetConfig(
+        random_seed=seed, sequence_length=seq_length, blend_per_split=[None, ([prefix], None), None],
+        path_to_cache=cache_path, tokenizer=_TokenizerForDataset(tokenizer), reset_position_ids=False,
+        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False, mmap_bin_files=True)
+    builder = BlendedMegatronDatasetBuilder(GPTDataset, [0, num_samples, 0], lambda: True, config)
+    try:
+        return builder.build()[1]
+    except (AssertionError, ValueError) as e:
+        raise ConfigError(f"cannot build the validation set from --valid-data-path {prefix!r}: {e}") from None
 
 
 def batches(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,

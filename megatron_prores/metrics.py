@@ -207,14 +207,17 @@ class MetricsLogger:
                 for j, v in enumerate(gpas_scale(layer.gpas_gate.detach()).tolist()):
                     self.tb.add_scalar(f"gpas-scale/block {l:03d}" + (f" sub{j}" if sub else ""), v, iteration)
 
-    def validation(self, iteration: int, loss: float) -> None:
+    def validation(self, iteration: int, loss: float, name: Optional[str] = None) -> None:
+        """The validation loss of the --split part of --data-path, or of the --valid-data-path set ``name``."""
         ppl = math.exp(min(loss, 50))
         if dist.get_rank() == 0:
-            print(f" validation loss at iteration {iteration} | lm loss value: {loss:.6E} | "
+            of = f" ({name})" if name else ""
+            print(f" validation loss{of} at iteration {iteration} | lm loss value: {loss:.6E} | "
                   f"lm loss PPL: {ppl:.6E}", flush=True)
         if self.writer:
-            self.writer.add_scalar("lm-loss-validation/lm loss", loss, iteration)
-            self.writer.add_scalar("lm-loss-validation/lm loss ppl", ppl, iteration)
+            tag = f"lm-loss-validation/{name + ' ' if name else ''}lm loss"
+            self.writer.add_scalar(tag, loss, iteration)
+            self.writer.add_scalar(tag + " ppl", ppl, iteration)
 
     def finish(self, iteration: int, spike_score: float) -> None:
         if dist.get_rank() == 0:

@@ -266,6 +266,10 @@ class Trainer:
         self.train_ds, self.valid_ds, _ = data.build_datasets(
             self.tokenizer, sizes, data_path=a.data_path, split=a.split, seq_length=a.seq_length, seed=a.seed,
             cache_path=a.data_cache_path, mock=a.mock_data)
+        self.named_valid_sets = [  # --valid-data-path: held-out sets evaluated and logged on their own
+            (name, data.build_validation_set(self.tokenizer, prefix, sizes[1], seq_length=a.seq_length, seed=a.seed,
+                                             cache_path=a.data_cache_path))
+            for name, prefix in data.validation_sets(a.valid_data_path)]
         self.train_iter = self.chunk_iterators(self.train_ds, self.state.consumed_samples)
 
     def chunk_iterators(self, dataset, consumed: int):
@@ -363,13 +367,16 @@ class Trainer:
         set_prores_step(self.model, it)  # the values of the weights after `it` steps
         for m in self.model:
             m.eval()
-        iterator = self.chunk_iterators(self.valid_ds, 0)
-        with torch.no_grad():
-            loss = sum(self.forward_backward(iterator, True) for _ in range(a.eval_iters)) / a.eval_iters
+        losses = {}
+        main = [(None, self.valid_ds)] if self.valid_ds is not None else []  # none with a 0 share in --split
+        for name, dataset in main + self.named_valid_sets:
+            iterator = self.chunk_iterators(dataset, 0)  # the same first samples at every evaluation
+            with torch.no_grad():
+                losses[name] = sum(self.forward_backward(iterator, True) for _ in range(a.eval_iters)) / a.eval_iters
+            self.metrics.validation(it, losses[name], name)
         for m in self.model:
             m.train()
-        self.metrics.validation(it, loss)
-        return loss
+        return losses.get(None)
 
     # ---- the loop -------------------------------------------------------------------------
     def train(self) -> int:
