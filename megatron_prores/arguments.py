@@ -16,6 +16,7 @@ import torch
 
 from megatron_prores.config import (
     ATTENTION_BACKENDS,
+    DEEPNORM_INITS,
     EMBEDDING_INITS,
     FP8_FORMATS,
     FP8_RECIPES,
@@ -97,8 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="no weight decay for 1-D parameters and biases (megatron), or also none for the word "
                         "embeddings but decay for the final norm's gain (official: the official ProRes code)")
     g.add_argument("--embedding-init", choices=EMBEDDING_INITS, default=_METHOD["embedding_init"],
-                   help="word embedding std: --init-method-std (normal), 0.02*sqrt(hidden) (prores-code) "
-                        "or sqrt(2/5) (gpas-code)")
+                   help="word embedding std: --init-method-std (normal), --init-method-std*sqrt(hidden) "
+                        "(prores-code) or sqrt(2/5) (gpas-code)")
+    g.add_argument("--deepnorm-init", choices=DEEPNORM_INITS, default=_METHOD["deepnorm_init"],
+                   help="DeepNorm: normal init with v, out-proj and MLP times (8L)^-1/4 (scaled-normal), or the "
+                        "official code's xavier-normal init, for plain DeepNorm only (official)")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, required=True)

@@ -24,6 +24,7 @@ GPAS_GATES = ("block", "sublayer")
 INIT_METHODS = ("normal", "scaled", "ds-init")
 LNS_GAINS = ("fixed", "learnable")
 EMBEDDING_INITS = ("normal", "prores-code", "gpas-code")
+DEEPNORM_INITS = ("scaled-normal", "official")
 NORMALIZATIONS = ("RMSNorm", "LayerNorm")
 TRANSFORMER_IMPLS = ("local", "transformer_engine")
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
@@ -62,7 +63,8 @@ class MethodConfig:
     # (the next two change nothing where they do not apply, so that one preset serves every norm type)
     post_final_norm: bool = False  # --post-final-norm: Post-LN/DeepNorm get a final norm too
     lns_gain: str = "fixed"  # --lns-gain: LNS as a fixed 1/sqrt(l) scale, or norm gains initialized to it
-    embedding_init: str = "normal"  # --embedding-init: std init_method_std, 0.02 sqrt(hidden), sqrt(2/5)
+    embedding_init: str = "normal"  # --embedding-init: std init_method_std, init_method_std sqrt(hidden), sqrt(2/5)
+    deepnorm_init: str = "scaled-normal"  # --deepnorm-init: normal x (8L)**-0.25, or the official xavier init
 
     @property
     def prores(self) -> bool:
@@ -108,6 +110,10 @@ class MethodConfig:
         _choice("--prores-warmup-spacing", self.prores_warmup_spacing, WARMUP_SPACINGS)
         _choice("--lns-gain", self.lns_gain, LNS_GAINS)
         _choice("--embedding-init", self.embedding_init, EMBEDDING_INITS)
+        _choice("--deepnorm-init", self.deepnorm_init, DEEPNORM_INITS)
+        if self.deepnorm_init == "official" and self.norm_type == "deepnorm" and self.init_method != "normal":
+            raise ConfigError(f"--deepnorm-init official sets every DeepNorm weight's init itself; drop "
+                              f"--init-method {self.init_method}")
         w = self.prores_warmup_steps
         if not needs_warmup(self.prores_schedule) and w:
             raise ConfigError(

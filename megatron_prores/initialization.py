@@ -7,8 +7,11 @@ projections std/sqrt(2L) with ``--init-method scaled``). Then, per global 1-base
 - DeepNorm (``--norm-type deepnorm``): the value part of the fused QKV weight, the attention
   out-proj and both MLP matrices (fc1 = [gate; up], fc2) times b = (8L)**-0.25; q and k unscaled.
 - ``--lns-gain learnable``: the pre-norm gains times 1/sqrt(l) (LNS as the official code has it).
-- ``--embedding-init prores-code|gpas-code``: word embeddings with std 0.02 sqrt(hidden) or
-  sqrt(2/5) (the official ProRes / GPAS code) instead of ``--init-method-std``.
+- ``--embedding-init prores-code|gpas-code``: word embeddings with std ``--init-method-std`` x
+  sqrt(hidden) or sqrt(2/5) (the official ProRes / GPAS code) instead of ``--init-method-std``.
+- ``--deepnorm-init official``: DeepNorm's xavier-normal init of the official code (gain (8L)**-0.25
+  for v, out-projection and MLP, 1 for q and k), for plain DeepNorm only; with ProRes or GPAS the
+  official code keeps the plain normal init, and so does this option.
 Rescaling (instead of re-drawing) keeps the result independent of the parallel layout.
 """
 
@@ -31,15 +34,39 @@ def deepnorm_init_gain(num_layers: int) -> float:
     return (8.0 * num_layers) ** -0.25
 
 
-def _value_rows(qkv_weight: torch.Tensor, config) -> torch.Tensor:
-    """View of the V rows of a (tensor-parallel shard of a) fused QKV weight.
+def _qkv_rows(qkv_weight: torch.Tensor, config) -> tuple:
+    """Views of the Q, K and V rows of a (tensor-parallel shard of a) fused QKV weight.
 
     megatron-core stores QKV per query group: [q_1 .. q_{heads/groups}, k, v] x groups.
     """
     d = config.kv_channels
-    per_group = config.num_attention_heads // config.num_query_groups + 2
-    w = qkv_weight.view(-1, per_group, d, qkv_weight.shape[-1])
-    return w[:, -1]
+    per = config.num_attention_heads // config.num_query_groups
+    w = qkv_weight.view(-1, per + 2, d, qkv_weight.shape[-1])
+    return w[:, :per], w[:, per], w[:, per + 1]
+
+
+def _value_rows(qkv_weight: torch.Tensor, config) -> torch.Tensor:
+    return _qkv_rows(qkv_weight, config)[2]
+
+
+def _xavier_std(fan_in: int, fan_out: int, gain: float = 1.0) -> float:
+    return gain * math.sqrt(2.0 / (fan_in + fan_out))
+
+
+def _deepnorm_xavier(layer, config) -> None:
+    """DeepNorm as the official code initializes it: xavier-normal weights, gain (8L)**-0.25 for v,
+    the out-projection and the MLP, gain 1 for q and k (separate q/k/v/gate/up matrices there). Done
+    by rescaling megatron-core's normal draw (std ``init_method_std``) to each matrix's xavier std."""
+    h, d, sigma = config.hidden_size, config.kv_channels, config.init_method_std
+    q_out, kv_out, ffn = config.num_attention_heads * d, config.num_query_groups * d, config.ffn_hidden_size
+    b = deepnorm_init_gain(config.num_layers)
+    q, k, v = _qkv_rows(layer.self_attention.linear_qkv.weight, config)
+    q.mul_(_xavier_std(h, q_out) / sigma)
+    k.mul_(_xavier_std(h, kv_out) / sigma)
+    v.mul_(_xavier_std(h, kv_out, b) / sigma)
+    layer.self_attention.linear_proj.weight.mul_(_xavier_std(q_out, h, b) / sigma)
+    layer.mlp.linear_fc1.weight.mul_(_xavier_std(h, ffn, b) / sigma)  # gate and up: each [ffn, h]
+    layer.mlp.linear_fc2.weight.mul_(_xavier_std(ffn, h, b) / sigma)
 
 
 def pre_norm_gains(layer) -> list:
@@ -53,9 +80,9 @@ def pre_norm_gains(layer) -> list:
     return gains
 
 
-EMBEDDING_STD = {  # --embedding-init: std of the word embeddings
-    "prores-code": lambda hidden: 0.02 * math.sqrt(hidden),  # the official ProRes code
-    "gpas-code": lambda hidden: math.sqrt(2.0 / 5.0),  # the official GPAS code
+EMBEDDING_STD = {  # --embedding-init: std of the word embeddings, from (init_method_std, hidden)
+    "prores-code": lambda std, hidden: std * math.sqrt(hidden),  # the official ProRes code
+    "gpas-code": lambda std, hidden: math.sqrt(2.0 / 5.0),  # the official GPAS code
 }
 
 
@@ -67,7 +94,7 @@ def apply_embedding_init(model, method, config) -> None:
         return
     embedding = getattr(model, "embedding", None)
     if embedding is not None:
-        std = EMBEDDING_STD[method.embedding_init](config.hidden_size)
+        std = EMBEDDING_STD[method.embedding_init](config.init_method_std, config.hidden_size)
         embedding.word_embeddings.weight.mul_(std / config.init_method_std)
 
 
@@ -86,7 +113,10 @@ def apply_depth_init(layer, method) -> None:
         # LNS as the official code has it: Pre-LN blocks whose norm gains start at 1/sqrt(l)
         for gain in pre_norm_gains(layer):
             gain.mul_(1.0 / math.sqrt(layer.layer_number))
-    if STYLES[layer.style].deepnorm:
+    if STYLES[layer.style].deepnorm and method.deepnorm_init == "official":
+        if not method.prores and not method.gpas:  # the official code: plain DeepNorm only
+            _deepnorm_xavier(layer, config)
+    elif STYLES[layer.style].deepnorm:
         b = deepnorm_init_gain(config.num_layers)
         _value_rows(attn.linear_qkv.weight, config).mul_(b)
         attn.linear_proj.weight.mul_(b)

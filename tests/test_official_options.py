@@ -114,6 +114,46 @@ def test_embedding_init_std(single_process, kind, std):
             assert torch.equal(p, dict(other.named_parameters())[n]), n
 
 
+# ---- DeepNorm init -----------------------------------------------------------------------------------------
+def test_deepnorm_official_init_is_xavier_of_each_matrix(single_process):
+    """Plain DeepNorm with --deepnorm-init official: each matrix the official code keeps apart (q, k,
+    v, out-proj, gate/up, down) is the same normal draw rescaled to its xavier std, gain (8L)^-1/4
+    except q and k; the norms, embeddings and output layer are untouched."""
+    base = build(norm_type="deepnorm", init_method="normal")  # normal draw times b for v/proj/MLP
+    off = build(norm_type="deepnorm", deepnorm_init="official")
+    b, sigma, heads, groups, d, ffn = (8 * L) ** -0.25, 0.02, 4, 2, H // 4, 48
+
+    def xavier(fan_in, fan_out, gain=1.0):
+        return gain * math.sqrt(2 / (fan_in + fan_out))
+
+    for lb, lo in zip(base.decoder.layers, off.decoder.layers):
+        per = heads // groups
+        qb = lb.self_attention.linear_qkv.weight.view(groups, per + 2, d, H)
+        qo = lo.self_attention.linear_qkv.weight.view(groups, per + 2, d, H)
+        # the same draw: base = draw (q, k) or draw * b (v); official = draw * xavier / sigma
+        torch.testing.assert_close(qo[:, :per], qb[:, :per] * xavier(H, heads * d) / sigma, rtol=1e-12, atol=0)
+        torch.testing.assert_close(qo[:, per], qb[:, per] * xavier(H, groups * d) / sigma, rtol=1e-12, atol=0)
+        torch.testing.assert_close(qo[:, per + 1], qb[:, per + 1] / b * xavier(H, groups * d, b) / sigma,
+                                   rtol=1e-12, atol=0)
+        for name, fan_in, fan_out in (("self_attention.linear_proj", heads * d, H), ("mlp.linear_fc1", H, ffn),
+                                      ("mlp.linear_fc2", ffn, H)):
+            wb, wo = lb.get_submodule(name).weight, lo.get_submodule(name).weight
+            torch.testing.assert_close(wo, wb / b * xavier(fan_in, fan_out, b) / sigma, rtol=1e-12, atol=0)
+    for n in ("embedding.word_embeddings.weight", "output_layer.weight"):
+        assert torch.equal(base.get_parameter(n), off.get_parameter(n))
+
+
+def test_deepnorm_official_init_with_prores_or_gpas_is_the_plain_normal_init(single_process):
+    plain = build(norm_type="pre")  # no depth scaling at all: megatron-core's normal draw
+    for method in (dict(prores_schedule="linear", prores_warmup_steps=40), dict(gpas=True)):
+        m = build(norm_type="deepnorm", deepnorm_init="official", **method)
+        for n, p in plain.named_parameters():
+            if n.endswith("linear_qkv.weight") or n.endswith("linear_proj.weight") or "linear_fc" in n:
+                assert torch.equal(p, m.get_parameter(n)), n
+    with pytest.raises(ConfigError, match="drop --init-method scaled"):
+        MethodConfig(norm_type="deepnorm", deepnorm_init="official", init_method="scaled").validate(4)
+
+
 # ---- flags -------------------------------------------------------------------------------------------------
 def test_flags_reach_the_method_config():
     from megatron_prores.arguments import model_config, parse_args
@@ -138,8 +178,9 @@ def test_official_code_preset_selects_every_option():
                        "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1", "--lr", "1e-3",
                        "--mock-data", "--vocab-size", "64", "--norm-type", "lns", "@" + preset])
     m = model_config(args, 64).method
-    assert (m.prores_warmup_spacing, m.post_final_norm, m.lns_gain, m.embedding_init) == \
-        ("official", True, "learnable", "prores-code")
+    assert (m.prores_warmup_spacing, m.post_final_norm, m.lns_gain, m.embedding_init, m.deepnorm_init) == \
+        ("official", True, "learnable", "prores-code", "official")
+    assert args.weight_decay_groups == "official"
 
 
 @pytest.mark.parametrize("groups", ["megatron", "official"])
