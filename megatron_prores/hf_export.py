@@ -24,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from megatron_prores import checkpoint_check, mcore_compat, schedules
+from megatron_prores import checkpoint_check, mcore_compat
 from megatron_prores.checkpoint_reader import CheckpointReader
 from megatron_prores.checkpointing import LATEST, iteration_dir, read_latest
 from megatron_prores.config import ConfigError, config_from_dict
@@ -34,6 +34,12 @@ HF_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf")
 # most this: well below what changes a greedy token or a loss in its 4th digit
 FOLD_TOLERANCE = 1e-4
 CALIBRATION_BATCH, CALIBRATION_TOKENS, CALIBRATION_SEED = 2, 64, 1234
+# BOS/EOS ids in config.json without a Hugging Face tokenizer: tools/train_tokenizer.py's SentencePiece ids
+DEFAULT_TOKEN_IDS = {"bos_token_id": 1, "eos_token_id": 2}
+# what an exported Hugging Face tokenizer must encode exactly like the training one
+PROBE_TEXTS = ("The quick brown fox jumps over the lazy dog.", " leading space", "   three leading spaces",
+               "\ttab\tseparated\tcolumns", "digits 0123456789 and 3.14159, 1,000,000", "naïve café, Zürich",
+               "emoji 😀👍🏽 and ✓", "日本語の文章と中文", "two\n\nlines  double  spaces ", "")
 
 
 def resolve_iteration(load: str, iteration: Optional[int]) -> str:
@@ -171,11 +177,11 @@ class _Model:
         m, L = cfg.method, cfg.num_layers
         self.cfg, self.reader, self.layers, self.out_dtype = cfg, reader, _Layers(reader), out_dtype
         self.rms = cfg.normalization == "RMSNorm"
-        self.prores = [schedules.prores_value(m.prores_schedule, step, l, L, m.prores_warmup_steps)
-                       if m.prores else 1.0 for l in range(1, L + 1)]
+        self.prores = [m.prores_value(step, l, L) if m.prores else 1.0 for l in range(1, L + 1)]
         self.styles = [m.block_style(l, L) for l in range(1, L + 1)]
         self.gates = [self.layers.get(i, "gpas_gate").double() for i in range(L)] if m.gpas else []
         self.stored = reader.tensors["embedding.word_embeddings.weight"].properties.dtype
+        self.token_ids = dict(DEFAULT_TOKEN_IDS)  # the exported tokenizer's, when it is a Hugging Face one
 
     def block(self, i: int) -> dict:
         """Block i's tensors under their Hugging Face names (after model.layers.i.), unfolded."""
@@ -228,7 +234,7 @@ class _Model:
                     num_key_value_heads=cfg.query_groups, max_position_embeddings=cfg.seq_length,
                     rms_norm_eps=cfg.norm_epsilon, rope_theta=float(cfg.rotary_base),
                     rope_parameters={"rope_theta": float(cfg.rotary_base), "rope_type": "default"},
-                    bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, torch_dtype=torch_dtype,
+                    **self.token_ids, tie_word_embeddings=False, torch_dtype=torch_dtype,
                     dtype=torch_dtype)
         if fold:
             return dict(base, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
@@ -298,6 +304,11 @@ def export(load: str, output: str, iteration: Optional[int] = None, fold: bool =
     step = int(common["train_state"]["iteration"]) if common.get("train_state") else 0
     out_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model = _Model(cfg, reader, step, out_dtype)
+    tok_kind, tok_path = _tokenizer_source(tokenizer_model, common["model_config"])
+    hf_tok = _hf_tokenizer(tok_path, given=bool(tokenizer_model), vocab=cfg.vocab_size) \
+        if tok_kind == "HuggingFaceTokenizer" and tok_path else None
+    if hf_tok is not None:
+        model.token_ids = {"bos_token_id": hf_tok.bos, "eos_token_id": hf_tok.eod}
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
         raise ConfigError(f"--output {output!r} exists and is not an empty directory; give a new directory")
     tmp = output.rstrip("/") + ".tmp"  # renamed to output when complete; removed on any failure
@@ -339,10 +350,9 @@ def export(load: str, output: str, iteration: Optional[int] = None, fold: bool =
         with open(os.path.join(tmp, "config.json"), "w") as fh:
             json.dump(config, fh, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w") as fh:
-            json.dump({"bos_token_id": 1, "eos_token_id": 2}, fh, indent=2)
+            json.dump(model.token_ids, fh, indent=2)
 
-        tok_note = _export_tokenizer(tmp, tokenizer_model or common["model_config"].get("tokenizer_model"),
-                                     common["model_config"].get("tokenizer_type"))
+        tok_note = _export_tokenizer(tmp, tok_path, tok_kind, hf_tok)
         if os.path.exists(output):
             os.rmdir(output)  # empty (checked above)
         os.replace(tmp, output)
@@ -400,9 +410,36 @@ def _scaled(w: torch.Tensor, factor: float) -> torch.Tensor:
     return w if factor == 1.0 else (w.double() * factor).to(w.dtype)
 
 
-def _export_tokenizer(out: str, model: Optional[str], kind: Optional[str]) -> str:
+def _tokenizer_source(given: Optional[str], model_config: dict) -> tuple:
+    """(tokenizer type, path): --tokenizer-model (its type from the path), else the run's."""
+    from megatron_prores.tokenizer import guess_tokenizer_type
+
+    if given:
+        return guess_tokenizer_type(given), given
+    return model_config.get("tokenizer_type"), model_config.get("tokenizer_model")
+
+
+def _hf_tokenizer(path: str, given: bool, vocab: int):
+    """The training Hugging Face tokenizer, loaded and checked against the model's vocabulary."""
+    from megatron_prores.tokenizer import HuggingFaceTokenizer
+
+    try:
+        tok = HuggingFaceTokenizer(path)
+    except ConfigError as e:
+        if given:
+            raise
+        raise ConfigError(f"the run's tokenizer: {e}; or give --tokenizer-model PATH") from None
+    if tok.vocab_size > vocab:
+        raise ConfigError(f"tokenizer {path!r} has {tok.vocab_size} tokens but the model only {vocab}; give the "
+                          f"tokenizer the run trained with (--tokenizer-model PATH)")
+    return tok
+
+
+def _export_tokenizer(out: str, model: Optional[str], kind: Optional[str], hf_tok=None) -> str:
     if kind == "NullTokenizer" or not model:
         return "no tokenizer exported (the run used NullTokenizer/mock data; give --tokenizer-model to add one)"
+    if kind == "HuggingFaceTokenizer":
+        return _export_hf_tokenizer(out, hf_tok)
     if not os.path.isfile(model):
         raise ConfigError(f"tokenizer model {model!r} not found; give --tokenizer-model PATH")
     shutil.copy(model, os.path.join(out, "tokenizer.model"))
@@ -432,3 +469,71 @@ def _export_tokenizer(out: str, model: Optional[str], kind: Optional[str]) -> st
         json.dump(saved, f, indent=2)
     return "tokenizer exported (SentencePiece model + tokenizer.json, no BOS added, EOS = EOD)"
 
+
+
+# tokenizer_config.json keys that make a transformers tokenizer class rebuild or change the
+# tokenizer.json pipeline (BOS/EOS templates, prefix spaces): the export loads tokenizer.json as it is
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+REBUILDING_KEYS = ("add_bos_token", "add_eos_token", "add_prefix_space", "legacy", "tokenizer_file", "auto_map")
+
+
+def _export_hf_tokenizer(out: str, tok) -> str:
+    """The training tokenizer's files: tokenizer.json as trained with (copied; written from transformers'
+    conversion for a SentencePiece directory), special_tokens_map.json, and tokenizer_config.json with
+    tokenizer_class PreTrainedTokenizerFast (loads tokenizer.json unchanged). Checked on PROBE_TEXTS
+    when transformers is installed."""
+    if tok.json_file is not None:
+        shutil.copy(tok.json_file, os.path.join(out, "tokenizer.json"))
+    else:
+        tok.tok.save(os.path.join(out, "tokenizer.json"))
+    special = os.path.join(tok.directory, "special_tokens_map.json")
+    if os.path.isfile(special):
+        shutil.copy(special, os.path.join(out, "special_tokens_map.json"))
+    conf = _tokenizer_config(tok)
+    with open(os.path.join(out, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+        json.dump(conf, f, indent=2, ensure_ascii=False)
+    checked = _check_exported_tokenizer(out, tok)
+    return (f"tokenizer exported (Hugging Face tokenizer.json of {tok.path}, EOS = EOD {tok.eos_token!r} id {tok.eod}"
+            + ("; ids checked with transformers)" if checked else "; install transformers to check its ids)"))
+
+
+def _tokenizer_config(tok) -> dict:
+    """The source's tokenizer_config.json (if any) as a PreTrainedTokenizerFast's, its EOS named."""
+    path = os.path.join(tok.directory, "tokenizer_config.json")
+    conf = {}
+    if os.path.isfile(path):
+        with open(path, encoding="utf-8") as f:
+            conf = json.load(f)  # valid: HuggingFaceTokenizer read it
+    conf = {k: v for k, v in conf.items() if k not in REBUILDING_KEYS}
+    conf["tokenizer_class"] = "PreTrainedTokenizerFast"
+    conf.setdefault("eos_token", tok.eos_token)
+    conf.setdefault("clean_up_tokenization_spaces", False)
+    return conf
+
+
+def _check_exported_tokenizer(out: str, tok) -> bool:
+    """AutoTokenizer on the export encodes PROBE_TEXTS as the training tokenizer does; False when
+    transformers is not installed."""
+    import tempfile
+
+    try:
+        from transformers import AutoTokenizer
+    except ImportError:
+        return False
+    with tempfile.TemporaryDirectory() as alone:  # the tokenizer files only: no config.json whose custom
+        for name in TOKENIZER_FILES:              # model code would make transformers ask to trust it
+            if os.path.isfile(os.path.join(out, name)):
+                shutil.copy(os.path.join(out, name), alone)
+        exported = AutoTokenizer.from_pretrained(alone, local_files_only=True)
+    for text in PROBE_TEXTS:
+        try:
+            want = tok.tokenize(text)
+        except Exception:  # e.g. a word-level vocabulary without an unknown token
+            continue
+        got = exported(text)["input_ids"]
+        if got != want:
+            raise ConfigError(f"the exported tokenizer encodes {text!r} as {got[:12]}, the training one as "
+                              f"{want[:12]}; export this tokenizer by hand")
+    if exported.eos_token_id != tok.eod:
+        raise ConfigError(f"the exported tokenizer's EOS id is {exported.eos_token_id}, the training EOD {tok.eod}")
+    return True

@@ -87,11 +87,32 @@ def check_input(input_dir: str) -> None:
     _tensors(input_dir)
 
 
+def import_tokenizer(input_dir: str, tokenizer_model: Optional[str] = None) -> tuple:
+    """(tokenizer type, absolute path) to record for a later export, or (None, None): --tokenizer-model
+    (a SentencePiece .model, or a Hugging Face tokenizer.json or directory), else the model directory
+    itself when it holds a tokenizer.json. Loaded once and checked against the model's vocabulary."""
+    from megatron_prores.tokenizer import build_tokenizer, guess_tokenizer_type
+
+    if not tokenizer_model:
+        if not os.path.isfile(os.path.join(input_dir, "tokenizer.json")):
+            return None, None
+        tokenizer_model = input_dir
+    kind = guess_tokenizer_type(tokenizer_model)
+    tok = build_tokenizer(kind, tokenizer_model)
+    vocab = _llama_config(input_dir)["vocab_size"]
+    if tok.vocab_size > vocab:
+        raise ConfigError(f"tokenizer {tokenizer_model!r} has {tok.vocab_size} tokens but the model in {input_dir!r} "
+                          f"only {vocab}; give the model's own tokenizer with --tokenizer-model")
+    return kind, os.path.abspath(tokenizer_model)
+
+
 def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,
                  make_vocab_size_divisible_by: int = 128, method: Optional[MethodConfig] = None,
-                 tokenizer_model: Optional[str] = None, log=print) -> str:
+                 tokenizer_model: Optional[str] = None, log=print, tokenizer_type: Optional[str] = None) -> str:
     """Write ``save/iter_0000000`` (+ latest marker); returns its directory. Needs
-    torch.distributed with world size 1 (parallel.initialize())."""
+    torch.distributed with world size 1 (parallel.initialize()). ``tokenizer_model`` (type from its
+    path unless ``tokenizer_type`` says) is recorded for the export (``import_tokenizer`` finds it)."""
+    from megatron_prores.tokenizer import guess_tokenizer_type
     from megatron_prores.checkpointing import save_checkpoint
     from megatron_prores.model import build_model
     from megatron_prores.checkpointing import model_args_for_checkpoint
@@ -147,10 +168,14 @@ def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,
         put(mg + "input_layernorm.weight", get(hf + "input_layernorm.weight"))
         put(mg + "pre_mlp_layernorm.weight", get(hf + "post_attention_layernorm.weight"))
     train_state = {"consumed_samples": 0, "skipped_iters": 0, "losses": []}
-    export = dict(config_to_dict(cfg), tokenizer_type="SentencePieceTokenizer" if tokenizer_model else None,
+    if tokenizer_model and not tokenizer_type:
+        tokenizer_type = guess_tokenizer_type(tokenizer_model)
+    export = dict(config_to_dict(cfg), tokenizer_type=tokenizer_type if tokenizer_model else None,
                   tokenizer_model=os.path.abspath(tokenizer_model) if tokenizer_model else None)
     directory = save_checkpoint(save, 0, [chunk], None, None, train_state, model_args_for_checkpoint(cfg),
                                 model_config=export)
     log(f"imported {input_dir} ({cfg.num_layers} layers, hidden {h}, vocab {V}) into {directory}: "
-        f"train from it with --load {save} (any TP/PP; a fresh optimizer starts at iteration 0)")
+        f"train from it with --load {save} (any TP/PP; a fresh optimizer starts at iteration 0)"
+        + (f"; tokenizer recorded for export: --tokenizer-type {tokenizer_type} --tokenizer-model "
+           f"{os.path.abspath(tokenizer_model)}" if tokenizer_model else ""))
     return directory

@@ -1,9 +1,10 @@
 """Import a Hugging Face Llama model as a checkpoint of this project, to continue pretraining.
 
-    megatron-prores-convert-from-hf --input HF_DIR --save CKPT_DIR [--seq-length N]
+    megatron-prores-convert-from-hf --input HF_DIR --save CKPT_DIR [--seq-length N] [--tokenizer-model M]
 
 Writes CKPT_DIR/iter_0000000 (model only) and the latest marker; train from it with
-``megatron-prores-train --load CKPT_DIR --save CKPT_DIR ...`` under any TP/PP layout.
+``megatron-prores-train --load CKPT_DIR --save CKPT_DIR ...`` under any TP/PP layout. The tokenizer
+(HF_DIR's tokenizer.json, or --tokenizer-model) is recorded for a later convert-to-hf.
 """
 
 from __future__ import annotations
@@ -23,7 +24,9 @@ def parse(argv=None):
     p.add_argument("--save", required=True, help="checkpoint directory to create")
     p.add_argument("--seq-length", type=int, default=None, help="default: max_position_embeddings (<= 4096)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
-    p.add_argument("--tokenizer-model", default=None, help="SentencePiece model recorded for later export")
+    p.add_argument("--tokenizer-model", default=None,
+                   help="tokenizer recorded for a later export: a SentencePiece .model, or a Hugging Face "
+                        "tokenizer.json or directory (default: --input's tokenizer.json when it has one)")
     return p.parse_args(argv)
 
 
@@ -31,9 +34,10 @@ def main(argv=None):
     args = parse(argv)
     if os.path.exists(args.save) and (not os.path.isdir(args.save) or os.listdir(args.save)):
         raise ConfigError(f"--save {args.save!r} is not an empty directory; give a new directory")
-    from megatron_prores.hf_import import check_input
+    from megatron_prores.hf_import import check_input, import_tokenizer
 
     check_input(args.input)  # a damaged download fails here, in one line, before anything is written
+    args.tokenizer_type, args.tokenizer_model = import_tokenizer(args.input, args.tokenizer_model)
     created = not os.path.exists(args.save)
     try:
         os.makedirs(args.save, exist_ok=True)
@@ -68,7 +72,7 @@ def _import(args):
 
     parallel.initialize()
     import_llama(args.input, args.save, args.seq_length, args.make_vocab_size_divisible_by,
-                 tokenizer_model=args.tokenizer_model)
+                 tokenizer_model=args.tokenizer_model, tokenizer_type=args.tokenizer_type)
 
 
 def cli():

@@ -25,7 +25,8 @@ def parse(argv=None):
     p.add_argument("--no-fold", action="store_true",
                    help="keep ProRes values and GPAS gates explicit (ProResForCausalLM), even for Pre-LN")
     p.add_argument("--tokenizer-model", default=None,
-                   help="SentencePiece model to include (default: the one the run trained with)")
+                   help="tokenizer to include: a SentencePiece .model, or a Hugging Face tokenizer.json or "
+                        "directory (default: the one the run trained with)")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights dtype (default: as stored)")
     p.add_argument("--max-shard-size", type=float, default=5.0, help="GB per safetensors shard")

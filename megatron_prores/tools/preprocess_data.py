@@ -1,8 +1,9 @@
 """Tokenize a JSONL corpus into Megatron's indexed dataset (.bin/.idx), EOD appended per document.
 
 Writes PREFIX_KEY_document.bin/.idx for each --json-keys KEY (Megatron-LM's naming), which
-megatron-core's IndexedDataset / GPTDataset read. Files are written under temporary names and
-renamed when complete: an interrupted run never leaves a readable half dataset.
+megatron-core's IndexedDataset / GPTDataset read. Tokens are uint16 for a vocabulary below 65,500,
+int32 above (megatron-core's ``DType.optimal_dtype``; it has no uint32). Files are written under
+temporary names and renamed when complete: an interrupted run never leaves a readable half dataset.
 """
 
 from __future__ import annotations
@@ -27,10 +28,14 @@ def parse(argv=None):
     p.add_argument("--input", required=True, help="JSONL file, one document per line")
     p.add_argument("--json-keys", nargs="+", default=["text"])
     p.add_argument("--output-prefix", required=True)
-    p.add_argument("--tokenizer-type", default="SentencePieceTokenizer")
-    p.add_argument("--tokenizer-model", default=None)
+    p.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
+                   help="SentencePieceTokenizer, HuggingFaceTokenizer or NullTokenizer")
+    p.add_argument("--tokenizer-model", default=None,
+                   help="SentencePiece .model, or Hugging Face tokenizer.json or its directory (read offline)")
     p.add_argument("--vocab-size", type=int, default=None, help="for NullTokenizer")
-    p.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True)
+    p.add_argument("--append-eod", action=argparse.BooleanOptionalAction, default=True,
+                   help="end each document with the tokenizer's EOS (not twice when its post-processor "
+                        "adds it, as T5's does)")
     p.add_argument("--workers", type=int, default=None,
                    help="tokenizing processes (default: one per CPU; never more than the CPUs or the input's "
                         f"chunks of {CHUNK} lines)")
@@ -65,7 +70,7 @@ def _encode(item):
         if key not in doc:
             raise ConfigError(f"{args.input}:{n}: no key {key!r}; pick the text keys with --json-keys")
         ids = tok.tokenize(str(doc[key]))
-        if args.append_eod:
+        if args.append_eod and not getattr(tok, "adds_eod", False):
             ids.append(tok.eod)
         out[key] = ids
     return n, out, len(raw), None
@@ -111,13 +116,13 @@ def main(argv=None):
     if not os.path.isfile(args.input):
         raise ConfigError(f"--input {args.input!r} does not exist or is not a file")
     nworkers = workers(args)
+    from megatron_prores.tokenizer import build_tokenizer
+
+    tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)  # before the slow imports
     import numpy
     import torch
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 
-    from megatron_prores.tokenizer import build_tokenizer
-
-    tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
     dtype = DType.optimal_dtype(tok.vocab_size)
     os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
     paths = {k: f"{args.output_prefix}_{k}_document" for k in args.json_keys}
