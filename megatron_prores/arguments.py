@@ -236,7 +236,7 @@ def check_args(args, this_machine: bool = True) -> None:
         need(args.vocab_size or args.tokenizer_model,
              "--mock-data/--tokenizer-type NullTokenizer need --vocab-size")
     else:
-        need(args.tokenizer_model, "--tokenizer-type SentencePieceTokenizer needs --tokenizer-model")
+        need(args.tokenizer_model, f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model")
     if args.max_position_embeddings is not None:
         need(args.max_position_embeddings >= args.seq_length,
              f"--max-position-embeddings {args.max_position_embeddings} is below --seq-length {args.seq_length}")
