@@ -16,7 +16,7 @@ class BlockStyle:
     name: str
     pre_norm: bool  # a norm on each sublayer's input (input_layernorm / pre_mlp_layernorm)
     branch_norm: bool  # a norm on each sublayer's output, before the add (Sandwich-LN)
-    sum_norm: bool  # a norm on the sum, after the add (Post-LN, DeepNorm)
+    sum_norm: bool  # a norm on the sum, after the add (Post-LN, DeepNorm); GPAS then scales the shortcut
     depth_scaled_pre_norm: bool  # LayerNorm Scaling: each pre-norm's output times 1/sqrt(l)
     deepnorm: bool  # DeepNorm: shortcut times alpha(L), branch weights initialized times beta(L)
     gpas_defined: bool  # the GPAS paper defines GPAS for this style
@@ -26,12 +26,6 @@ class BlockStyle:
     def post_norm(self) -> bool:
         """A norm after each sublayer (branch or sum): the layer builds its post norms."""
         return self.branch_norm or self.sum_norm
-
-    @property
-    def gpas_on_shortcut(self) -> bool:
-        """Post styles scale the shortcut with GPAS (the sum is normalized next); pre styles scale
-        the sum."""
-        return self.sum_norm
 
     @property
     def plain_residual(self) -> bool:

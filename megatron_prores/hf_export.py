@@ -25,6 +25,7 @@ from typing import Optional
 import torch
 
 from megatron_prores import checkpoint_check, mcore_compat
+from megatron_prores.block_styles import STYLES, styles_of
 from megatron_prores.checkpoint_reader import CheckpointReader
 from megatron_prores.checkpointing import LATEST, iteration_dir, read_latest
 from megatron_prores.config import ConfigError, config_from_dict
@@ -161,7 +162,7 @@ def fold_decision(cfg, gates: list, want_fold: bool) -> tuple:
     m = cfg.method
     if not want_fold:
         return False, "--no-fold"
-    if m.norm_type not in ("pre", "lns"):
+    if not all(s.llama_equivalent for s in styles_of(m.norm_type)):
         return False, f"--norm-type {m.norm_type} has no Llama equivalent"
     if cfg.normalization != "RMSNorm":
         return False, "LayerNorm models are not Llama models"
@@ -196,14 +197,14 @@ class _Model:
              "self_attn.o_proj.weight": layers.get(i, "self_attention.linear_proj.weight"),
              "mlp.gate_proj.weight": fc1[:f], "mlp.up_proj.weight": fc1[f:],
              "mlp.down_proj.weight": layers.get(i, "mlp.linear_fc2.weight")}
-        style, norms = self.styles[i], {}
-        if style in ("pre", "lns", "sandwich"):
+        style, norms = STYLES[self.styles[i]], {}
+        if style.pre_norm:
             norms["input_layernorm"] = _norm(layers, i, PRE_NORM, rms)
             norms["post_attention_layernorm"] = _norm(layers, i, PRE_MLP_NORM, rms)
-        if style == "sandwich":
+        if style.branch_norm:
             norms["attn_branch_norm"] = _norm(layers, i, ("post_self_attn_layernorm.",), rms)
             norms["mlp_branch_norm"] = _norm(layers, i, ("post_mlp_layernorm.",), rms)
-        if style in ("post", "deepnorm"):
+        if style.sum_norm:
             norms["attn_sum_norm"] = _norm(layers, i, ("post_self_attn_layernorm.",), rms)
             norms["mlp_sum_norm"] = _norm(layers, i, ("post_mlp_layernorm.",), rms)
         w.update({f"{n}.{kind}": t for n, params in norms.items() for kind, t in params.items()})
@@ -215,7 +216,7 @@ class _Model:
         """(block i's tensors folded, the new running product P): o_proj takes a/P, P becomes P s_attn,
         down_proj takes a/P, P becomes P s_mlp; LNS's 1/sqrt(l) goes into both norm gains."""
         a, w = self.prores[i], dict(w)
-        if self.styles[i] == "lns":
+        if STYLES[self.styles[i]].depth_scaled_pre_norm:
             for n in ("input_layernorm.weight", "post_attention_layernorm.weight"):
                 w[n] = w[n] * (i + 1) ** -0.5
         s = (1 - torch.nn.functional.silu(self.gates[i])).tolist() if self.gates else [1.0]
