@@ -20,12 +20,14 @@ from megatron_prores.config import (
     EMBEDDING_INITS,
     FP8_FORMATS,
     FP8_RECIPES,
+    GATE_CLIP_ORDERS,
     GPAS_GATES,
     INIT_METHODS,
     LNS_GAINS,
     NORM_TYPES,
     NORMALIZATIONS,
     TRANSFORMER_IMPLS,
+    WEIGHT_DECAY_GROUPS,
     ConfigError,
     MethodConfig,
     ModelConfig,
@@ -94,9 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lns-gain", choices=LNS_GAINS, default=_METHOD["lns_gain"],
                    help="LNS: a fixed 1/sqrt(l) scale on the pre-norm output, or learnable norm gains "
                         "initialized to 1/sqrt(l) (the official code); no effect on other norm types")
-    g.add_argument("--weight-decay-groups", choices=["megatron", "official"], default="megatron",
+    g.add_argument("--weight-decay-groups", choices=WEIGHT_DECAY_GROUPS, default=WEIGHT_DECAY_GROUPS[0],
                    help="no weight decay for 1-D parameters and biases (megatron), or also none for the word "
                         "embeddings but decay for the final norm's gain (official: the official ProRes code)")
+    g.add_argument("--clip-gate-grad-order", choices=GATE_CLIP_ORDERS, default=GATE_CLIP_ORDERS[0],
+                   help="the --clip-gate-grad clip before the global --clip-grad (its norm then counts the clipped "
+                        "gates), or after it, on the globally clipped gate gradients (after: the official GPAS code)")
     g.add_argument("--embedding-init", choices=EMBEDDING_INITS, default=_METHOD["embedding_init"],
                    help="word embedding std: --init-method-std (normal), --init-method-std*sqrt(hidden) "
                         "(prores-code) or sqrt(2/5) (gpas-code)")

@@ -171,6 +171,8 @@ class Trainer:
         from megatron_prores.layer import prores_layers
 
         self.gates = [l.gpas_gate for l in prores_layers(self.model)] if cfg.method.gpas else []
+        self.gate_clip_after = (GateClipAfterGlobal(self.optimizer, self.gates, a.clip_gate_grad)
+                                if self.gates and a.clip_gate_grad > 0 and a.clip_gate_grad_order == "after" else None)
 
     def _resume(self) -> None:
         """Lock --save, find the starting point, verify the checkpoint, check the flags, load."""
@@ -346,9 +348,11 @@ class Trainer:
         finite = bool(finite.item())
         gate_norm, grad_norm = None, float("nan")
         if finite:
-            if self.gates and (a.clip_gate_grad > 0 or measure):
+            if self.gate_clip_after is None and self.gates and (a.clip_gate_grad > 0 or measure):
                 gate_norm = gate_grad_norm(self.gates, a.clip_gate_grad, self.optimizer)
             _, grad_norm, _ = self.optimizer.step()
+            if self.gate_clip_after is not None:
+                gate_norm = self.gate_clip_after.norm
             self.scheduler.step(increment=a.global_batch_size)
         else:
             self.state.skipped_iters += 1
@@ -535,6 +539,31 @@ def weight_decay_overrides(groups: str):
 
     key = ParamKey(with_name_predicate=ParamWithNamePredicate(name="official_no_wd", fn=official_no_weight_decay))
     return {key: {"wd_mult": 0.0}}
+
+
+class GateClipAfterGlobal:
+    """``--clip-gate-grad-order after`` (the official GPAS code): the separate gate clip runs inside
+    megatron-core's ``optimizer.step()``, after its global gradient clip and before the update.
+
+    megatron-core's step (0.16 and 0.19, every optimizer class) is prepare_grads -> global norm and
+    clip -> ``self.step_with_ready_grads()``; this part wraps the optimizer's
+    ``step_with_ready_grads`` to clip the gates first. The gate gradients the update reads are the
+    gates' fp32 ``main_grad`` (or views of it): the gradient buffers are fp32 in every precision here
+    (``grad_reduce_in_fp32`` under bf16), and megatron's ``.float()`` copies to the main parameters'
+    grads then return the same storage. ``norm`` is the gate norm the clip saw (after the global
+    clip), None until a step ran.
+    """
+
+    def __init__(self, optimizer, gates, clip: float):
+        assert all(g.main_grad.dtype == torch.float32 for g in gates), "gate gradient buffers must be fp32"
+        self.norm: Optional[torch.Tensor] = None
+        update = optimizer.step_with_ready_grads
+
+        def clip_gates_then_update():
+            self.norm = gate_grad_norm(gates, clip, optimizer)
+            return update()
+
+        optimizer.step_with_ready_grads = clip_gates_then_update
 
 
 def gate_grad_norm(gates, clip: float, optimizer=None) -> torch.Tensor:

@@ -180,7 +180,7 @@ def test_official_code_preset_selects_every_option():
     m = model_config(args, 64).method
     assert (m.prores_warmup_spacing, m.post_final_norm, m.lns_gain, m.embedding_init, m.deepnorm_init) == \
         ("official", True, "learnable", "prores-code", "official")
-    assert args.weight_decay_groups == "official"
+    assert (args.weight_decay_groups, args.clip_gate_grad_order) == ("official", "after")
 
 
 @pytest.mark.parametrize("groups", ["megatron", "official"])
@@ -211,3 +211,62 @@ def test_weight_decay_groups(single_process, groups):
         assert seen > 10
     finally:
         trainer.close()
+
+
+@pytest.mark.stack  # wraps megatron-core's optimizer step: both releases
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_gate_clip_order_through_the_driver_step(single_process, order):
+    """--clip-gate-grad-order: the gradients Adam steps with, captured in its step pre-hook after
+    one Trainer.train_step, against both clips written out on the raw gradients (g: gates, r: the
+    rest; clip(x, m) = min(1, m / (x + 1e-6)), torch's and megatron-core's rule):
+      before: s = clip(|g|, gc); c = clip(|(s g, r)|, C); Adam gets s c g and c r
+      after (the official GPAS code): c = clip(|(g, r)|, C); Adam gets c g clip(c |g|, gc) and c r."""
+    from megatron_prores.arguments import parse_args
+    from megatron_prores.trainer import Trainer
+
+    C, gc = 0.05, 1e-5
+    trainer = Trainer(parse_args(["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
+                                  "--seq-length", "8", "--micro-batch-size", "2", "--global-batch-size", "2",
+                                  "--train-iters", "2", "--lr", "1e-3", "--mock-data", "--vocab-size", "64",
+                                  "--eval-iters", "0", "--gpas", "--gpas-gate", "sublayer", "--clip-grad", str(C),
+                                  "--clip-gate-grad", str(gc), "--clip-gate-grad-order", order]))
+    try:
+        params = dict(trainer.model[0].named_parameters())
+        gate_ids = {id(g) for g in trainer.gates}
+        raw, seen = {}, {}
+        forward_backward = trainer.forward_backward
+
+        def keep_raw_grads(iterator, forward_only):
+            loss = forward_backward(iterator, forward_only)
+            raw.update({n: p.main_grad.double().clone() for n, p in params.items()})
+            return loss
+
+        def keep_update_grads(opt, args, kwargs):
+            seen.update({id(p): p.grad.double().clone() for g in opt.param_groups for p in g["params"]})
+
+        trainer.forward_backward = keep_raw_grads
+        for opt in getattr(trainer.optimizer, "chained_optimizers", [trainer.optimizer]):
+            opt.optimizer.register_step_pre_hook(keep_update_grads)
+        result = trainer.train_step(0, measure=True)
+    finally:
+        trainer.close()
+
+    def clip(norm, m):
+        return min(1.0, m / (norm + 1e-6))
+
+    gates = [n for n, p in params.items() if id(p) in gate_ids]
+    g = math.sqrt(sum(raw[n].pow(2).sum().item() for n in gates))
+    r = math.sqrt(sum(raw[n].pow(2).sum().item() for n in params if n not in gates))
+    if order == "before":
+        s = clip(g, gc)
+        c = clip(math.hypot(s * g, r), C)
+        gate_factor, logged = s * c, g
+    else:
+        c = clip(math.hypot(g, r), C)
+        gate_factor, logged = c * clip(c * g, gc), c * g
+    assert c < 0.5 and gate_factor < 0.5 * c  # both clips active
+    assert result.gate_norm.item() == pytest.approx(logged, rel=1e-5)
+    assert len(gates) == 2 and len(seen) == len(params)  # a two-element gate per block
+    for n, p in params.items():
+        want = raw[n] * (gate_factor if n in gates else c)
+        torch.testing.assert_close(seen[id(p)], want, rtol=2e-5, atol=1e-12, msg=n)

@@ -277,14 +277,16 @@ def test_distributed_optimizer_resume_is_bitwise(tmp_path):
         ["iter_0000006", "iter_0000008"]  # --keep-last-n 2
 
 
-def test_gate_gradient_clip_with_the_distributed_optimizer(tmp_path):
+@pytest.mark.parametrize("order", ["before", "after"])
+def test_gate_gradient_clip_with_the_distributed_optimizer(tmp_path, order):
     """DP=2: the distributed optimizer shards the reduced gate gradients over the DP ranks; the
-    gate gradient norm (logged each step, before the clip) and the whole run equal the plain
-    optimizer's, whose ranks each hold the full reduced gradient."""
+    gate gradient norm (logged each step, before the gate clip) and the whole run equal the plain
+    optimizer's, whose ranks each hold the full reduced gradient. With --clip-gate-grad-order
+    after, the gate clip runs inside megatron's step, on the shards it hands to Adam."""
     import re
 
     args = BASE + ["--train-iters", "6", "--save-interval", "6", "--gpas-gate", "sublayer",
-                   "--clip-gate-grad", "1e-6"]
+                   "--clip-gate-grad", "1e-6", "--clip-gate-grad-order", order]
     norms, losses = {}, {}
     for name, extra in {"plain": [], "distributed": ["--use-distributed-optimizer"]}.items():
         code, out = run(args + extra + ["--save", tmp_path / name])
