@@ -46,6 +46,8 @@ from megatron_prores.config import MethodConfig
 from megatron_prores.initialization import apply_depth_init, deepnorm_shortcut
 from megatron_prores.norms import scale_output
 
+HALF = (torch.bfloat16, torch.float16)  # the dtypes the schedule value and the GPAS gates never take
+
 
 @dataclass
 class ProResLayerSubmodules(TransformerLayerSubmodules):
@@ -98,9 +100,11 @@ class ProResTransformerLayer(TransformerLayer):
         # GPAS gates: shape [1] (one per block) or [2] (attention, MLP). 1-D, so megatron-core's
         # optimizer gives them no weight decay. Under sequence parallelism each TP rank sees a
         # slice of the stream: the attribute makes finalize_model_grads all-reduce the gradient.
+        # fp32 under bf16/fp16 (see _apply), as the papers' code keeps them.
         if method.gpas:
             n = 2 if method.gpas_gate == "sublayer" else 1
-            self.gpas_gate = torch.nn.Parameter(torch.zeros(n, dtype=config.params_dtype))
+            dtype = torch.float32 if config.params_dtype in HALF else config.params_dtype
+            self.gpas_gate = torch.nn.Parameter(torch.zeros(n, dtype=dtype))
             setattr(self.gpas_gate, "sequence_parallel", config.sequence_parallel)
         else:
             self.register_parameter("gpas_gate", None)
@@ -134,10 +138,16 @@ class ProResTransformerLayer(TransformerLayer):
         self.prores_active = done is None or step < done
 
     def _apply(self, fn, *args, **kwargs):
-        # Float16Module casts every buffer to bf16/fp16: keep the schedule value fp32.
+        # Float16Module casts every parameter and buffer to bf16/fp16: keep the schedule value
+        # and the GPAS gates fp32. A bf16 gate would scale the whole stream by a value rounded to
+        # 8 bits, block after block: at 24 blocks that alone moves the logits as much as rounding
+        # every other weight to bf16 (benchmarks/gate_precision.py); megatron-core keeps fp32
+        # parameters of a bf16 model in their own gradient buffer and optimizer group.
         super()._apply(fn, *args, **kwargs)
         if self.prores_scale is not None and self.prores_scale.dtype != torch.float32:
             self.prores_scale = self.prores_scale.float()
+        if self.gpas_gate is not None and self.gpas_gate.dtype in HALF:
+            self.gpas_gate.data = self.gpas_gate.data.float()
         return self
 
     # ---- residual op --------------------------------------------------------------------

@@ -69,9 +69,11 @@ def test_bf16_training_step_keeps_fp32_schedule_buffer(single_process):
     model = Float16Module(model.config, model.cuda())
     assert all(l.prores_scale.dtype == torch.float32 and l.prores_scale.is_cuda
                for l in prores_layers(model))
+    assert all(l.gpas_gate.dtype == torch.float32 for l in prores_layers(model))
     logits = forward([model])
     logits.float().mean().backward()
-    assert all(l.gpas_gate.grad is not None for l in prores_layers(model))
+    assert all(l.gpas_gate.grad is not None and l.gpas_gate.grad.dtype == torch.float32
+               for l in prores_layers(model))
 
 
 @needs_cuda

@@ -90,12 +90,22 @@ def test_multiply_is_skipped_once_final_and_layer_is_megatrons(single_process):
     assert all(l.prores_scale.item() == pytest.approx(1 / math.sqrt(L)) for l in prores_layers(model))
 
 
-def test_schedule_buffer_stays_fp32_under_bf16_cast_and_is_not_checkpointed(single_process):
+def test_schedule_buffer_and_gates_stay_fp32_under_bf16_cast_and_the_buffer_is_not_checkpointed(single_process):
     model = build("pre", dtype=torch.float32)
+    gates = [l.gpas_gate for l in prores_layers(model)]
     model.bfloat16()  # what Float16Module does
     layers = list(prores_layers(model))
     assert all(l.prores_scale.dtype == torch.float32 for l in layers)
-    assert all(l.gpas_gate.dtype == torch.bfloat16 for l in layers)
+    assert all(l.gpas_gate.dtype == torch.float32 and l.gpas_gate is g for l, g in zip(layers, gates))
+    assert layers[0].self_attention.linear_proj.weight.dtype == torch.bfloat16
+    # a bf16 stream through fp32 gates: the residual op's output stays bf16, the gate gradient fp32
+    tokens = torch.randint(0, 64, (2, SEQ))
+    out = model(tokens, torch.arange(SEQ)[None].expand(2, SEQ), None)
+    assert out.dtype == torch.bfloat16
+    out.float().square().mean().backward()
+    assert all(g.grad.dtype == torch.float32 and g.grad.abs().sum() > 0 for g in gates)
+    model.double()  # the float64 references keep float64 gates
+    assert all(l.gpas_gate.dtype == torch.float64 for l in layers)
     set_prores_step(model, 37)
     assert layers[3].prores_scale.item() == pytest.approx(37 / 100)
     assert not any("prores" in k for k in model.state_dict())
