@@ -7,9 +7,11 @@ Each side runs ``python -m megatron_prores.train`` from its own tree (the other 
 detached ``git worktree`` under --worktree-dir, PYTHONPATH set to it) with the same flags: the
 CPU shape of benchmarks/step_time.py, mock data, --log-interval 1. The time of a step is the
 "elapsed time per iteration (ms)" of the driver's own log line (a format both commits share);
-the first --warmup steps are dropped. The sides alternate A, B, A, B, ... for --rounds rounds,
-so slow drift of the machine hits both; the result is the median over rounds of each round's
-median step, and the ratio B/A. Results: printed, and as JSON with --out.
+the first --warmup steps are dropped. Beside it, the CPU time per step: the process's CPU time of
+the run minus that of a --warmup-step run, over the steps between (other load on a shared machine
+disturbs it far less than wall time; one thread per run by default). The sides alternate A, B, A,
+B, ... for --rounds rounds, so slow drift hits both; each figure is the median over rounds, with
+the ratio B/A. Results: printed, and as JSON with --out.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -41,17 +44,28 @@ def worktree(rev: str, parent: str) -> str:
     return path
 
 
-def step_times(tree: str, flags, warmup: int) -> list:
-    env = {**os.environ, "PYTHONPATH": tree, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": os.environ.get(
-        "OMP_NUM_THREADS", str(os.cpu_count()))}
+def run_driver(tree: str, flags, threads: int):
+    """(the driver's stdout, CPU seconds of the process) of one run from ``tree``."""
+    env = {**os.environ, "PYTHONPATH": tree, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": str(threads)}
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     out = subprocess.run([sys.executable, "-m", "megatron_prores.train", *flags], cwd=tree, env=env,
                          capture_output=True, text=True, timeout=1800)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if out.returncode != 0:
         raise SystemExit(f"error: the driver in {tree} failed:\n{(out.stdout + out.stderr)[-3000:]}")
-    times = [float(ms) for it, ms in STEP_MS.findall(out.stdout) if int(it) > warmup]
+    return out.stdout, (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
+
+
+def measure(tree: str, flags, short_flags, steps: int, warmup: int, threads: int) -> tuple:
+    """(median wall ms of the steps after ``warmup``, CPU ms per step): the CPU time of a
+    ``steps`` run minus that of a ``warmup`` run (start-up, compile, first steps) over the steps
+    between. CPU time is what other load on the machine disturbs least (with one thread)."""
+    out, cpu_long = run_driver(tree, flags, threads)
+    times = [float(ms) for it, ms in STEP_MS.findall(out) if int(it) > warmup]
     if not times:
         raise SystemExit(f"error: no step times in the output of {tree}")
-    return times
+    _, cpu_short = run_driver(tree, short_flags, threads)
+    return statistics.median(times), 1000 * (cpu_long - cpu_short) / (steps - warmup)
 
 
 def main(argv=None):
@@ -64,30 +78,34 @@ def main(argv=None):
     p.add_argument("--steps", type=int, default=40, help="steps per run (timed: those after --warmup)")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--threads", type=int, default=1, help="OMP_NUM_THREADS of each run (1: least disturbed)")
     p.add_argument("--worktree-dir", default="/tmp")
     p.add_argument("--out", default=None, help="JSON file for the results")
     a = p.parse_args(argv)
 
-    flags = driver_flags(a.variant, SHAPES[a.shape], a.micro_batch_size, a.microbatches, a.steps, "")
+    shape = SHAPES[a.shape]
+    flags = driver_flags(a.variant, shape, a.micro_batch_size, a.microbatches, a.steps, "")
+    short = driver_flags(a.variant, shape, a.micro_batch_size, a.microbatches, a.warmup, "")
     sides = {"A": (a.rev, worktree(a.rev, a.worktree_dir)), "B": ("working tree", ROOT)}
-    rounds = {k: [] for k in sides}
+    wall, cpu = {k: [] for k in sides}, {k: [] for k in sides}
     t0 = time.time()
     for r in range(a.rounds):
         for k, (name, tree) in sides.items():
-            times = step_times(tree, flags, a.warmup)
-            rounds[k].append(statistics.median(times))
-            print(f"round {r + 1}/{a.rounds} {k} ({name}): median step {rounds[k][-1]:.1f} ms over {len(times)} "
-                  f"steps", flush=True)
-    med = {k: statistics.median(v) for k, v in rounds.items()}
-    spread = {k: (max(v) - min(v)) / med[k] for k, v in rounds.items()}
-    result = {"variant": a.variant, "shape": a.shape, "flags": flags, "rounds": rounds, "median_ms": med,
-              "round_spread": spread, "ratio_B_over_A": med["B"] / med["A"],
-              "A": sides["A"][0], "B": sides["B"][0], "cpus": os.cpu_count(), "seconds": time.time() - t0,
-              "date": time.strftime("%Y-%m-%d")}
-    print(f"A {a.rev}: {med['A']:.1f} ms/step (rounds {', '.join(f'{x:.1f}' for x in rounds['A'])}); "
-          f"B working tree: {med['B']:.1f} ms/step (rounds {', '.join(f'{x:.1f}' for x in rounds['B'])}); "
-          f"B/A = {med['B'] / med['A']:.3f}; round-to-round spread A {100 * spread['A']:.1f}%, "
-          f"B {100 * spread['B']:.1f}%")
+            w, c = measure(tree, flags, short, a.steps, a.warmup, a.threads)
+            wall[k].append(w)
+            cpu[k].append(c)
+            print(f"round {r + 1}/{a.rounds} {k} ({name}): median step {w:.1f} ms wall, {c:.1f} ms CPU", flush=True)
+    result = {"variant": a.variant, "shape": a.shape, "flags": flags, "threads": a.threads,
+              "A": sides["A"][0], "B": sides["B"][0], "cpus": os.cpu_count(), "date": time.strftime("%Y-%m-%d")}
+    for what, rounds in (("wall", wall), ("cpu", cpu)):
+        med = {k: statistics.median(v) for k, v in rounds.items()}
+        spread = {k: (max(v) - min(v)) / med[k] for k, v in rounds.items()}
+        result[what] = {"rounds_ms": rounds, "median_ms": med, "round_spread": spread,
+                        "ratio_B_over_A": med["B"] / med["A"]}
+        print(f"{what:>4}: A {a.rev} {med['A']:.1f} ms/step (rounds {', '.join(f'{x:.1f}' for x in rounds['A'])}); "
+              f"B working tree {med['B']:.1f} ms/step (rounds {', '.join(f'{x:.1f}' for x in rounds['B'])}); "
+              f"B/A = {med['B'] / med['A']:.3f}; round spread A {100 * spread['A']:.1f}%, B {100 * spread['B']:.1f}%")
+    result["seconds"] = time.time() - t0
     if a.out:
         with open(a.out, "w") as f:
             json.dump(result, f, indent=1)

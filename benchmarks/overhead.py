@@ -2,6 +2,7 @@
 
     python benchmarks/overhead.py            # CPU: small shape, fp32; GPU: 1.3B shape, bf16
     python benchmarks/overhead.py --shape small --steps 30
+    python benchmarks/overhead.py --shape host --steps 50   # the host's share: tiny tensors, 24 blocks
 
 Forward + backward of one micro batch (no optimizer), variants measured round-robin so that
 drift hits all alike; the median over the timed steps is reported. Variants:
@@ -33,6 +34,10 @@ SHAPES = {
     # name: (layers, hidden, heads, ffn, seq, micro batch)
     "small": (8, 256, 4, 688, 256, 4),
     "1.3b": (24, 2048, 16, 5632, 2048, 1),
+    # the 1.3B depth at a size where the arithmetic is negligible: the step time is the host's
+    # work (Python, dispatch, autograd, compiled-function guards), the part a GPU does not hide
+    # when it waits for the host (see the H200 profile in benchmarks/results)
+    "host": (24, 32, 4, 64, 8, 1),
 }
 VARIANTS = ["megatron", "off", "prores", "prores+gpas", "done+gpas"]
 
