@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 
+from megatron_prores.errors import ConfigError  # noqa: F401  (re-exported: megatron_prores.config.ConfigError)
 from megatron_prores.block_styles import MIXED, NORM_TYPES, gpas_norm_types, styles_of
 from megatron_prores import schedules
 from megatron_prores.schedules import SCHEDULES, WARMUP_SPACINGS, needs_warmup
@@ -40,8 +41,6 @@ def _have_te() -> bool:
     return torch.cuda.is_available() and importlib.util.find_spec("transformer_engine") is not None
 
 
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message is one line naming the value and the fix."""
 
 
 def _choice(flag: str, value, choices) -> None:

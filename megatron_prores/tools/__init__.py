@@ -2,7 +2,7 @@
 
 import sys
 
-from megatron_prores.config import ConfigError
+from megatron_prores.errors import ConfigError
 
 
 def run(main, argv=None) -> int:

@@ -8,7 +8,7 @@ import json
 import os
 import sys
 
-from megatron_prores.config import ConfigError
+from megatron_prores.errors import ConfigError
 from megatron_prores.text_corpus import stdlib_documents
 from megatron_prores.tools import run
 

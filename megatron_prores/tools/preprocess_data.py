@@ -1,32 +1,49 @@
-"""Tokenize a JSONL corpus into Megatron's indexed dataset (.bin/.idx), EOD appended per document.
+"""Tokenize a corpus into Megatron's indexed dataset (.bin/.idx), EOD appended per document.
+
+--input takes files, directories and globs of JSONL (one JSON object per line; .jsonl, also
+gzip/zstd compressed: .jsonl.gz, .jsonl.zst) and Parquet (.parquet; the text columns named by
+--json-keys, read one record batch at a time); a directory's files and a glob's matches are read in
+sorted order (megatron_prores.corpus_readers). Parquet and zstd need the ``data`` extra.
 
 Writes PREFIX_KEY_document.bin/.idx for each --json-keys KEY (Megatron-LM's naming), which
 megatron-core's IndexedDataset / GPTDataset read. Tokens are uint16 for a vocabulary below 65,500,
 int32 above (megatron-core's ``DType.optimal_dtype``; it has no uint32). Files are written under
 temporary names and renamed when complete: an interrupted run never leaves a readable half dataset.
+
+Speed: the input is cut into units of about 1 MB (a plain file's byte ranges, which each worker
+process reads itself; blocks of decompressed lines; Parquet record batches); a worker tokenizes a
+unit's documents in one batch call and sends back one token array per unit, and this process
+writes the arrays in input order, so the output does not depend on --workers.
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import multiprocessing
 import os
+import struct
 import sys
 import time
+import types
 
-from megatron_prores.config import ConfigError
-from megatron_prores.text_corpus import BadLine, Skipped, parse_jsonl_line, read_lines
+from megatron_prores.errors import ConfigError
+from megatron_prores.corpus_readers import (UNIT_BYTES, check_parquet, count_rows, encode_unit, expand, init_worker,
+                                            require_readers, tokenizer_spec, units)
+from megatron_prores.text_corpus import BadLine, Skipped
 from megatron_prores.tools import run
 
-_worker = {}
-CHUNK = 32  # lines a worker takes at a time
+CHUNK = 32  # the fewest documents worth a worker of their own
 
 
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--input", required=True, help="JSONL file, one document per line")
-    p.add_argument("--json-keys", nargs="+", default=["text"])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--input", nargs="+", required=True,
+                   help="JSONL (.jsonl, .jsonl.gz, .jsonl.zst) or Parquet (.parquet) files, directories of them or "
+                        "globs (quote them); other file names are read as JSONL")
+    p.add_argument("--json-keys", nargs="+", default=["text"],
+                   help="the JSON keys (Parquet columns) holding the text; one output per key")
     p.add_argument("--output-prefix", required=True)
     p.add_argument("--tokenizer-type", default="SentencePieceTokenizer",
                    help="SentencePieceTokenizer, HuggingFaceTokenizer or NullTokenizer")
@@ -37,74 +54,155 @@ def parse(argv=None):
                    help="end each document with the tokenizer's EOS (not twice when its post-processor "
                         "adds it, as T5's does)")
     p.add_argument("--workers", type=int, default=None,
-                   help="tokenizing processes (default: one per CPU; never more than the CPUs or the input's "
-                        f"chunks of {CHUNK} lines)")
+                   help="tokenizing processes, one CPU each (default: one per CPU; never more than the CPUs or "
+                        f"the input's chunks of {CHUNK} documents)")
     p.add_argument("--log-interval", type=int, default=1000,
                    help="documents between progress lines (when stderr is not a terminal; a terminal "
                         "gets a progress bar)")
-    p.add_argument("--skip-bad-lines", action="store_true",
-                   help="skip lines that are not UTF-8, not JSON or not an object (counted at the end) instead "
-                        "of stopping at the first")
+    p.add_argument("--skip-bad-lines", "--skip-bad-rows", dest="skip_bad_lines", action="store_true",
+                   help="skip JSONL lines that are not UTF-8, not JSON or not an object, and lines or Parquet rows "
+                        "whose text is null (counted at the end), instead of stopping at the first")
     return p.parse_args(argv)
-
-
-def _init(args):
-    from megatron_prores.tokenizer import build_tokenizer
-
-    _worker["tok"] = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
-    _worker["args"] = args
-
-
-def _encode(item):
-    """(line number, {key: token ids} or None, bytes, the line's error or None) of one input line."""
-    n, offset, raw = item
-    args, tok = _worker["args"], _worker["tok"]
-    try:
-        doc = parse_jsonl_line(args.input, n, offset, raw)
-    except BadLine as e:
-        return n, None, len(raw), str(e)
-    if doc is None:
-        return n, None, 0, None
-    out = {}
-    for key in args.json_keys:
-        if key not in doc:
-            raise ConfigError(f"{args.input}:{n}: no key {key!r}; pick the text keys with --json-keys")
-        ids = tok.tokenize(str(doc[key]))
-        if args.append_eod and not getattr(tok, "adds_eod", False):
-            ids.append(tok.eod)
-        out[key] = ids
-    return n, out, len(raw), None
 
 
 def _cpus() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def _lines_up_to(path: str, limit: int) -> int:
-    """Lines of ``path``, counted only up to ``limit`` (a quick look at the start of a large file)."""
-    lines, last = 0, b""
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            lines += block.count(b"\n")
-            last = block
-            if lines >= limit:
-                return lines
-    return lines + (1 if last and not last.endswith(b"\n") else 0)
+def _inputs(args) -> list:
+    return [args.input] if isinstance(args.input, (str, os.PathLike)) else list(args.input)
 
 
-def workers(args) -> int:
+def workers(args, sources=None) -> int:
     """--workers (default: the CPUs), capped by the CPUs and the input's chunks; a note when capped."""
+    sources = expand(_inputs(args)) if sources is None else sources
     cpus = _cpus()
     want = cpus if args.workers is None else args.workers
-    lines = _lines_up_to(args.input, want * CHUNK)
-    chunks = max(1, -(-lines // CHUNK))
+    rows = count_rows(sources, want * CHUNK)
+    noun = "row" if any(s.kind == "parquet" for s in sources) else "line"
+    chunks = max(1, -(-rows // CHUNK))
     n = min(want, cpus, chunks)
     if args.workers is not None and n < args.workers:
-        why = (f"the input has {lines} line{'s' if lines != 1 else ''} ({chunks} chunk{'s' if chunks != 1 else ''} "
+        why = (f"the input has {rows} {noun}{'s' if rows != 1 else ''} ({chunks} chunk{'s' if chunks != 1 else ''} "
                f"of {CHUNK})" if chunks < min(want, cpus) else f"this machine has {cpus} CPUs")
         print(f"note: using {n} worker{'s' if n != 1 else ''} instead of --workers {args.workers}: {why}",
               file=sys.stderr, flush=True)
     return n
+
+
+def _unit_bytes(sources, nworkers: int) -> int:
+    """UNIT_BYTES, or less for an input of under 16 of them per worker: the workers finish
+    together (the last unit is at most a 16th of a worker's share)."""
+    total = sum(os.path.getsize(s.path) for s in sources)
+    return int(max(16 << 10, min(UNIT_BYTES, total // (16 * nworkers))))
+
+
+@contextlib.contextmanager
+def _light_main():
+    """Worker processes start without re-running this program's ``__main__`` script (what the
+    spawn start method does): the script imports torch through megatron_prores.config, seconds of
+    CPU and 200 MB per worker, and a worker needs only megatron_prores.corpus_readers."""
+    main = sys.modules.get("__main__")
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        if main is not None:
+            sys.modules["__main__"] = main
+        else:
+            del sys.modules["__main__"]
+
+
+class _Results:
+    """The encoded units in input order: from a pool of worker processes (at most ``ahead`` units
+    in flight: the parent reads compressed or Parquet input only as fast as the workers take it),
+    or from this process."""
+
+    def __init__(self, nworkers, init_args):
+        self.pool = None
+        if nworkers > 1:
+            with _light_main():
+                self.pool = multiprocessing.get_context("spawn").Pool(nworkers, init_worker, init_args)
+            self.ahead = 2 * nworkers + 2
+        else:
+            init_worker(*init_args)
+
+    def __call__(self, units):
+        if self.pool is None:
+            for unit in units:
+                yield unit, encode_unit(unit)
+            return
+        pending = collections.deque()
+        for unit in units:
+            pending.append((unit, self.pool.apply_async(encode_unit, (unit,))))
+            while len(pending) >= self.ahead:
+                u, r = pending.popleft()
+                yield u, r.get()
+        while pending:
+            u, r = pending.popleft()
+            yield u, r.get()
+
+    def close(self):
+        if self.pool is not None:
+            self.pool.terminate()
+            self.pool.join()
+            self.pool = None
+
+
+# megatron-core's .idx layout (megatron.core.datasets.indexed_dataset._IndexWriter), written here
+# without importing megatron-core (seconds of start-up); tests/test_input_formats.py checks that
+# megatron-core's IndexedDatasetBuilder writes the same bytes
+_INDEX_HEADER = b"MMIDIDX\x00\x00"
+_DTYPE_CODES = {"uint8": 1, "int8": 2, "int16": 3, "int32": 4, "int64": 5, "float64": 6, "float32": 7, "uint16": 8}
+
+
+def optimal_dtype(vocab_size: int) -> str:
+    """megatron-core's DType.optimal_dtype: uint16 below 65,500 ids, else int32 (it has no uint32)."""
+    return "uint16" if vocab_size is not None and vocab_size < 65500 else "int32"
+
+
+class _Output:
+    """One key's PREFIX_KEY_document.bin/.idx: tokens appended to ``.bin.tmp`` as they come, the
+    document lengths kept (as arrays) for the ``.idx``; ``finish`` writes ``.idx.tmp`` and renames
+    both, ``discard`` removes what was written."""
+
+    def __init__(self, prefix: str, dtype: str):
+        import numpy
+
+        self.prefix, self.dtype = prefix, numpy.dtype(dtype)
+        self.lengths = []
+        self.file = open(prefix + ".bin.tmp", "wb")
+
+    def add(self, tokens, lengths) -> None:
+        self.file.write(tokens.data)
+        self.lengths.append(lengths)
+
+    def finish(self) -> None:
+        import numpy
+
+        self.file.close()
+        lengths = numpy.concatenate(self.lengths) if self.lengths else numpy.zeros(0, numpy.int64)
+        if lengths.size and lengths.max() > numpy.iinfo(numpy.int32).max:
+            raise ConfigError(f"a document of {int(lengths.max()):,} tokens does not fit the .idx (int32 lengths)")
+        pointers = numpy.zeros(lengths.size, numpy.int64)
+        numpy.cumsum(lengths[:-1] * self.dtype.itemsize, out=pointers[1:])
+        with open(self.prefix + ".idx.tmp", "wb") as f:
+            f.write(_INDEX_HEADER)
+            f.write(struct.pack("<Q", 1))
+            f.write(struct.pack("<B", _DTYPE_CODES[self.dtype.name]))
+            f.write(struct.pack("<Q", lengths.size))  # sequences: one per document
+            f.write(struct.pack("<Q", lengths.size + 1))  # document boundaries
+            f.write(lengths.astype(numpy.int32).tobytes())
+            f.write(pointers.tobytes())
+            f.write(numpy.arange(lengths.size + 1, dtype=numpy.int64).tobytes())
+        os.replace(self.prefix + ".bin.tmp", self.prefix + ".bin")
+        os.replace(self.prefix + ".idx.tmp", self.prefix + ".idx")
+
+    def discard(self) -> None:
+        self.file.close()
+        for ext in (".bin.tmp", ".idx.tmp"):
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.prefix + ext)
 
 
 def main(argv=None):
@@ -113,80 +211,81 @@ def main(argv=None):
         raise ConfigError(f"--workers {args.workers} is not valid; give at least 1 (tokenizing processes)")
     if args.log_interval < 1:
         raise ConfigError(f"--log-interval {args.log_interval} is not valid; give at least 1 (documents)")
-    if not os.path.isfile(args.input):
-        raise ConfigError(f"--input {args.input!r} does not exist or is not a file")
-    nworkers = workers(args)
+    sources = expand(_inputs(args))
+    require_readers(sources)
+    for s in sources:
+        if s.kind == "parquet":  # its columns are checked before any output is written
+            check_parquet(s, args.json_keys)
+    nworkers = workers(args, sources)
     from megatron_prores.tokenizer import build_tokenizer
 
-    tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)  # before the slow imports
-    import numpy
-    import torch
-    from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
-
-    dtype = DType.optimal_dtype(tok.vocab_size)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
-    paths = {k: f"{args.output_prefix}_{k}_document" for k in args.json_keys}
-    builders = {k: IndexedDatasetBuilder(p + ".bin.tmp", dtype=dtype) for k, p in paths.items()}
-
-    from tqdm import tqdm
-
-    bar = tqdm(total=os.path.getsize(args.input), unit="B", unit_scale=True, desc="tokenizing",
-               disable=not sys.stderr.isatty(), file=sys.stderr)
-    start, docs, tokens, nbytes = time.time(), 0, 0, 0
-    skipped = Skipped()
-    with contextlib.closing(read_lines(args.input)) as lines:
-        if nworkers > 1:
-            pool = multiprocessing.get_context("spawn").Pool(nworkers, _init, (args,))
-            results = pool.imap(_encode, lines, chunksize=CHUNK)
-        else:
-            pool = None
-            _init(args)
-            results = map(_encode, lines)
-        try:
-            for n, out, size, bad in results:
-                if bad is not None:
-                    if not args.skip_bad_lines:
-                        raise ConfigError(bad)
-                    skipped.add(bad)
-                    bar.update(size)
-                if out is None:
-                    continue
-                for key, ids in out.items():
-                    builders[key].add_item(torch.tensor(ids, dtype=torch.int64))
-                    builders[key].end_document()
-                    tokens += len(ids)
-                docs += 1
-                nbytes += size
-                bar.update(size)
-                if docs % args.log_interval == 0 and bar.disable:
-                    dt = time.time() - start
-                    print(f"processed {docs} documents ({nbytes / 1e6 / dt:.2f} MB/s, "
-                          f"{tokens / dt:,.0f} tokens/s)", file=sys.stderr, flush=True)
-        except BaseException:
-            for key, b in builders.items():
-                b.data_file.close()
-                os.remove(paths[key] + ".bin.tmp")
-            raise
-        finally:
-            bar.close()
-            if pool is not None:
-                pool.terminate()
-    if docs == 0:
-        for key, b in builders.items():
-            b.data_file.close()
-            os.remove(paths[key] + ".bin.tmp")
-        raise ConfigError(f"--input {args.input!r} holds no documents"
-                          + (f" ({skipped.summary()})" if skipped.count else ""))
-    for key, b in builders.items():
-        b.finalize(paths[key] + ".idx.tmp")
-        os.replace(paths[key] + ".bin.tmp", paths[key] + ".bin")
-        os.replace(paths[key] + ".idx.tmp", paths[key] + ".idx")
-    dt = time.time() - start
-    print(f"wrote {docs} documents, {tokens:,} tokens ({numpy.dtype(dtype).name}) to "
-          f"{', '.join(p + '.bin/.idx' for p in paths.values())} in {dt:.1f}s: "
-          f"{tokens / dt:,.0f} tokens/s with {nworkers} worker{'s' if nworkers != 1 else ''}")
+    tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    eod = tok.eod if args.append_eod and not getattr(tok, "adds_eod", False) else None
+    dtype = optimal_dtype(tok.vocab_size)
+    results = _Results(nworkers, (tokenizer_spec(tok), args.json_keys, eod, dtype, args.skip_bad_lines))
+    outputs = {}
+    try:
+        os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
+        for k in args.json_keys:
+            outputs[k] = _Output(f"{args.output_prefix}_{k}_document", dtype)
+        docs, tokens, skipped, dt = _run(args, sources, nworkers, results, outputs)
+        results.close()
+        for out in outputs.values():
+            out.finish()
+    except BaseException:
+        for out in outputs.values():
+            out.discard()
+        raise
+    finally:
+        results.close()
+    files = f" (from {len(sources)} files)" if len(sources) > 1 else ""
+    print(f"wrote {docs} documents, {tokens:,} tokens ({dtype}) to "
+          f"{', '.join(o.prefix + '.bin/.idx' for o in outputs.values())} in {dt:.1f}s: "
+          f"{tokens / dt:,.0f} tokens/s with {nworkers} worker{'s' if nworkers != 1 else ''}{files}")
     if skipped.count:
         print(skipped.summary())
+
+
+def _run(args, sources, nworkers, results, outputs):
+    """Tokenize every unit, writing each key's tokens as they come; (documents, tokens, Skipped, seconds)."""
+    from tqdm import tqdm
+
+    total = sum(os.path.getsize(s.path) for s in sources)
+    bar = tqdm(total=total, unit="B", unit_scale=True, desc="tokenizing", disable=not sys.stderr.isatty(),
+               file=sys.stderr)
+    start, docs, tokens, nbytes = time.time(), 0, 0, 0
+    skipped = Skipped()
+    lines_before = {}  # source -> lines of its units handled so far (line numbers of later units)
+    try:
+        for unit, out in results(units(sources, args.json_keys, _unit_bytes(sources, nworkers))):
+            s = sources[unit.index]
+            base = unit.start if unit.kind == "rows" else lines_before.get(unit.index, 0)
+            lines_before[unit.index] = base + out["rows"]
+            for n, detail in out["bad"]:
+                message = f"{s.where(base + n)}: {detail}"
+                if not args.skip_bad_lines:
+                    raise BadLine(message)
+                skipped.add(message, "row" if s.kind == "parquet" else "line")
+            if out["fatal"] is not None:
+                n, detail = out["fatal"]
+                raise ConfigError(f"{s.where(base + n)}: {detail}")
+            for key, o in outputs.items():
+                o.add(out["tokens"][key], out["lengths"][key])
+                tokens += int(out["tokens"][key].size)
+            before, docs = docs, docs + out["docs"]
+            nbytes += unit.progress
+            bar.update(unit.progress)
+            if bar.disable and docs // args.log_interval > before // args.log_interval:
+                dt = time.time() - start
+                print(f"processed {docs} documents ({nbytes / 1e6 / dt:.2f} MB/s, {tokens / dt:,.0f} tokens/s)",
+                      file=sys.stderr, flush=True)
+    finally:
+        bar.close()
+    if docs == 0:
+        given = " ".join(map(str, _inputs(args)))
+        raise ConfigError(f"--input {given!r} holds no documents"
+                          + (f" ({skipped.summary()})" if skipped.count else ""))
+    return docs, tokens, skipped, max(time.time() - start, 1e-9)
 
 
 def cli():

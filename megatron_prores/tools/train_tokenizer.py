@@ -1,4 +1,4 @@
-"""Train a SentencePiece tokenizer (BPE or unigram) on JSONL or plain text files."""
+"""Train a SentencePiece tokenizer (BPE or unigram) on JSONL, Parquet or plain text files."""
 
 from __future__ import annotations
 
@@ -7,14 +7,17 @@ import io
 import os
 import sys
 
-from megatron_prores.config import ConfigError
+from megatron_prores.errors import ConfigError
 from megatron_prores.text_corpus import Skipped, iter_texts
 from megatron_prores.tools import run
 
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
-    p.add_argument("--input", nargs="+", required=True, help="JSONL (.jsonl/.json) or text files")
+    p.add_argument("--input", nargs="+", required=True,
+                   help="JSONL (.jsonl/.json, also .jsonl.gz/.jsonl.zst), Parquet (.parquet) or text files (any other "
+                        "name), directories of JSONL/Parquet files, or globs (read as tools/preprocess_data.py reads "
+                        "them)")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="JSONL keys holding text")
     p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
     p.add_argument("--vocab-size", type=int, default=8000)
