@@ -15,7 +15,7 @@ import sys
 
 import pytest
 
-from megatron_prores.tools import run
+from tests.test_hf_tokenizer import one_error_line, preprocess  # the shared test helpers
 
 pa = pytest.importorskip("pyarrow")
 pq = pytest.importorskip("pyarrow.parquet")
@@ -61,18 +61,6 @@ def toks(tmp_path_factory):
                                    minloglevel=2, num_threads=1)
     return {"hf": ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(d / "tokenizer.json")],
             "sp": ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", str(d / "sp.model")]}
-
-
-def preprocess(*args):
-    from megatron_prores.tools.preprocess_data import main
-
-    return run(main, [str(a) for a in args])
-
-
-def one_error_line(capsys, code) -> str:
-    err = capsys.readouterr().err
-    assert code == 2 and err.count("\n") == 1 and err.startswith("error: ") and "Traceback" not in err, err
-    return err.strip()
 
 
 def output(prefix, key="text"):
