@@ -32,6 +32,8 @@ KDOC = "/usr/share/doc/linux-doc-6.1/Documentation"
 SIZES = {
     "cpu": dict(hidden=128, heads=4, ffn=352, seq=128, mbs=8, gbs=16, iters=300, lr_warmup=6, eval_interval=50,
                 eval_iters=8, vocab=4000, W=0.4, corpus_bytes=12_000_000),
+    "toy": dict(hidden=32, heads=2, ffn=64, seq=32, mbs=4, gbs=4, iters=10, lr_warmup=2, eval_interval=5,
+                eval_iters=2, vocab=1000, W=0.4, corpus_bytes=300_000),
     "gpu": dict(hidden=512, heads=8, ffn=1368, seq=1024, mbs=16, gbs=64, iters=4000, lr_warmup=80,
                 eval_interval=250, eval_iters=20, vocab=16000, W=0.4, corpus_bytes=None),
 }
@@ -69,24 +71,33 @@ def experiments(size: str) -> dict:
     return exps
 
 
+SEEDED = ("pilot", "all", "report", "cpu-stability", "cpu-prenorm", "cpu-lns", "cpu-sandwich", "cpu-deepnorm",
+          "cpu-depth")
+
+
 def prepare_data(data_dir: str, size: str) -> tuple:
     """Corpus -> tokenizer -> .bin/.idx (cached); returns (data prefix, tokenizer model)."""
     z = SIZES[size]
     prefix, tok = os.path.join(data_dir, "kdoc_text_document"), os.path.join(data_dir, "tok.model")
     if os.path.isfile(prefix + ".idx") and os.path.isfile(tok):
         return prefix, tok
-    if not os.path.isdir(KDOC):
+    source = KDOC
+    if not os.path.isdir(KDOC) and size == "toy":  # the rehearsal only checks the pipeline: any text will do
+        source = None
+    elif not os.path.isdir(KDOC):
         sys.exit(f"error: {KDOC} is missing; install it with: apt-get install linux-doc-6.1")
     os.makedirs(data_dir, exist_ok=True)
     corpus = os.path.join(data_dir, "kdoc.jsonl")
-    steps = [["build_corpus", "--source", KDOC, "--extensions", ".rst", ".txt", "--output", corpus]
+    src = ["--source", source, "--extensions", ".rst", ".txt"] if source else []
+    steps = [["build_corpus", *src, "--output", corpus]
              + (["--max-bytes", str(z["corpus_bytes"])] if z["corpus_bytes"] else []),
              ["train_tokenizer", "--input", corpus, "--model-prefix", tok[:-6], "--vocab-size", str(z["vocab"]),
               "--max-sentences", "300000"],
              ["preprocess_data", "--input", corpus, "--tokenizer-model", tok, "--output-prefix",
               os.path.join(data_dir, "kdoc")]]
+    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
     for cmd in steps:
-        subprocess.run([sys.executable, os.path.join(ROOT, "tools", cmd[0] + ".py"), *cmd[1:]], check=True)
+        subprocess.run([sys.executable, os.path.join(ROOT, "tools", cmd[0] + ".py"), *cmd[1:]], check=True, env=env)
     return prefix, tok
 
 
@@ -114,6 +125,9 @@ def training_flags(run_dir: str, flags: list, size: str, data: tuple) -> list:
 
 def train(run_dir: str, flags: list, size: str, data: tuple) -> int:
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    if size != "gpu":  # the driver has no thread flag: one intra-op thread per run (see --jobs)
+        env.setdefault("OMP_NUM_THREADS", "1")
+        env.setdefault("MKL_NUM_THREADS", env["OMP_NUM_THREADS"])
     nproc = int(os.environ.get("NPROC", "1"))
     if nproc == 1:
         env.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", WORLD_SIZE="1")
@@ -154,8 +168,12 @@ def table(results: dict) -> str:
 
 
 def main():
+    if len(sys.argv) > 1 and sys.argv[1] in SEEDED:
+        from seeded import main as seeded_main  # the CPU suite with seeds (issue 17)
+
+        return seeded_main(sys.argv[1:])
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("experiment", choices=["stability", "schedules", "depth", "quality"])
+    p.add_argument("experiment", choices=["stability", "schedules", "depth", "quality", *SEEDED])
     p.add_argument("--size", choices=sorted(SIZES), default="cpu")
     p.add_argument("--runs-dir", default=os.path.join(ROOT, "runs", "quality"))
     p.add_argument("--results-dir", default=os.path.join(ROOT, "docs", "results"))
