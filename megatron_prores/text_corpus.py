@@ -10,10 +10,10 @@ from __future__ import annotations
 import gzip
 import os
 import sysconfig
-from typing import Iterator, List, Optional, Sequence, Tuple
+from typing import Iterator, List, Optional, Sequence
 
 from megatron_prores.errors import ConfigError
-from megatron_prores.corpus_readers import expand, iter_documents, jsonl_detail, require_readers
+from megatron_prores.corpus_readers import expand, iter_documents, require_readers
 
 
 class BadLine(ConfigError):
@@ -39,35 +39,10 @@ class Skipped:
                 f"the first: {self.first})")
 
 
-def read_lines(path: str) -> Iterator[Tuple[int, int, bytes]]:
-    """(line number from 1, byte offset of the line's start, its bytes) of each line of ``path``."""
-    offset = 0
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            yield n, offset, raw
-            offset += len(raw)
-
-
-def parse_jsonl_line(path: str, n: int, offset: int, raw: bytes) -> Optional[dict]:
-    """The JSON object on line ``n`` of ``path`` (starting at byte ``offset``), None for a blank line;
-    BadLine, naming the line (and the byte), when it is not UTF-8, not JSON or not an object."""
-    doc, detail = jsonl_detail(raw, offset)
-    if detail is not None:
-        raise BadLine(f"{path}:{n}: {detail}")
-    return doc
-
-
-def iter_jsonl(path: str, keys: Sequence[str], skipped: Optional[Skipped] = None) -> Iterator[List[str]]:
-    """Yield, per document of ``path`` (a file, directory or glob of JSONL, compressed JSONL or
-    Parquet; see corpus_readers), the texts under ``keys``; one-line errors for bad input. With
-    ``skipped``, bad lines/rows are skipped and counted there."""
-    yield from iter_documents(expand([path]), keys, skipped)
-
-
 def iter_texts(paths: Sequence[str], keys: Sequence[str], skipped: Optional[Skipped] = None) -> Iterator[str]:
     """Texts of JSONL / compressed JSONL / Parquet files (by ``keys``) and of plain text files (any
     other name: their text, in pieces of whole lines); ``paths`` may name directories and globs
-    (see corpus_readers.expand); ``skipped``: see iter_jsonl."""
+    (see corpus_readers.expand); with ``skipped``, bad lines/rows are skipped and counted there."""
     sources = expand(paths, default="text")
     require_readers(sources)
     for texts in iter_documents(sources, keys, skipped):
