@@ -206,6 +206,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "evaluated on its own (--eval-iters batches) and logged under its NAME (default: the "
                         "file name)")
     g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--wandb-project", default=None,
+                   help="also log the scalars to this Weights & Biases project (the optional extra: pip install "
+                        "'megatron-prores[wandb]'); one wandb run per run, continued after a requeue")
+    g.add_argument("--wandb-exp-name", default=None, help="the wandb run's name (default: wandb's)")
+    g.add_argument("--wandb-save-dir", default=None,
+                   help="where wandb keeps its files (default: SAVE/wandb, else ./wandb)")
     p._negative_number_matcher = _NUMBER
     return p
 
@@ -254,11 +260,27 @@ def check_args(args, this_machine: bool = True) -> None:
         need(args.save, "--save-interval needs --save DIR")
     if args.clip_gate_grad > 0:
         need(args.gpas, "--clip-gate-grad needs --gpas")
+    _check_wandb(args, this_machine)
     if args.recompute_granularity is not None and this_machine:
         need(torch.cuda.is_available(),
              "--recompute-granularity needs CUDA (megatron's recompute saves CUDA RNG states)")
     if args.bf16 and this_machine:
         need(torch.cuda.is_available(), "--bf16 needs a GPU; the CPU path trains in fp32 (drop --bf16)")
+
+
+def _check_wandb(args, this_machine: bool) -> None:
+    """The --wandb-* flags need --wandb-project and (on this machine) the wandb package, an
+    optional extra."""
+    from megatron_prores import wandb_writer
+
+    given = [f for f in wandb_writer.FLAGS if getattr(args, f) is not None]
+    if not given:
+        return
+    flag = "--" + given[0].replace("_", "-")
+    if this_machine and not wandb_writer.available():
+        raise ConfigError(f"{flag} needs the wandb package, which is not installed: {wandb_writer.EXTRA}")
+    if not args.wandb_project:
+        raise ConfigError(f"{flag} needs --wandb-project NAME (the wandb project to log to)")
 
 
 # Value ranges of numeric flags: (flag, test, what the value must be). None (unset) is not checked.

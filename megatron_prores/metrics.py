@@ -1,15 +1,18 @@
-"""What the driver measures and reports: the Megatron-style log line and TensorBoard scalars,
+"""What the driver measures and reports: the Megatron-style log line, TensorBoard (and wandb) scalars,
 throughput and MFU, the residual-stream RMS per block, and OLMo's loss-spike score."""
 
 from __future__ import annotations
 
 import math
+import os
 from collections import deque
 from typing import Optional
 
 import numpy
 import torch
 import torch.distributed as dist
+
+from megatron_prores.config import ConfigError
 
 PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
 
@@ -129,27 +132,58 @@ def _num(x: float, fmt: str) -> str:
 
 
 class MetricsLogger:
-    """The training log line every --log-interval steps and the TensorBoard scalars.
+    """The training log line every --log-interval steps and the scalars: TensorBoard and (the
+    optional extra) Weights & Biases, each a writer with ``add_scalar(tag, value, step)``.
 
     Owns the averaging window: time over every step, loss over the steps that were not skipped
     (a non-finite step has no loss to average). One TensorBoard writer per pipeline stage (its TP
     rank 0 of data-parallel replica 0): per-block series come from the stage holding the block,
-    run-level scalars from the last stage.
+    run-level scalars from the last stage. One wandb run, written by the last stage's first rank
+    (``wandb_here``): the other stages' first ranks (``block_group``, the pipeline group) send it
+    their per-block series at each log step (megatron_prores/wandb_writer.py).
     """
 
     def __init__(self, args, cfg, world: int, prints: bool, tb_dir: Optional[str], run_scalars: bool,
-                 stage: int):
+                 stage: int, wandb_run_id: Optional[str] = None, wandb_here: bool = False, block_group=None):
         self.args, self.world, self.prints = args, world, prints
         self.tokens_per_iter = args.global_batch_size * args.seq_length
         self.fpt = flops_per_token(cfg)
         self.peak = peak_tflops()
-        self.tb = None
+        self.tb = self.wandb = None
         if tb_dir:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(tb_dir, filename_suffix=f".stage{stage}")
-        self.writer = self.tb if run_scalars else None  # run-level scalars: last stage only
+        self.wandb_rank = self.block_group = None
+        if wandb_run_id:  # collective: every rank, once
+            self.wandb = self._open_wandb(args, wandb_run_id, wandb_here)
+            if block_group is not None and dist.get_world_size(block_group) > 1:
+                self.block_group = block_group
+        # run-level scalars: the last stage's TensorBoard writer and the wandb run
+        self.run_writers = [w for w in (self.tb if run_scalars else None, self.wandb) if w is not None]
         self._reset()
+
+    def _open_wandb(self, args, run_id: str, here: bool):
+        """Start the wandb run on the one process that writes it; a failure there ends every rank
+        with its one-line reason (a ConfigError)."""
+        from megatron_prores import wandb_writer
+
+        rank = torch.tensor([dist.get_rank() if here else -1])
+        dist.all_reduce(rank, op=dist.ReduceOp.MAX)
+        self.wandb_rank = int(rank.item())
+        writer, box = None, [None]
+        if here:
+            try:
+                writer = wandb_writer.open_run(args, run_id)
+            except Exception as e:  # wandb's errors have no common base class
+                reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:300]
+                box[0] = (f"--wandb-project {args.wandb_project}: wandb could not start run {run_id} ({reason})"
+                          + ("" if os.environ.get("WANDB_MODE") == "offline" else
+                             "; without network access set WANDB_MODE=offline (and upload later with wandb sync)"))
+        dist.broadcast_object_list(box, src=self.wandb_rank)
+        if box[0]:
+            raise ConfigError(box[0])
+        return writer
 
     def _reset(self):
         self.loss_sum, self.loss_n, self.time_sum, self.steps = 0.0, 0, 0.0, 0
@@ -178,8 +212,7 @@ class MetricsLogger:
                     + (f" | gate grad norm: {gate_norm.item():.6E}" if gate_norm is not None else "")
                     + f" | peak memory (GiB): {peak_memory_gib():.2f}")
             print(line, flush=True)
-        w = self.writer
-        if w:
+        for w in self.run_writers:
             w.add_scalar("lm-loss-training/lm loss", loss, iteration)
             w.add_scalar("learning-rate", lr, iteration)
             w.add_scalar("grad-norm", grad_norm, iteration)
@@ -188,24 +221,20 @@ class MetricsLogger:
                 w.add_scalar("gpas/gate grad norm", gate_norm.item(), iteration)
             if self.peak:
                 w.add_scalar("throughput/MFU", tflops / self.peak, iteration)
-        if self.tb:
-            self._log_blocks(model, iteration)
-            for block, value in rms.items():
-                self.tb.add_scalar(f"stream-rms/block {block:03d}", value, iteration)
+        if self.tb or self.wandb or self.block_group is not None:
+            blocks = block_scalars(model, rms)
+            if self.tb:
+                for tag, value in blocks.items():
+                    self.tb.add_scalar(tag, value, iteration)
+            if self.block_group is not None:  # this stage's blocks to the wandb process (collective)
+                parts = [None] * dist.get_world_size(self.block_group) if self.wandb else None
+                dist.gather_object(blocks, parts, dst=self.wandb_rank, group=self.block_group)
+                blocks = {tag: v for part in parts for tag, v in part.items()} if self.wandb else {}
+            if self.wandb:
+                for tag in sorted(blocks):
+                    self.wandb.add_scalar(tag, blocks[tag], iteration)
+                self.wandb.flush()
         self._reset()
-
-    def _log_blocks(self, model, iteration: int) -> None:
-        from megatron_prores.gpas import gpas_scale
-        from megatron_prores.layer import prores_layers
-
-        for layer in prores_layers(model):
-            l = layer.layer_number
-            if layer.prores_scale is not None:
-                self.tb.add_scalar(f"prores/block {l:03d}", layer.prores_scale.item(), iteration)
-            if layer.gpas_gate is not None:
-                sub = layer.gpas_gate.numel() == 2
-                for j, v in enumerate(gpas_scale(layer.gpas_gate.detach()).tolist()):
-                    self.tb.add_scalar(f"gpas-scale/block {l:03d}" + (f" sub{j}" if sub else ""), v, iteration)
 
     def validation(self, iteration: int, loss: float, name: Optional[str] = None) -> None:
         """The validation loss of the --split part of --data-path, or of the --valid-data-path set ``name``."""
@@ -214,15 +243,50 @@ class MetricsLogger:
             of = f" ({name})" if name else ""
             print(f" validation loss{of} at iteration {iteration} | lm loss value: {loss:.6E} | "
                   f"lm loss PPL: {ppl:.6E}", flush=True)
-        if self.writer:
-            tag = f"lm-loss-validation/{name + ' ' if name else ''}lm loss"
-            self.writer.add_scalar(tag, loss, iteration)
-            self.writer.add_scalar(tag + " ppl", ppl, iteration)
+        tag = f"lm-loss-validation/{name + ' ' if name else ''}lm loss"
+        for w in self.run_writers:
+            w.add_scalar(tag, loss, iteration)
+            w.add_scalar(tag + " ppl", ppl, iteration)
+        if self.wandb:
+            self.wandb.flush()
 
     def finish(self, iteration: int, spike_score: float) -> None:
+        """The end of training: the loss-spike score, then the writers are closed."""
         if dist.get_rank() == 0:
             print(f"loss-spike score: {spike_score:.4f}", flush=True)
-        if self.writer:
-            self.writer.add_scalar("loss-spike-score", spike_score, iteration)
-        if self.tb:
-            self.tb.close()
+        for w in self.run_writers:
+            w.add_scalar("loss-spike-score", spike_score, iteration)
+        if self.wandb:
+            self.wandb.summary("loss-spike-score", spike_score)
+        self.close()
+
+    def close(self, failed: bool = False) -> None:
+        """Close the writers (every exit: the end, an early exit with a checkpoint, an error);
+        no collective. Idempotent."""
+        tb, wb = self.tb, self.wandb
+        self.tb = self.wandb = None
+        self.run_writers = []
+        if tb:
+            tb.close()
+        if wb:
+            wb.close(exit_code=1 if failed else 0)
+
+
+def block_scalars(model, rms: dict) -> dict:
+    """{tag: value} of the blocks this rank holds: ProRes value, GPAS scale (per sublayer with
+    sublayer gates), and the residual-stream RMS when it was measured."""
+    from megatron_prores.gpas import gpas_scale
+    from megatron_prores.layer import prores_layers
+
+    out = {}
+    for layer in prores_layers(model):
+        l = layer.layer_number
+        if layer.prores_scale is not None:
+            out[f"prores/block {l:03d}"] = layer.prores_scale.item()
+        if layer.gpas_gate is not None:
+            sub = layer.gpas_gate.numel() == 2
+            for j, v in enumerate(gpas_scale(layer.gpas_gate.detach()).tolist()):
+                out[f"gpas-scale/block {l:03d}" + (f" sub{j}" if sub else "")] = v
+    for block, value in rms.items():
+        out[f"stream-rms/block {block:03d}"] = value
+    return out

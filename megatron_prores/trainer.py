@@ -26,22 +26,24 @@ from megatron_prores.metrics import MetricsLogger, SpikeScore, StreamRMS
 @dataclass
 class TrainState:
     """Progress that a checkpoint carries: iteration, samples consumed, skipped steps, the loss
-    history the spike score needs (bounded)."""
+    history the spike score needs (bounded), the run's wandb run id (a requeued job continues it)."""
 
     iteration: int = 0
     consumed_samples: int = 0
     skipped_iters: int = 0
     spike: SpikeScore = field(default_factory=lambda: SpikeScore(0))
+    wandb_run_id: Optional[str] = None
 
     def state_dict(self) -> dict:
         return dict(consumed_samples=self.consumed_samples, skipped_iters=self.skipped_iters,
-                    **self.spike.state_dict())
+                    **self.spike.state_dict(), **({"wandb_run_id": self.wandb_run_id} if self.wandb_run_id else {}))
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
         self.consumed_samples = int(state["consumed_samples"])
         self.skipped_iters = int(state.get("skipped_iters", 0))
         self.spike.load_state_dict(state)
+        self.wandb_run_id = state.get("wandb_run_id")
 
 
 @dataclass
@@ -288,13 +290,23 @@ class Trainer:
         from megatron.core import parallel_state as ps
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
+        from megatron_prores import resume, wandb_writer
+
         a = self.args
         self.fwd_bwd = get_forward_backward_func()
-        first_of_stage = ps.get_tensor_model_parallel_rank() == 0 and self.dp_rank == 0
+        first_of_stage = (ps.get_tensor_model_parallel_rank() == 0 and self.dp_rank == 0
+                          and ps.get_context_parallel_rank() == 0)
         is_last = ps.is_pipeline_last_stage(ignore_virtual=True)
+        if not resume._same_dir(a.load, a.save):  # no checkpoint, or another run's: not its wandb run
+            self.state.wandb_run_id = None
+        if a.wandb_project and not self.state.wandb_run_id:
+            self.state.wandb_run_id = resume.on_rank0(wandb_writer.new_run_id)
         self.metrics = MetricsLogger(a, self.cfg, self.world, prints=is_last and first_of_stage,
                                      tb_dir=a.tensorboard_dir if first_of_stage else None, run_scalars=is_last,
-                                     stage=ps.get_pipeline_model_parallel_rank())
+                                     stage=ps.get_pipeline_model_parallel_rank(),
+                                     wandb_run_id=self.state.wandb_run_id if a.wandb_project else None,
+                                     wandb_here=is_last and first_of_stage,
+                                     block_group=ps.get_pipeline_model_parallel_group() if first_of_stage else None)
         self.stream_rms = StreamRMS(self.model)
         self.checkpointer = Checkpointer(a, self.arch, self.export_config, self.run_flags)
 
@@ -334,7 +346,7 @@ class Trainer:
 
         a, t0 = self.args, time.time()
         set_prores_step(self.model, step)  # once per step, before forward/backward
-        if measure and a.tensorboard_dir:  # same decision on every rank (collective in stop())
+        if measure and (a.tensorboard_dir or a.wandb_project):  # same on every rank (collective in stop())
             self.stream_rms.start()
         for m in self.model:
             m.zero_grad_buffer()
@@ -452,11 +464,17 @@ class Trainer:
         return 0
 
     def close(self) -> None:
-        """Finish a background save and release --save's lock (also after an error)."""
-        if self.checkpointer is not None and self.checkpointer.saver is not None:
-            self.checkpointer.saver.close()
-        if self.lock is not None:
-            self.lock.release()
+        """Finish a background save, release --save's lock, close the TensorBoard writer and the
+        wandb run (also after an error, which marks the wandb run failed)."""
+        failed = sys.exc_info()[0] is not None  # called while an exception propagates
+        try:
+            if self.checkpointer is not None and self.checkpointer.saver is not None:
+                self.checkpointer.saver.close()
+            if self.lock is not None:
+                self.lock.release()
+        finally:
+            if getattr(self, "metrics", None) is not None:
+                self.metrics.close(failed)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:
