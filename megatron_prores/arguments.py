@@ -209,6 +209,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-project", default=None,
                    help="also log the scalars to this Weights & Biases project (the optional extra: pip install "
                         "'megatron-prores[wandb]'); one wandb run per run, continued after a requeue")
+    g.add_argument("--wandb-entity", default=None,
+                   help="the wandb team or user the project belongs to (default: the logged-in user's default)")
     g.add_argument("--wandb-exp-name", default=None, help="the wandb run's name (default: wandb's)")
     g.add_argument("--wandb-save-dir", default=None,
                    help="where wandb keeps its files (default: SAVE/wandb, else ./wandb)")

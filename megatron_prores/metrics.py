@@ -260,7 +260,7 @@ class MetricsLogger:
             self.wandb.summary("loss-spike-score", spike_score)
         self.close()
 
-    def close(self, failed: bool = False) -> None:
+    def close(self, exit_code: int = 0) -> None:
         """Close the writers (every exit: the end, an early exit with a checkpoint, an error);
         no collective. Idempotent."""
         tb, wb = self.tb, self.wandb
@@ -269,7 +269,7 @@ class MetricsLogger:
         if tb:
             tb.close()
         if wb:
-            wb.close(exit_code=1 if failed else 0)
+            wb.close(exit_code=exit_code)
 
 
 def block_scalars(model, rms: dict) -> dict:

@@ -32,10 +32,12 @@ def main(argv=None) -> int:
         from megatron_prores.trainer import Trainer
 
         trainer = Trainer(args, exit_policy)
+        code = None  # None while an exception propagates: close() reports the run failed
         try:
-            return trainer.train()
+            code = trainer.train()
+            return code
         finally:
-            trainer.close()
+            trainer.close(code)
     except ConfigError as e:
         from megatron_prores.parallel import rank_and_world
 

@@ -463,10 +463,11 @@ class Trainer:
         self.metrics.finish(it, self.state.spike.score())
         return 0
 
-    def close(self) -> None:
+    def close(self, exit_code: Optional[int] = None) -> None:
         """Finish a background save, release --save's lock, close the TensorBoard writer and the
-        wandb run (also after an error, which marks the wandb run failed)."""
-        failed = sys.exc_info()[0] is not None  # called while an exception propagates
+        wandb run with the process's exit code (1 after an error, when ``exit_code`` is None)."""
+        if exit_code is None:
+            exit_code = 1 if sys.exc_info()[0] is not None else 0  # called while an exception propagates
         try:
             if self.checkpointer is not None and self.checkpointer.saver is not None:
                 self.checkpointer.saver.close()
@@ -474,7 +475,7 @@ class Trainer:
                 self.lock.release()
         finally:
             if getattr(self, "metrics", None) is not None:
-                self.metrics.close(failed)
+                self.metrics.close(exit_code)
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

@@ -1,6 +1,6 @@
 """Weights & Biases as a second scalar sink beside TensorBoard (the optional extra: ``pip install
-'megatron-prores[wandb]'``), with Megatron-LM's flags --wandb-project, --wandb-exp-name and
---wandb-save-dir.
+'megatron-prores[wandb]'``), with Megatron-LM's flags --wandb-project, --wandb-entity, --wandb-exp-name
+and --wandb-save-dir.
 
 One wandb run per training run, written by one process: the last pipeline stage's first rank (the
 one that prints the log line); the per-block series of the other stages reach it at log steps.
@@ -27,7 +27,7 @@ import string
 from typing import Optional
 
 EXTRA = "pip install 'megatron-prores[wandb]'"
-FLAGS = ("wandb_project", "wandb_exp_name", "wandb_save_dir")
+FLAGS = ("wandb_project", "wandb_entity", "wandb_exp_name", "wandb_save_dir")
 
 
 def available() -> bool:
@@ -92,6 +92,6 @@ def open_run(args, run_id: str) -> WandbWriter:
     directory = save_dir(args)
     if directory:
         os.makedirs(directory, exist_ok=True)
-    run = wandb.init(project=args.wandb_project, name=args.wandb_exp_name, dir=directory, id=run_id,
+    run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.wandb_exp_name, dir=directory, id=run_id,
                      resume="allow", config=dict(vars(args)))
     return WandbWriter(run)

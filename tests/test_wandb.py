@@ -167,3 +167,20 @@ def test_wandb_flags_need_a_project(capsys):
 
     assert train.main(SMALL + ["--mock-data", "--vocab-size", "128", "--wandb-exp-name", "x"]) == 2
     one_line_error(2, capsys.readouterr().err, "--wandb-exp-name needs --wandb-project NAME")
+
+
+def test_a_run_stopped_by_nonfinite_steps_is_marked_with_its_exit_code(tmp_path, monkeypatch):
+    """The wandb run ends with the process's exit code: 3 when non-finite steps stop the run."""
+    pytest.importorskip("wandb")
+    for k, v in OFFLINE.items():
+        monkeypatch.setenv(k, v)
+    args = BASE + ["--train-iters", "20", "--lr", "1e30", "--lr-warmup-iters", "0", "--clip-grad", "0",
+                   "--max-nonfinite-iters", "2", "--wandb-project", "prores-test", "--wandb-entity", "someone",
+                   "--wandb-save-dir", tmp_path / "w"]
+    code, out = run(args, nproc=1)
+    assert code == 3 and "consecutive non-finite steps" in out, out[-3000:]
+    runs = glob.glob(str(tmp_path / "w" / "wandb" / "offline-run-*"))
+    assert len(runs) == 1, runs
+    _, config, history, _, exit_code = offline_run(runs[0])
+    assert exit_code == 3 and config["wandb_entity"] == "someone"
+    assert history  # the steps before the stop were logged
