@@ -15,15 +15,19 @@ from concurrent.futures import ThreadPoolExecutor
 
 import run as R
 
-# ---- config: fill POST_LR from the pilot (None = pick automatically from the pilot's results) ----
-POST_LR = {"cpu": None, "toy": None}   # Post-LN stability LR: "just above what the baseline tolerates"
+# ---- config: fill POST from the pilot (None = pick automatically from the pilot's results) ----
+# Post-LN stability setting (blocks, LR): "an LR just above what the baseline tolerates", at the deepest pilot
+# depth that has such an LR. None: taken from the pilot's results (pick_post). The CPU pilot of 2026-11-28 found
+# 24 blocks on the unigram plateau at every LR from 2.5e-4 to 4e-3 (no boundary there), hence shallower depths.
+POST = {"cpu": None, "toy": None}
+PILOT_DEPTHS = {"cpu": (24, 12, 6), "toy": (2,)}  # deepest first
 PRE_LR = {"cpu": 2e-3, "toy": 2e-3}    # every other CPU experiment
 PILOT_LRS = [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3]
 # CPU shape of the seeded suite (flags appended after the size's own: the driver's argparse keeps the last)
 SHAPE = {"cpu": dict(hidden=64, heads=4, ffn=176, gbs=8, iters=200, eval_interval=50, eval_iters=4, L=24, depths=(12, 24, 48)),
          "toy": dict(hidden=32, heads=2, ffn=64, gbs=4, iters=10, eval_interval=5, eval_iters=2, L=2, depths=(2, 3))}
 SEEDS = {"cpu": 3, "toy": 1}
-TARGETS = ["cpu-stability", "cpu-prenorm", "cpu-lns", "cpu-sandwich", "cpu-deepnorm", "cpu-depth"]
+TARGETS = ["cpu-prenorm", "cpu-stability", "cpu-lns", "cpu-sandwich", "cpu-deepnorm", "cpu-depth"]  # headline first
 
 
 def shape_flags(size):
@@ -42,16 +46,23 @@ def unigram_entropy(prefix):
     return float(-(p * np.log(p)).sum())
 
 
-def pick_post_lr(size, pilot, H):
-    """Smallest pilot LR at which the baseline no longer trains, given a smaller one does."""
-    if POST_LR[size]:
-        return POST_LR[size], "set in POST_LR"
-    ok = [lr for lr in PILOT_LRS if f"post-lr{lr:g}" in pilot and verdict_train(pilot[f"post-lr{lr:g}"], H) == "trains"]
-    bad = [lr for lr in PILOT_LRS if f"post-lr{lr:g}" in pilot and lr > max(ok, default=0)
-           and verdict_train(pilot[f"post-lr{lr:g}"], H) != "trains"]
-    if ok and bad:
-        return min(bad), "auto: first pilot LR above the largest that trains"
-    return (max(ok) if ok else min(PILOT_LRS)), "auto FALLBACK: the pilot shows no train/no-train boundary"
+def pilot_name(L, lr):
+    return f"post-L{L}-lr{lr:g}"
+
+
+def pick_post(size, pilot, H):
+    """(blocks, LR, why): at the deepest pilot depth where the baseline trains at some LR and not at
+    a larger one, the smallest such larger LR."""
+    if POST[size]:
+        return (*POST[size], "set in POST")
+    for L in PILOT_DEPTHS[size]:
+        got = {lr: verdict_train(pilot[pilot_name(L, lr)], H) for lr in PILOT_LRS if pilot_name(L, lr) in pilot}
+        ok = [lr for lr, v in got.items() if v == "trains"]
+        bad = [lr for lr, v in got.items() if v != "trains" and lr > max(ok, default=0)]
+        if ok and bad:
+            return L, min(bad), f"auto: {L} blocks, the first pilot LR above the largest that trains"
+    L = PILOT_DEPTHS[size][0]
+    return L, PILOT_LRS[0], "auto FALLBACK: the pilot shows no train/no-train boundary at any depth"
 
 
 def verdict_train(r, H, margin=0.1):
@@ -60,13 +71,13 @@ def verdict_train(r, H, margin=0.1):
     return "trains" if r["final_train_loss"] < H - margin else "plateau"
 
 
-def experiments(size, post_lr):
+def experiments(size, post):
     z, sf = SHAPE[size], shape_flags(size)
     W = ["--prores-warmup-steps", str(int(0.4 * z["iters"]))]
     pr = ["--prores-schedule", "linear"] + W
     L = ["--num-layers", str(z["L"])]
     pre_lr = ["--lr", f"{PRE_LR[size]:g}"]
-    post = sf + L + ["--norm-type", "post", "--lr", f"{post_lr:g}"]
+    post = sf + ["--num-layers", str(post[0]), "--norm-type", "post", "--lr", f"{post[1]:g}"]
     base = sf + L + pre_lr
     e = {"cpu-stability": [("post-baseline", post)] + [(f"post-{s}", post + ["--prores-schedule", s] + W)
                                                         for s in ("linear", "equal", "reverse")],
@@ -138,6 +149,10 @@ def run_experiment(exp, runs, size, data, a):
     path = os.path.join(out, f"{exp}.json")
     results = json.load(open(path)) if os.path.isfile(path) else {}
     lock = threading.Lock()
+    reused = reuse_runs(exp, runs, results, size, a)
+    if reused:
+        json.dump(results, open(path, "w"), indent=2)
+        print(f"{exp}: {', '.join(reused)} reused (the same flags ran in another experiment)", flush=True)
     todo = [(n, f) for n, f in runs if n not in results]
 
     def one(item):
@@ -161,25 +176,64 @@ def run_experiment(exp, runs, size, data, a):
     return results
 
 
+def flag_key(flags):
+    """The flags as an order-free key: each --flag with its values."""
+    groups = []
+    for t in map(str, flags):
+        if t.startswith("--") or not groups:
+            groups.append([t])
+        else:
+            groups[-1].append(t)
+    return tuple(sorted(map(tuple, groups)))
+
+
+def reuse_runs(exp, runs, results, size, a):
+    """Take the result (and link the run directory) of a run with the same flags that another
+    experiment already made (e.g. cpu-depth's 24-block runs are cpu-prenorm's): same flags, same run."""
+    done = {}
+    out = os.path.join(a.results_dir, size)
+    for f in sorted(os.listdir(out)) if os.path.isdir(out) else []:
+        if f.endswith(".json") and f[:-5] not in (exp, "pilot"):
+            for name, r in json.load(open(os.path.join(out, f))).items():
+                if "flags" in r:
+                    done.setdefault(flag_key(r["flags"]), (f[:-5], name, r))
+    reused = []
+    for name, flags in runs:
+        hit = done.get(flag_key(flags))
+        if name in results or hit is None:
+            continue
+        other, other_name, r = hit
+        run_dir, src = os.path.join(a.runs_dir, size, exp, name), os.path.join(a.runs_dir, size, other, other_name)
+        if os.path.isdir(src):
+            os.makedirs(os.path.dirname(run_dir), exist_ok=True)
+            shutil.rmtree(run_dir, ignore_errors=True)
+            os.symlink(src, run_dir)
+        results[name] = dict(r, reused_from=f"{other}/{other_name}")
+        reused.append(name)
+    return reused
+
+
 def seeded(runs, n):
     return [(f"{name}-s{1234 + i}", flags + ["--seed", str(1234 + i)]) for name, flags in runs for i in range(n)]
 
 
 def pilot(a, data):
     z = SHAPE[a.size]
-    runs = [(f"post-lr{lr:g}", shape_flags(a.size) + ["--num-layers", str(z["L"]), "--norm-type", "post",
-                                                      "--lr", f"{lr:g}", "--seed", "1234"]) for lr in PILOT_LRS]
-    res = run_experiment("pilot", runs, a.size, data, a)
-    H = unigram_entropy(data[0])
-    print(f"\npilot: Post-LN {z['L']} blocks, hidden {z['hidden']}; unigram entropy {H:.3f} nats "
-          f"('trains' = final train loss < {H - 0.1:.3f})")
-    for lr in PILOT_LRS:
-        r = res.get(f"post-lr{lr:g}")
-        if r:
+    res, H = {}, unigram_entropy(data[0])
+    for L in PILOT_DEPTHS[a.size]:  # deepest first: a depth with a train/no-train boundary ends the sweep
+        runs = [(pilot_name(L, lr), shape_flags(a.size) + ["--num-layers", str(L), "--norm-type", "post",
+                                                          "--lr", f"{lr:g}", "--seed", "1234"]) for lr in PILOT_LRS]
+        res = run_experiment("pilot", runs, a.size, data, a)
+        print(f"\npilot: Post-LN {L} blocks, hidden {z['hidden']}; unigram entropy {H:.3f} nats "
+              f"('trains' = final train loss < {H - 0.1:.3f})")
+        for lr in PILOT_LRS:
+            r = res[pilot_name(L, lr)]
             print(f"  lr {lr:<8g} train {r['final_train_loss']:.3f} val {r['final_val_loss']}  "
                   f"spike {r['spike_score']}  -> {verdict_train(r, H)}")
-    lr, why = pick_post_lr(a.size, res, H)
-    print(f"stability LR: {lr:g} ({why}); record it in POST_LR in benchmarks/quality/seeded.py")
+        if not pick_post(a.size, res, H)[2].startswith("auto FALLBACK"):
+            break
+    L, lr, why = pick_post(a.size, res, H)
+    print(f"stability setting: {L} blocks, LR {lr:g} ({why}); to fix it, set POST in benchmarks/quality/seeded.py")
     return res, H
 
 
@@ -224,7 +278,7 @@ def fig_rms(results_by_exp, pairs, path):
     ax.legend(fontsize=7), ax.grid(alpha=0.3), fig.tight_layout(), fig.savefig(path, dpi=110), plt.close(fig)
 
 
-def report(a, post_lr=None, H=None):
+def report(a, post=None, H=None):
     out = os.path.join(a.results_dir, a.size)
     page = a.page or (os.path.join(ROOTDOCS, "results_cpu.md") if a.results_dir == DEFAULT_RESULTS
                       else os.path.join(a.results_dir, "results_cpu.md"))
@@ -234,12 +288,15 @@ def report(a, post_lr=None, H=None):
     L = [f"# CPU experiments with seeds (generated by `benchmarks/quality/run.py report --size {a.size}`)", "",
          f"Shape: hidden {z['hidden']}, {z['heads']} heads, ffn {z['ffn']}, {z['gbs']} sequences x "
          f"{R.SIZES[a.size]['seq']} tokens, {z['iters']} steps, {SEEDS_USED[0]} seed(s) per configuration "
-         f"(1234..), one thread per run. Pre-LN-family LR {PRE_LR[a.size]:g}; Post-LN stability LR "
-         f"{post_lr if post_lr else 'n/a'}.", "", "**Rule.** " + RULE, ""]
+         f"(1234..), one thread per run. Pre-LN-family LR {PRE_LR[a.size]:g}; Post-LN stability runs: "
+         + (f"{post[0]} blocks, LR {post[1]:g}" if post else "n/a") + ".", "", "**Rule.** " + RULE, ""]
     if "pilot" in res and H:
-        L += ["## Pilot: Post-LN LR sweep (1 seed)", "", "| LR | train loss (last 10%) | val loss | outcome |", "|---|---|---|---|"]
+        L += ["## Pilot: Post-LN LR sweep by depth (1 seed)", "",
+              "| blocks | LR | train loss (last 10%) | val loss | outcome |", "|---|---|---|---|---|"]
         for n, r in res["pilot"].items():
-            L.append(f"| {n[7:]} | {r['final_train_loss']:.3f} | {r['final_val_loss']} | {verdict_train(r, H)} |")
+            blocks, lr = n[len("post-L"):].split("-lr")
+            L.append(f"| {blocks} | {lr} | {r['final_train_loss']:.3f} | {r['final_val_loss']:.3f} | "
+                     f"{verdict_train(r, H)} |")
         L += ["", f"Unigram entropy of the training tokens: {H:.3f} nats; 'trains' = below {H - 0.1:.3f}.", ""]
     fig_dir = os.path.join(out, "seeded")
     os.makedirs(fig_dir, exist_ok=True)
@@ -308,13 +365,13 @@ def main(argv):
     if a.target == "report":
         pil = os.path.join(a.results_dir, a.size, "pilot.json")
         H = unigram_entropy(data[0])
-        lr = pick_post_lr(a.size, json.load(open(pil)), H)[0] if os.path.isfile(pil) else POST_LR[a.size]
-        return report(a, lr, H)
+        post = pick_post(a.size, json.load(open(pil)), H)[:2] if os.path.isfile(pil) else POST[a.size]
+        return report(a, post, H)
     res, H = pilot(a, data) if a.target in ("pilot", "all", "cpu-stability") else ({}, None)
     if a.target == "pilot":
         return
-    lr = pick_post_lr(a.size, res, H)[0] if res else POST_LR[a.size]
-    exps = experiments(a.size, lr)
+    post = pick_post(a.size, res, H)[:2] if res else (POST[a.size] or (SHAPE[a.size]["L"], PILOT_LRS[0]))
+    exps = experiments(a.size, post)
     for e in (TARGETS if a.target == "all" else [a.target]):
         run_experiment(e, seeded(exps[e], n), a.size, data, a)
-    report(a, lr, H)
+    report(a, post, H)
