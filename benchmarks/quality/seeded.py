@@ -193,7 +193,7 @@ def reuse_runs(exp, runs, results, size, a):
     done = {}
     out = os.path.join(a.results_dir, size)
     for f in sorted(os.listdir(out)) if os.path.isdir(out) else []:
-        if f.endswith(".json") and f[:-5] not in (exp, "pilot"):
+        if f.endswith(".json") and f[:-5] != exp:
             for name, r in json.load(open(os.path.join(out, f))).items():
                 if "flags" in r:
                     done.setdefault(flag_key(r["flags"]), (f[:-5], name, r))
