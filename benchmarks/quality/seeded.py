@@ -50,12 +50,12 @@ def pilot_name(L, lr):
     return f"post-L{L}-lr{lr:g}"
 
 
-def pick_post(size, pilot, H):
-    """(blocks, LR, why): at the deepest pilot depth where the baseline trains at some LR and not at
-    a larger one, the smallest such larger LR."""
+def pick_post(size, pilot, H, depths=None):
+    """(blocks, LR, why): at the deepest pilot depth (of ``depths``, default all) where the baseline
+    trains at some LR and not at a larger one, the smallest such larger LR."""
     if POST[size]:
         return (*POST[size], "set in POST")
-    for L in PILOT_DEPTHS[size]:
+    for L in depths or PILOT_DEPTHS[size]:
         got = {lr: verdict_train(pilot[pilot_name(L, lr)], H) for lr in PILOT_LRS if pilot_name(L, lr) in pilot}
         ok = [lr for lr, v in got.items() if v == "trains"]
         bad = [lr for lr, v in got.items() if v != "trains" and lr > max(ok, default=0)]
@@ -220,7 +220,7 @@ def seeded(runs, n):
 def pilot(a, data):
     z = SHAPE[a.size]
     res, H = {}, unigram_entropy(data[0])
-    for L in PILOT_DEPTHS[a.size]:  # deepest first: a depth with a train/no-train boundary ends the sweep
+    for i, L in enumerate(PILOT_DEPTHS[a.size]):  # deepest first: a depth with a train/no-train boundary ends it
         runs = [(pilot_name(L, lr), shape_flags(a.size) + ["--num-layers", str(L), "--norm-type", "post",
                                                           "--lr", f"{lr:g}", "--seed", "1234"]) for lr in PILOT_LRS]
         res = run_experiment("pilot", runs, a.size, data, a)
@@ -230,7 +230,7 @@ def pilot(a, data):
             r = res[pilot_name(L, lr)]
             print(f"  lr {lr:<8g} train {r['final_train_loss']:.3f} val {r['final_val_loss']}  "
                   f"spike {r['spike_score']}  -> {verdict_train(r, H)}")
-        if not pick_post(a.size, res, H)[2].startswith("auto FALLBACK"):
+        if not pick_post(a.size, res, H, PILOT_DEPTHS[a.size][:i + 1])[2].startswith("auto FALLBACK"):
             break
     L, lr, why = pick_post(a.size, res, H)
     print(f"stability setting: {L} blocks, LR {lr:g} ({why}); to fix it, set POST in benchmarks/quality/seeded.py")
