@@ -112,3 +112,16 @@ def test_a_run_with_the_same_flags_is_reused_not_rerun(S, tmp_path):
     assert results["pre-24-s1234"]["final_val_loss"] == 6.4
     assert results["pre-24-s1234"]["reused_from"] == "cpu-prenorm/pre-s1234"
     assert os.path.islink(tmp_path / "runs" / "cpu" / "cpu-depth" / "pre-24-s1234")
+
+
+def test_paired_difference_by_seed(S):
+    def r(v, diverged=False):
+        return {"final_val_loss": v, "diverged": diverged, "stream_rms_by_block": [2 * v]}
+    runs = {"m-s1234": r(5.0), "m-s1235": r(5.3), "m-s1236": r(5.1), "m-s1237": r(9.0, diverged=True),
+            "b-s1234": r(5.1), "b-s1235": r(5.5), "b-s1236": r(5.1), "b-s1237": r(5.0), "c-s1234": r(1.0)}
+    mean, two_se, n = S.paired(runs, "m", "b", "val")
+    d = [-0.1, -0.2, 0.0]  # seed 1237 is left out: m diverged there
+    sd = math.sqrt(sum((x + 0.1) ** 2 for x in d) / 2)
+    assert n == 3 and mean == pytest.approx(-0.1) and two_se == pytest.approx(2 * sd / math.sqrt(3))
+    assert S.paired(runs, "m", "b", "rms")[0] == pytest.approx(-0.2)
+    assert S.paired(runs, "m", "c", "val")[2] == 1

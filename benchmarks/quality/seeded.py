@@ -114,7 +114,10 @@ SECTIONS = [
 RULE = ("Per configuration: mean ± sample std over seeds. A difference **exceeds the seed spread** when "
         "|Δmean| > 2·sqrt(std_a²/n_a + std_b²/n_b) (≈ a 95% two-sample test), or when the diverged counts differ "
         "by ≥ 2. Verdict: **agree** if every claimed comparison goes the paper's way beyond the spread; **disagree** "
-        "if any goes the other way beyond the spread; otherwise **inconclusive**.")
+        "if any goes the other way beyond the spread; otherwise **inconclusive**. The last column of each comparison "
+        "pairs the runs of one seed (the seed sets the data order, so both runs of a pair saw the same batches): the "
+        "mean per-seed difference ± 2·SE. It was added after the first results, for information; the verdicts use "
+        "the rule above, stated before any run.")
 
 
 def aggregate(results):
@@ -141,6 +144,23 @@ def compare(a, b, metric):
         return d, thr, True, (-1 if a["diverged"] < b["diverged"] else 1)
     beyond = math.isfinite(d) and abs(d) > thr and min(na, nb) > 1
     return d, thr, beyond, (-1 if d < 0 else 1)
+
+
+def paired(runs, a, b, metric):
+    """(mean, 2·SE, n) of the per-seed difference a − b over the seeds both have (finite, not
+    diverged): runs of one seed share the data order, so this removes the order's share of the spread."""
+    def value(r):
+        x = r["final_val_loss"] if metric == "val" else (r["stream_rms_by_block"] or [None])[-1]
+        return None if r["diverged"] or x is None or not math.isfinite(x) else x
+    by_seed = {}
+    for name, r in runs.items():
+        config, seed = name.rsplit("-s", 1)
+        if config in (a, b) and value(r) is not None:
+            by_seed.setdefault(seed, {})[config] = value(r)
+    d = [v[a] - v[b] for v in by_seed.values() if len(v) == 2]
+    if len(d) < 2:
+        return float("nan"), float("nan"), len(d)
+    return st.mean(d), 2 * st.stdev(d) / math.sqrt(len(d)), len(d)
 
 
 def run_experiment(exp, runs, size, data, a):
@@ -307,6 +327,11 @@ def report(a, post=None, H=None):
             L += ["Not run yet.", ""]
             continue
         agg = aggregate(res[exp])
+        expected = len(experiments(a.size, post)[exp]) * SEEDS_USED[0] if post else len(res[exp])
+        partial = len(res[exp]) < expected
+        if partial:
+            L += [f"**Partial: {len(res[exp])} of {expected} runs so far** (`run.py all` continues); the verdict "
+                  "below is provisional.", ""]
         if pairs == "DEPTH":
             pairs = [(f"pre-prores-{d}", f"pre-{d}") for d in z["depths"]]
         L += ["| config | n | val loss | spike score | diverged | last-block RMS |", "|---|---|---|---|---|---|"]
@@ -314,18 +339,21 @@ def report(a, post=None, H=None):
             L.append(f"| {c} | {g['n']} | {g['val'][0]:.3f} ± {g['val'][1]:.3f} | {g['spike'][0]:.4f} | "
                      f"{g['diverged']}/{g['n']} | {g['rms'][0]:.2f} ± {g['rms'][1]:.2f} |")
         L += ["", f"| comparison ({'last-block RMS' if metric == 'rms' else 'val loss'}) | Δ (method − baseline) | "
-              "2·SE threshold | beyond seed spread |", "|---|---|---|---|"]
+              "2·SE threshold | beyond seed spread | paired by seed: Δ ± 2·SE (n) |", "|---|---|---|---|---|"]
         votes, nums = [], []
         for m, b in pairs:
             if m not in agg or b not in agg:
                 votes.append(0)
                 continue
             d, thr, beyond, sign = compare(agg[m], agg[b], metric)
-            L.append(f"| {m} vs {b} | {d:+.3f} | {thr:.3f} | {'yes' if beyond else 'no'} |")
+            pd, pse, pn = paired(res[exp], m, b, metric)
+            L.append(f"| {m} vs {b} | {d:+.3f} | {thr:.3f} | {'yes' if beyond else 'no'} | "
+                     + (f"{pd:+.3f} ± {pse:.3f} ({pn})" if pn > 1 else "n/a") + " |")
             votes.append(0 if not beyond else (1 if sign < 0 else -1))
             nums.append(f"{m} − {b} = {d:+.3f} (threshold {thr:.3f})")
         v = "disagree" if -1 in votes else ("agree" if votes and all(x == 1 for x in votes) else "inconclusive")
-        L += ["", f"**Verdict: {v}** with the paper ({claim}): " + "; ".join(nums) + ".", ""]
+        L += ["", f"**Verdict{' so far' if partial else ''}: {v}** with the paper ({claim})"
+              + (": " + "; ".join(nums) if nums else "") + ".", ""]
         f = os.path.join(fig_dir, f"{exp}-loss.png")
         fig_loss_band(exp, list(agg), a, a.size, f)
         L += [f"![{exp} loss]({rel(f)})", ""]
