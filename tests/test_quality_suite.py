@@ -92,8 +92,27 @@ def test_seed_spread_rule(S):
     assert beyond and sign == -1
     b["b"]["val"] = (5.2, 0.3, 3)  # |d| 0.1 < 2 sqrt(0.01/3 + 0.09/3) = 0.365
     assert not S.compare(a["m"], b["b"], "val")[2]
-    a["m"]["diverged"], b["b"]["diverged"] = 0, 2  # two more diverged runs decide on their own
+    a["m"]["failed"], b["b"]["failed"] = 0, 2  # two more failed runs decide on their own
     assert S.compare(a["m"], b["b"], "val")[2:] == (True, -1)
+
+
+def test_failed_runs_are_diverged_ones_or_in_the_stability_experiment_those_that_do_not_train(S):
+    H = 6.4  # trains: train loss below 6.3
+    runs = {"post-baseline-s1": {"final_train_loss": 5.6, "final_val_loss": 6.0, "diverged": False},
+            "post-baseline-s2": {"final_train_loss": 6.45, "final_val_loss": 6.7, "diverged": False},
+            "post-baseline-s3": {"final_train_loss": 9.0, "final_val_loss": 9.1, "diverged": True},
+            "post-linear-s1": {"final_train_loss": 5.7, "final_val_loss": 6.1, "diverged": False}}
+    for r in runs.values():
+        r.update(stream_rms_by_block=[], spike_score=0.0)
+    plain = S.aggregate(runs, H)
+    assert (plain["post-baseline"]["trains"], plain["post-baseline"]["failed"]) == (1, 1)
+    stab = S.aggregate(runs, H, failed_if_no_training=True)
+    assert (stab["post-baseline"]["trains"], stab["post-baseline"]["failed"]) == (1, 2)
+    assert stab["post-linear"]["failed"] == 0
+    assert S.compare(stab["post-linear"], stab["post-baseline"], "val")[2:] == (True, -1)
+    assert not S.compare(plain["post-linear"], plain["post-baseline"], "val")[2]  # one seed each: no spread
+    assert S.seeds_for("cpu", "cpu-stability") == 8 and S.seeds_for("cpu", "cpu-lns") == 3
+    assert S.seeds_for("cpu", "cpu-stability", 2) == 2  # --seeds wins
 
 
 def test_a_run_with_the_same_flags_is_reused_not_rerun(S, tmp_path):
