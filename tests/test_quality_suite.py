@@ -43,7 +43,9 @@ def test_every_seeded_run_passes_the_driver_checks(S, size):
                 assert args.norm_type == "post" and (args.num_layers, args.lr) == post
                 want = "none" if base == "post-baseline" else base[len("post-"):]
             else:
-                assert args.lr == S.PRE_LR[size]
+                # DeepNorm at half the Pre-LN LR on the CPU suite (the paper's DeepNorm LR is half of Pre-LN's)
+                half = size == "cpu" and exp == "cpu-deepnorm"
+                assert args.lr == pytest.approx(S.PRE_LR[size] / 2 if half else S.PRE_LR[size]), name
                 want = "linear" if "prores" in base else "none"
                 assert args.norm_type == base.split("-")[0], name
             assert args.prores_schedule == want, name
@@ -144,3 +146,23 @@ def test_paired_difference_by_seed(S):
     assert n == 3 and mean == pytest.approx(-0.1) and two_se == pytest.approx(2 * sd / math.sqrt(3))
     assert S.paired(runs, "m", "b", "rms")[0] == pytest.approx(-0.2)
     assert S.paired(runs, "m", "c", "val")[2] == 1
+
+
+def test_a_result_whose_flags_changed_is_rerun_and_the_others_are_kept(S, tmp_path, monkeypatch):
+    out = tmp_path / "results" / "cpu"
+    out.mkdir(parents=True)
+    old = ["--norm-type", "deepnorm", "--lr", "0.002", "--seed", "1234"]
+    new = ["--norm-type", "deepnorm", "--lr", "0.001", "--seed", "1234"]
+    kept = ["--norm-type", "deepnorm", "--lr", "0.001", "--seed", "1235"]
+    json.dump({"deepnorm-s1234": {"flags": old, "final_val_loss": 6.7},
+               "deepnorm-s1235": {"flags": kept, "final_val_loss": 6.2}}, open(out / "cpu-deepnorm.json", "w"))
+    trained = []
+    monkeypatch.setattr(S.R, "train", lambda run_dir, flags, size, data: trained.append(list(flags)) or 0)
+    monkeypatch.setattr(S.R, "summarize", lambda run_dir, code, secs, vocab: {"final_val_loss": 6.1, "seconds": secs,
+                                                                                "final_train_loss": 6.0})
+    a = types.SimpleNamespace(results_dir=str(tmp_path / "results"), runs_dir=str(tmp_path / "runs"), jobs=1)
+    res = S.run_experiment("cpu-deepnorm", [("deepnorm-s1234", new), ("deepnorm-s1235", kept)], "cpu", None, a)
+    assert trained == [new]  # only the run whose flags changed
+    assert res["deepnorm-s1234"]["flags"] == new and res["deepnorm-s1234"]["final_val_loss"] == 6.1
+    assert res["deepnorm-s1235"]["final_val_loss"] == 6.2
+    assert json.load(open(out / "cpu-deepnorm.json")) == res

@@ -22,6 +22,9 @@ import run as R
 POST = {"cpu": None, "toy": None}
 PILOT_DEPTHS = {"cpu": (24, 12, 6), "toy": (2,)}  # deepest first
 PRE_LR = {"cpu": 2e-3, "toy": 2e-3}    # every other CPU experiment
+# DeepNorm runs at half the Pre-LN LR, as the ProRes paper's DeepNorm runs do (methods.md). Changed after the
+# first DeepNorm runs (2026-11-28, LR 2e-3: 3 of 3 seeds of both configs on the unigram plateau, val 6.715/6.716).
+LR_BY_EXP = {"cpu": {"cpu-deepnorm": 1e-3}, "toy": {}}
 PILOT_LRS = [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3]
 # CPU shape of the seeded suite (flags appended after the size's own: the driver's argparse keeps the last)
 SHAPE = {"cpu": dict(hidden=64, heads=4, ffn=176, gbs=8, iters=200, eval_interval=50, eval_iters=4, L=24, depths=(12, 24, 48)),
@@ -88,6 +91,7 @@ def experiments(size, post):
     pre_lr = ["--lr", f"{PRE_LR[size]:g}"]
     post = sf + ["--num-layers", str(post[0]), "--norm-type", "post", "--lr", f"{post[1]:g}"]
     base = sf + L + pre_lr
+    dn = sf + L + ["--lr", f"{LR_BY_EXP[size].get('cpu-deepnorm', PRE_LR[size]):g}", "--norm-type", "deepnorm"]
     e = {"cpu-stability": [("post-baseline", post)] + [(f"post-{s}", post + ["--prores-schedule", s] + W)
                                                         for s in ("linear", "equal", "reverse")],
          "cpu-prenorm": [("pre", base + ["--norm-type", "pre"]), ("pre-prores", base + ["--norm-type", "pre"] + pr),
@@ -96,8 +100,7 @@ def experiments(size, post):
          "cpu-lns": [("lns", base + ["--norm-type", "lns"]), ("lns-prores", base + ["--norm-type", "lns"] + pr)],
          "cpu-sandwich": [("sandwich", base + ["--norm-type", "sandwich"]),
                           ("sandwich-gpas", base + ["--norm-type", "sandwich", "--gpas"])],
-         "cpu-deepnorm": [("deepnorm", base + ["--norm-type", "deepnorm"]),
-                          ("deepnorm-prores", base + ["--norm-type", "deepnorm"] + pr)],
+         "cpu-deepnorm": [("deepnorm", dn), ("deepnorm-prores", dn + pr)],
          "cpu-depth": []}
     for d in z["depths"]:
         b = sf + pre_lr + ["--norm-type", "pre", "--num-layers", str(d)]
@@ -183,10 +186,16 @@ def run_experiment(exp, runs, size, data, a):
     path = os.path.join(out, f"{exp}.json")
     results = json.load(open(path)) if os.path.isfile(path) else {}
     lock = threading.Lock()
+    stale = [n for n, f in runs if n in results and flag_key(results[n].get("flags", [])) != flag_key(f)]
+    for n in stale:  # the experiment's flags changed since this run: its result no longer answers it
+        del results[n]
+    if stale:
+        print(f"{exp}: {', '.join(stale)} rerun (their flags changed)", flush=True)
     reused = reuse_runs(exp, runs, results, size, a)
-    if reused:
+    if reused or stale:
         json.dump(results, open(path, "w"), indent=2)
-        print(f"{exp}: {', '.join(reused)} reused (the same flags ran in another experiment)", flush=True)
+        if reused:
+            print(f"{exp}: {', '.join(reused)} reused (the same flags ran in another experiment)", flush=True)
     todo = [(n, f) for n, f in runs if n not in results]
 
     def one(item):
@@ -323,7 +332,8 @@ def report(a, post=None, H=None):
          f"Shape: hidden {z['hidden']}, {z['heads']} heads, ffn {z['ffn']}, {z['gbs']} sequences x "
          f"{R.SIZES[a.size]['seq']} tokens, {z['iters']} steps, {seeds_for(a.size, None, SEEDS_USED[0])} seed(s) "
          f"per configuration (Post-LN stability: {seeds_for(a.size, 'cpu-stability', SEEDS_USED[0])}; seeds "
-         f"1234, 1235, ...), one thread per run. Pre-LN-family LR {PRE_LR[a.size]:g}; Post-LN stability runs: "
+         f"1234, 1235, ...), one thread per run. Pre-LN-family LR {PRE_LR[a.size]:g}"
+         + "".join(f" ({e}: {v:g})" for e, v in LR_BY_EXP[a.size].items()) + "; Post-LN stability runs: "
          + (f"{post[0]} blocks, LR {post[1]:g}" if post else "n/a") + ".", "", "**Rule.** " + RULE, ""]
     if "pilot" in res and H:
         L += ["## Pilot: Post-LN LR sweep by depth (1 seed)", "",
