@@ -3,6 +3,7 @@
     python benchmarks/overhead.py            # CPU: small shape, fp32; GPU: 1.3B shape, bf16
     python benchmarks/overhead.py --shape small --steps 30
     python benchmarks/overhead.py --shape host --steps 50   # the host's share: tiny tensors, 24 blocks
+    python benchmarks/overhead.py --shape host --residual-op compiled   # ... of the GPU's compiled call path
 
 Forward + backward of one micro batch (no optimizer), variants measured round-robin so that
 drift hits all alike; the median over the timed steps is reported. Variants:
@@ -42,7 +43,7 @@ SHAPES = {
 VARIANTS = ["megatron", "off", "prores", "prores+gpas", "done+gpas"]
 
 
-def build(variant, shape, bf16, warmup, attention_backend="auto"):
+def build(variant, shape, bf16, warmup, attention_backend="auto", fused=None):
     from megatron.core.models.gpt import GPTModel
     from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 
@@ -75,6 +76,8 @@ def build(variant, shape, bf16, warmup, attention_backend="auto"):
     else:
         [model] = build_model(cfg)
         set_prores_step(model, warmup // 2 if variant != "done+gpas" else warmup)
+    if fused is not None:  # what megatron passes as ``fused`` to every residual op (bias-dropout-add)
+        model.config.bias_dropout_fusion = fused
     if torch.cuda.is_available():
         model = model.cuda()
     if bf16:
@@ -109,6 +112,10 @@ def main():
     p.add_argument("--warmup-steps", type=int, default=3, help="untimed steps per variant")
     p.add_argument("--attention-backend", default="auto", choices=["auto", "flash", "fused", "unfused"],
                    help="core attention of every variant (megatron's spec gets the same one)")
+    p.add_argument("--residual-op", choices=["default", "compiled", "eager"], default="default",
+                   help="residual ops of every variant (megatron's and this project's) compiled or eager; "
+                        "default: compiled on GPUs, eager on CPUs (the driver's choice). 'compiled' on a CPU "
+                        "with --shape host measures the host cost of the GPU's call path")
     p.add_argument("--out", default=os.path.join(os.path.dirname(__file__), "results"))
     args = p.parse_args()
 
@@ -131,7 +138,8 @@ def main():
     positions = torch.arange(seq, device=dev)[None].expand(mbs, seq)
     warmup = 1000 * L
 
-    models = {v: build(v, shape, bf16, warmup, args.attention_backend) for v in VARIANTS}
+    fused = {"default": None, "compiled": True, "eager": False}[args.residual_op]
+    models = {v: build(v, shape, bf16, warmup, args.attention_backend, fused) for v in VARIANTS}
     times = {v: [] for v in VARIANTS}
     act = {v: step(models[v], tokens, positions, labels, count_activations=True) for v in VARIANTS}
     peak = {}
@@ -165,11 +173,13 @@ def main():
     result = {
         "device": device, "date": datetime.date.today().isoformat(), "shape": shape_name,
         "layers": L, "hidden": h, "heads": heads, "ffn": ffn, "seq": seq, "micro_batch": mbs,
-        "dtype": "bf16" if bf16 else "fp32", "attention_backend": args.attention_backend, "timed_steps": steps, "torch": torch.__version__,
+        "dtype": "bf16" if bf16 else "fp32", "attention_backend": args.attention_backend,
+        "residual_op": args.residual_op, "timed_steps": steps, "torch": torch.__version__,
         "rows": rows,
     }
     os.makedirs(args.out, exist_ok=True)
-    name = f"{device.replace(' ', '_').replace('/', '_')}-{result['date']}-overhead-{shape_name}.json"
+    tag = "" if args.residual_op == "default" else f"-{args.residual_op}"
+    name = f"{device.replace(' ', '_').replace('/', '_')}-{result['date']}-overhead-{shape_name}{tag}.json"
     with open(os.path.join(args.out, name), "w") as f:
         json.dump(result, f, indent=2)
     print(f"\n{device} | shape {shape_name} (L={L}, h={h}, seq={seq}, mbs={mbs}, {result['dtype']}) "

@@ -390,6 +390,9 @@ def main(argv=None):
     p.add_argument("--micro-batch-size", default="auto" if gpu else "2",
                    help="an integer, or auto (GPU): the largest that fits the prores_mid variant")
     p.add_argument("--accumulation", type=int, default=4 if gpu else 2, help="microbatches per step")
+    p.add_argument("--hf-micro-batch-size", type=int, default=None,
+                   help="micro batch of the hf variant when smaller than the others' (its eager layers keep more "
+                        "activations: the 1.3B shape at micro batch 8 needs ~89 GiB), at the same global batch")
     p.add_argument("--steps", type=int, default=20, help="timed steps (median)")
     p.add_argument("--warmup", type=int, default=5 if gpu else 3, help="untimed steps first")
     p.add_argument("--rounds", type=int, default=1 if gpu else 3,
@@ -445,6 +448,12 @@ def main(argv=None):
         fpt = flops_per_token(shape)
         rows = {v: {"micro_batch": mb, "accumulation": args.accumulation, "times_ms": [], "peak_gib": 0.0}
                 for v in args.variants}
+        if "hf" in rows and args.hf_micro_batch_size and args.hf_micro_batch_size < mb:
+            if mb * args.accumulation % args.hf_micro_batch_size:
+                sys.exit(f"--hf-micro-batch-size {args.hf_micro_batch_size} does not divide the global batch "
+                         f"{mb * args.accumulation}: pass a divisor of it")
+            rows["hf"].update(micro_batch=args.hf_micro_batch_size,  # same global batch, smaller microbatches
+                              accumulation=mb * args.accumulation // args.hf_micro_batch_size)
         entry = {"shape": dict(zip(["layers", "hidden", "heads", "query_groups", "ffn", "seq"], shape)),
                  "flops_per_token": fpt, "variants": rows, "ratios": []}
         results["shapes"][name] = entry

@@ -142,20 +142,29 @@ def saved_storages(fn):
     return out, kept
 
 
-def test_recompute_keeps_no_activation_beyond_the_output():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_recompute_keeps_no_activation_beyond_the_output(compiled):
     """Unfused GPAS keeps the pre-GPAS sum next to its output; the fused op keeps only the
-    output (which the next norm keeps anyway), and the fallback keeps the sum instead."""
+    output (which the next norm keeps anyway), and the fallback keeps the sum instead; compiled
+    (AOTAutograd partitions the traced op itself) as eager."""
     r, f, _, gate = inputs(torch.float32, False, 0.5)
     a = torch.tensor(0.5)
     act = S * B * H * 4
 
-    y, kept = saved_storages(lambda: residual_op(r, f, prores=a, gate=gate, recompute=True))
+    y, kept = saved_storages(lambda: residual_op(r, f, prores=a, gate=gate, recompute=True, compiled=compiled))
     big = {p: n for p, n in kept.items() if n >= act}
     assert big == {y.untyped_storage().data_ptr(): act}
 
-    y, kept = saved_storages(lambda: residual_op(r, f, prores=a, gate=gate, recompute=False))
+    y, kept = saved_storages(lambda: residual_op(r, f, prores=a, gate=gate, recompute=False, compiled=compiled))
     big = [p for p, n in kept.items() if n >= act]
     assert len(big) == 1 and big[0] != y.untyped_storage().data_ptr()
+
+    # post styles keep the shortcut input, nothing new
+    y, kept = saved_storages(lambda: residual_op(r, f, prores=a, gate=gate, post=True, shortcut=1.5,
+                                                 compiled=compiled))
+    assert {p for p, n in kept.items() if n >= act} == {r.untyped_storage().data_ptr()}
+    if compiled:
+        return
 
     def unfused():
         z = torch.addcmul(r, a, f)
@@ -163,10 +172,6 @@ def test_recompute_keeps_no_activation_beyond_the_output():
 
     y, kept = saved_storages(unfused)
     assert sum(n >= act for n in kept.values()) == 1 and y.untyped_storage().data_ptr() not in kept
-
-    # post styles keep the shortcut input, nothing new
-    y, kept = saved_storages(lambda: residual_op(r, f, prores=a, gate=gate, post=True, shortcut=1.5))
-    assert {p for p, n in kept.items() if n >= act} == {r.untyped_storage().data_ptr()}
 
 
 def test_recompute_is_refused_near_a_zero_scale():

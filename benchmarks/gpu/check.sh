@@ -11,7 +11,8 @@
 #   b. tests/test_gpu.py (Transformer Engine tests skip: TE cannot be brought to the device)
 #   c. driver_resume.py: the driver at ~125M, bf16, ProRes+GPAS; its sync step-20 checkpoint resumed,
 #      and an --async-save run killed with -9 after step 20, resumed; losses vs the uninterrupted run
-#   d. step_time.py at the 1.3B shape (megatron / prores_mid / prores_done / hf), then the 48x512
+#   d. step_time.py at the 1.3B shape (megatron / prores_mid / prores_done / hf; micro batch 8 x 2, hf
+#      4 x 4: the same global batch of 16, hf at micro batch 8 needs ~89 GiB), then the 48x512
 #      shape while the budget lasts; the driver variants print a profile of two steps into the log
 # CHECK_BUDGET (seconds, default 530) bounds the whole command.
 set -uo pipefail
@@ -36,9 +37,9 @@ if ! python3 -c "import megatron.core" 2>/dev/null; then
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1 PYTHONWARNINGS=ignore
 export TORCHINDUCTOR_CACHE_DIR=/tmp/inductor-cache  # compiled kernels shared by the stages' processes
-if [[ -n ${TOY:-} ]]; then toy=(--toy); shapes=(cpu); st=(--micro-batch-size 2 --accumulation 2 --steps 3 --warmup 1)
+if [[ -n ${TOY:-} ]]; then toy=(--toy); shapes=(cpu); st=(--micro-batch-size 2 --accumulation 2 --hf-micro-batch-size 1 --steps 3 --warmup 1)
 else
-    toy=(); shapes=(1.3b 48x512); st=(--micro-batch-size 4 --accumulation 4 --steps 20 --warmup 3)
+    toy=(); shapes=(1.3b 48x512); st=(--micro-batch-size 8 --accumulation 2 --hf-micro-batch-size 4 --steps 20 --warmup 3)
     python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null || { say "error: no CUDA device here (TOY=1 for a CPU rehearsal)"; exit 1; }
 fi
 status=0
