@@ -198,6 +198,32 @@ def test_compiled_op_equals_eager_op(style):
         torch.testing.assert_close(x, w, rtol=1e-5, atol=1e-6)
 
 
+def test_compiled_op_after_a_shape_change_and_without_grad():
+    """The compiled op recompiles for a new sequence length (dynamo's dynamic shapes) and for
+    no-grad evaluation, and still equals the float64 formula written out here."""
+    a = torch.tensor(0.3, dtype=torch.float64)
+    for seq in (S, 2 * S + 3):
+        gen = torch.Generator().manual_seed(seq)
+        r, f = (torch.randn(seq, B, H, generator=gen, dtype=torch.float64).requires_grad_() for _ in range(2))
+        b = torch.randn(H, generator=gen, dtype=torch.float64).requires_grad_()
+        g = torch.tensor([0.45], dtype=torch.float64, requires_grad=True)
+        s = 1 - 0.45 * torch.sigmoid(torch.tensor(0.45, dtype=torch.float64))  # 1 - SiLU(g)
+        z = r.detach() + 0.3 * (f.detach() + b.detach())
+        y = residual_op(r, f, b, prores=a, gate=g, recompute=True, compiled=True)
+        torch.testing.assert_close(y, s * z, rtol=1e-12, atol=1e-12)
+        dy = torch.randn(y.shape, generator=gen, dtype=torch.float64)
+        dr, df, db, dg = torch.autograd.grad(y, [r, f, b, g], dy)
+        sig = torch.sigmoid(torch.tensor(0.45, dtype=torch.float64))
+        dsilu = sig * (1 + 0.45 * (1 - sig))
+        torch.testing.assert_close(dr, dy, rtol=0, atol=0)  # gradient-preserving: unscaled
+        torch.testing.assert_close(df, 0.3 * dy, rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(db, 0.3 * dy.sum((0, 1)), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(dg, (-dsilu * (dy * z).sum()).reshape(1), rtol=1e-10, atol=1e-12)
+        with torch.no_grad():
+            torch.testing.assert_close(residual_op(r, f, b, prores=a, gate=g, recompute=True, compiled=True),
+                                       s * z, rtol=1e-12, atol=1e-12)
+
+
 def test_model_with_compiled_residual_ops_equals_eager(single_process):
     """The layer passes megatron's ``fused`` flag (config.bias_dropout_fusion) on to the op: a
     ProRes+GPAS model gives the same loss and gradients compiled and eager."""
