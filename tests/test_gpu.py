@@ -105,6 +105,28 @@ def test_compiled_residual_op_on_gpu_matches_float64_formula(style):
 
 
 @needs_cuda
+def test_compiled_residual_op_on_gpu_keeps_only_its_output():
+    """AOTAutograd partitions the traced op on CUDA as on CPU: with GPAS recompute it keeps the
+    bf16 output alone (CPU counterpart: test_recompute_keeps_no_activation_beyond_the_output)."""
+    from megatron_prores.fused_residual import residual_op
+
+    gen = torch.Generator(device="cuda").manual_seed(1)
+    r, f = (torch.randn(256, 2, 512, device="cuda", generator=gen).bfloat16().requires_grad_() for _ in range(2))
+    gate = torch.tensor([0.4], device="cuda", requires_grad=True)
+    a = torch.tensor(0.3, device="cuda")
+    kept = {}
+
+    def pack(t):
+        kept[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        y = residual_op(r, f, prores=a, gate=gate, recompute=True, compiled=True)
+    act = r.numel() * r.element_size()
+    assert {p: n for p, n in kept.items() if n >= act} == {y.untyped_storage().data_ptr(): act}
+
+
+@needs_cuda
 @pytest.mark.parametrize("backend", ["auto", "flash"])
 def test_sdpa_flash_equals_dot_product_attention_bf16(single_process, backend):
     """CPU counterpart: test_attention (fp64/fp32/bf16 on the CPU kernels)."""
