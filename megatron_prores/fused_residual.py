@@ -21,9 +21,10 @@ r, which is the layer input and kept by the first linear anyway.
 Speed. The forward and backward math are plain functions; ``compiled=True`` runs the op through
 torch.compile (generated kernels each way on GPUs, as megatron-core's own fused bias-dropout-add),
 ``compiled=False`` runs them eagerly (same formulas, more kernels). The compiled op is one
-compiled call per forward, with dynamo's default shape handling (static first, dynamic after a
-shape change): ``dynamic=False`` and a compiled call per direction cost about twice the host
-time per op (benchmarks/overhead.py --shape host), time a GPU waits for in host-bound phases.
+compiled call per forward whose backward is AOTAutograd's (megatron-core's own compiled
+bias-dropout-add has the same structure), with dynamo's default shape handling (static first,
+dynamic after a shape change); benchmarks/residual_op_host.py measures its host time per call,
+the time a GPU waits for in host-bound phases.
 """
 
 from __future__ import annotations
