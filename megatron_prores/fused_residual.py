@@ -18,13 +18,14 @@ away from 0; the caller decides once per step, on the host, with ``recompute_saf
 change only at the optimizer step), and the op keeps z instead when it is not. Post styles keep
 r, which is the layer input and kept by the first linear anyway.
 
-Speed. The forward and backward math are plain functions; ``compiled=True`` runs the op through
-torch.compile (generated kernels each way on GPUs, as megatron-core's own fused bias-dropout-add),
-``compiled=False`` runs them eagerly (same formulas, more kernels). The compiled op is one
-compiled call per forward whose backward is AOTAutograd's (megatron-core's own compiled
-bias-dropout-add has the same structure), with dynamo's default shape handling (static first,
-dynamic after a shape change); benchmarks/residual_op_host.py measures its host time per call,
-the time a GPU waits for in host-bound phases.
+Speed. The forward and backward math are plain functions; ``compiled=True`` runs them through
+torch.compile (one generated kernel each way on GPUs, as megatron-core's own fused
+bias-dropout-add), ``compiled=False`` runs them eagerly (same formulas, more kernels). They are
+compiled as plain functions, called from the autograd.Function: compiling the autograd.Function
+whole (one compiled call, AOTAutograd's backward) gave zero gradients on torch 2.11 (its backward
+was traced with a zero tangent; tests/test_fused_residual.py fails there), though right on 2.13.
+Dynamo's default shape handling (static first, dynamic after a shape change), not
+``dynamic=False``, which patches dynamo's config on every call (host time: benchmarks/residual_op_host.py).
 """
 
 from __future__ import annotations
@@ -118,25 +119,41 @@ def _backward(dy, saved, gate, mask, keep: float, a, c: Optional[float], divide:
     return df, db, dg
 
 
+_compiled = {}
+
+
+def _kernel(fn, compiled: bool):
+    if not compiled:
+        return fn
+    if fn not in _compiled:
+        import torch._dynamo.config as dynamo_config
+
+        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
+        _compiled[fn] = torch.compile(fn)
+    return _compiled[fn]
+
+
 # ---- autograd --------------------------------------------------------------------------------
 class _ResidualOp(torch.autograd.Function):
-    """Forward and backward of the op; ``gate_grad`` and ``need_bias`` say which of dg and db the
-    backward computes (given by the caller: torch.compile traces this function whole)."""
-
     @staticmethod
-    def forward(ctx, r, f, bias, gate, a, mask, keep, c, post, recompute, gate_grad, need_bias):
+    def forward(ctx, r, f, bias, gate, a, mask, keep, c, post, recompute, compiled):
+        # detached inputs: the compiled kernels see the same tensor properties in training and eval
+        r_, f_ = r.detach(), f.detach()
+        bias_ = None if bias is None else bias.detach()
+        gate_ = None if gate is None else gate.detach()
+        gate_grad = gate is not None and ctx.needs_input_grad[3]  # not in eval, not for a frozen gate
         if post:
-            y = _post_forward(r, f, bias, mask, keep, a, gate, c)
-            saved = r if gate_grad else None
+            y = _kernel(_post_forward, compiled)(r_, f_, bias_, mask, keep, a, gate_, c)
+            saved = r_ if gate_grad else None
             ctx.divide = False
         else:
             keep_z = gate_grad and not recompute
-            y, z = _pre_forward(r, f, bias, mask, keep, a, gate, keep_z)
+            y, z = _kernel(_pre_forward, compiled)(r_, f_, bias_, mask, keep, a, gate_, keep_z)
             saved = (z if keep_z else y) if gate_grad else None
             ctx.divide = gate_grad and not keep_z
-        ctx.save_for_backward(saved, gate, a, mask)
-        ctx.keep, ctx.c, ctx.post = keep, c, post
-        ctx.gate_grad, ctx.need_bias = gate_grad, need_bias
+        ctx.save_for_backward(saved, gate_, a, mask)
+        ctx.keep, ctx.c, ctx.post, ctx.compiled = keep, c, post, compiled
         ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.r_dtype = r.dtype
         return y
@@ -145,33 +162,15 @@ class _ResidualOp(torch.autograd.Function):
     def backward(ctx, dy):
         saved, gate, a, mask = ctx.saved_tensors
         c = ctx.c
-        df, db, dg = _backward(dy, saved, gate, mask, ctx.keep, a, c if ctx.post else None, ctx.divide,
-                               ctx.need_bias, ctx.gate_grad)
+        need_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
+        need_gate = gate is not None and ctx.needs_input_grad[3]
+        df, db, dg = _kernel(_backward, ctx.compiled)(
+            dy, saved, gate, mask, ctx.keep, a, c if ctx.post else None, ctx.divide, need_bias, need_gate)
         dr = dy if not ctx.post or c is None else dy * c
         dr = dr.to(ctx.r_dtype)
         if db is not None:
             db = db.to(ctx.bias_dtype)
-        return dr, df, db, dg, None, None, None, None, None, None, None, None
-
-
-def _apply(*args):
-    return _ResidualOp.apply(*args)
-
-
-_compiled = {}
-
-
-def _compiled_apply():
-    """``_apply`` under torch.compile: dynamo traces the autograd.Function whole, so the forward
-    is one compiled call and the backward runs as AOTAutograd's compiled backward, called by the
-    autograd engine without a second compiled-function call (and its guards) per op."""
-    if "apply" not in _compiled:
-        import torch._dynamo.config as dynamo_config
-
-        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-        setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
-        _compiled["apply"] = torch.compile(_apply)
-    return _compiled["apply"]
+        return dr, df, db, dg, None, None, None, None, None, None, None
 
 
 def dropout_mask(like: torch.Tensor, prob: float) -> torch.Tensor:
@@ -189,8 +188,4 @@ def residual_op(r, f, bias=None, *, prob: float = 0.0, training: bool = True,
     (None: 1), ``gate`` the 1-element GPAS gate (None: no GPAS), ``shortcut`` the DeepNorm c
     (post styles only), ``recompute`` whether the pre-GPAS value may be recomputed as y / s."""
     mask = dropout_mask(f, prob) if training and prob > 0.0 else None
-    grad = torch.is_grad_enabled()
-    gate_grad = gate is not None and grad and gate.requires_grad  # not in eval, not for a frozen gate
-    need_bias = bias is not None and grad and bias.requires_grad
-    op = _compiled_apply() if compiled else _apply
-    return op(r, f, bias, gate, prores, mask, 1.0 - prob, shortcut, post, recompute, gate_grad, need_bias)
+    return _ResidualOp.apply(r, f, bias, gate, prores, mask, 1.0 - prob, shortcut, post, recompute, compiled)
