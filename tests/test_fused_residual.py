@@ -146,7 +146,7 @@ def saved_storages(fn):
 def test_recompute_keeps_no_activation_beyond_the_output(compiled):
     """Unfused GPAS keeps the pre-GPAS sum next to its output; the fused op keeps only the
     output (which the next norm keeps anyway), and the fallback keeps the sum instead; compiled
-    (AOTAutograd partitions the traced op itself) as eager."""
+    as eager."""
     r, f, _, gate = inputs(torch.float32, False, 0.5)
     a = torch.tensor(0.5)
     act = S * B * H * 4

@@ -106,8 +106,8 @@ def test_compiled_residual_op_on_gpu_matches_float64_formula(style):
 
 @needs_cuda
 def test_compiled_residual_op_on_gpu_keeps_only_its_output():
-    """AOTAutograd partitions the traced op on CUDA as on CPU: with GPAS recompute it keeps the
-    bf16 output alone (CPU counterpart: test_recompute_keeps_no_activation_beyond_the_output)."""
+    """Compiled with Triton, the op with GPAS recompute keeps the bf16 output alone (CPU
+    counterpart: test_recompute_keeps_no_activation_beyond_the_output)."""
     from megatron_prores.fused_residual import residual_op
 
     gen = torch.Generator(device="cuda").manual_seed(1)
