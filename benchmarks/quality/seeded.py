@@ -39,6 +39,8 @@ SEEDS_BY_EXP = {"cpu": {"cpu-stability": 8}, "toy": {}}
 def seeds_for(size, exp, n=None):
     """Seeds per configuration of ``exp``: --seeds, else the experiment's own count, else the size's."""
     return n or SEEDS_BY_EXP[size].get(exp, SEEDS[size])
+
+
 TARGETS = ["cpu-prenorm", "cpu-stability", "cpu-lns", "cpu-sandwich", "cpu-deepnorm", "cpu-depth"]  # headline first
 
 
