@@ -11,7 +11,11 @@ flash / memory-efficient attention kernels on GPUs instead of the materialized s
 - attention dropout inside the tensor-parallel RNG fork (as DotProductAttention: each TP rank holds
   other heads, so it draws its own mask), or outside it under sequence parallelism;
 - ``backend`` restricts the kernel choice: "auto" lets PyTorch pick, "flash" and "fused" force the
-  flash / memory-efficient kernel (an error where that kernel cannot run these inputs).
+  flash / memory-efficient kernel (an error where that kernel cannot run these inputs);
+- context parallelism (causal attention only): each CP rank holds two chunks of the sequence
+  (megatron_prores/context_parallel.py); K/V of all ranks are all-gathered, and each local query
+  chunk attends to the keys up to its own end with a bottom-right-aligned causal mask
+  (``causal_lower_right``, which the flash kernel takes without a mask tensor).
 A query row whose keys are all masked gives zeros (DotProductAttention: the mean of the values);
 causal language modelling never has one. Megatron's query-key layer scaling is a numerical device of the fp16 softmax that leaves the math
 unchanged, so the scale here is always softmax_scale (default 1/sqrt(head dim)).
@@ -40,8 +44,11 @@ class SDPAttention(MegatronModule):
                  attention_dropout: Optional[float] = None, softmax_scale: Optional[float] = None,
                  cp_comm_type: Optional[str] = None, pg_collection=None):
         super().__init__(config=config)
-        if config.context_parallel_size != 1:
-            raise ValueError("SDPAttention has no context parallelism; use the Transformer Engine spec")
+        self.cp_group = None
+        if config.context_parallel_size > 1:
+            from megatron.core import parallel_state
+
+            self.cp_group = getattr(pg_collection, "cp", None) or parallel_state.get_context_parallel_group()
         if getattr(config, "window_size", None) is not None or getattr(config, "softmax_type", "vanilla") != "vanilla":
             raise ValueError("SDPAttention supports full causal attention with the vanilla softmax only")
         self.layer_number = max(1, layer_number)
@@ -66,26 +73,69 @@ class SDPAttention(MegatronModule):
         sq, b, heads, dim = query.shape
         # [s, b, n, d] -> [b, n, s, d]
         q, k, v = (t.permute(1, 2, 0, 3) for t in (query, key, value))
-        mask = None
-        causal = mask_type == AttnMaskType.causal and attention_mask is None
-        if causal and key.shape[0] != sq:
-            raise ValueError("SDPAttention: causal attention without a mask needs as many keys as queries")
-        if attention_mask is not None:
-            mask = ~attention_mask  # megatron: True = masked; SDPA: True = attend
-        groups = k.shape[1]
+        if self.cp_group is not None:
+            if attention_mask is not None or mask_type != AttnMaskType.causal:
+                raise ValueError("SDPAttention under context parallelism supports causal attention without a mask only")
+            out = self._context_parallel(q, key, value)
+        else:
+            mask = None
+            causal = mask_type == AttnMaskType.causal and attention_mask is None
+            if causal and key.shape[0] != sq:
+                raise ValueError("SDPAttention: causal attention without a mask needs as many keys as queries")
+            if attention_mask is not None:
+                mask = ~attention_mask  # megatron: True = masked; SDPA: True = attend
+            out = self._attend(q, k, v, mask, causal)
+        # [b, n, s, d] -> [s, b, n * d]
+        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
+
+    def _context_parallel(self, q, key, value):
+        """This rank's two query chunks [b, n, 2L, d] against the whole sequence's keys."""
+        from torch.nn.attention.bias import causal_lower_right
+
+        from megatron_prores.context_parallel import gather_keys, local_chunks
+
+        k, v = (gather_keys(t, self.cp_group).permute(1, 2, 0, 3) for t in (key, value))
+        L = q.shape[2] // 2
+        outs = []
+        for i, chunk in enumerate(local_chunks(self.cp_group.rank(), self.cp_group.size())):
+            end = (chunk + 1) * L  # chunk c's queries see keys 0 .. (c+1)L-1, the last L causally
+            outs.append(self._attend(q[:, :, i * L:(i + 1) * L], k[:, :, :end], v[:, :, :end],
+                                     causal_lower_right(L, end), False))
+        return torch.cat(outs, dim=2)
+
+    def _attend(self, q, k, v, mask, causal: bool):
+        heads, groups = q.shape[1], k.shape[1]
         gqa = groups != heads
-        if gqa and (mask is not None or self.backend == "fused" or not _flash_dtype(q)):
-            # only the flash kernel reads grouped K/V directly: give the others one K/V per head
+        if gqa and not self._grouped_kv(q, k, v, mask):
+            # the kernel cannot read grouped K/V: give it one K/V per head
             k, v = (t.repeat_interleave(heads // groups, dim=1) for t in (k, v))
             gqa = False
         p = self.dropout_p if self.training else 0.0
         rng = (tensor_parallel.get_cuda_rng_tracker().fork()
                if p > 0.0 and not self.config.sequence_parallel else contextlib.nullcontext())
         with rng, self._kernel():
-            out = F.scaled_dot_product_attention(
+            return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal, scale=self.scale, enable_gqa=gqa)
-        # [b, n, s, d] -> [s, b, n * d]
-        return out.permute(2, 0, 1, 3).reshape(sq, b, heads * dim)
+
+    def _grouped_kv(self, q, k, v, mask) -> bool:
+        """Whether the kernel that will run takes grouped K/V (``enable_gqa``) directly: the flash
+        kernel does, the memory-efficient one and an explicit mask tensor do not."""
+        if self.backend == "fused" or not _flash_dtype(q):
+            return False
+        if mask is None:
+            return True
+        from torch.nn.attention.bias import CausalBias
+
+        if not isinstance(mask, CausalBias):
+            return False
+        if not q.is_cuda:
+            return True  # CPU: the mask is materialized and the math kernel groups K/V itself
+        # a bottom-right causal bias runs on flash where flash takes the inputs, else on the
+        # memory-efficient kernel (which needs one K/V per head)
+        from torch.backends.cuda import SDPAParams, can_use_flash_attention
+
+        p = self.dropout_p if self.training else 0.0
+        return can_use_flash_attention(SDPAParams(q, k, v, None, p, False, True))
 
 
 def _flash_dtype(t: torch.Tensor) -> bool:

@@ -301,14 +301,23 @@ class ModelConfig:
                 f"--seq-length {self.seq_length} is not divisible by --tensor-model-parallel-size "
                 f"{tp}, which --sequence-parallel needs"
             )
-        if self.context_parallel_size > 1:
-            # The driver does not yet split each sequence over the context-parallel ranks (nor
-            # reduce the loss over them): every rank would train on the whole sequence.
-            raise ConfigError(
-                "--context-parallel-size > 1 is not supported yet (sequences are not split over "
-                "context-parallel ranks); use --tensor-model-parallel-size with --sequence-parallel "
-                "or --pipeline-model-parallel-size for long sequences"
-            )
+        cp = self.context_parallel_size
+        if cp > 1:
+            if self.seq_length % (2 * cp):
+                raise ConfigError(
+                    f"--seq-length {self.seq_length} is not divisible by 2 x --context-parallel-size {cp} "
+                    f"(each sequence is cut into 2 x CP chunks); pick a CP size that divides it"
+                )
+            if self.sequence_parallel and (self.seq_length // cp) % tp:
+                raise ConfigError(
+                    f"--seq-length {self.seq_length} / --context-parallel-size {cp} is not divisible by "
+                    f"--tensor-model-parallel-size {tp}, which --sequence-parallel needs"
+                )
+            if self.attention_backend in ("unfused", "local"):
+                raise ConfigError(
+                    f"--attention-backend {self.attention_backend} (megatron-core's DotProductAttention) has no "
+                    f"context parallelism; use --attention-backend auto, flash or fused"
+                )
 
     def transformer_config(self):
         """The megatron-core TransformerConfig of this model (validates first)."""

@@ -17,7 +17,8 @@ the one CPU generator (identical across tensor-parallel ranks).
 
 The redirects:
 1. a ``TorchFunctionMode`` that rewrites a CUDA ``device=`` argument (string, ``torch.device``
-   or bare integer index) to the CPU, and makes ``Tensor.cuda()``/``.to("cuda")`` stay on CPU;
+   or bare integer index) to the CPU, drops ``pin_memory=True`` (no pinned memory without CUDA),
+   and makes ``Tensor.cuda()``/``.to("cuda")`` stay on CPU;
 2. ``Tensor.type()`` without arguments names the CUDA type (``torch.cuda.FloatTensor``), which
    megatron's optimizer and grad clipping assert on;
 3. ``torch.cuda.current_device``/``synchronize``/``set_device``/``empty_cache``/``current_stream``
@@ -108,6 +109,8 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = dict(kwargs) if kwargs else {}
         if "device" in kwargs and _is_cuda(kwargs["device"]):
             kwargs["device"] = _CPU
+        if kwargs.get("pin_memory"):  # staging for a CUDA copy (rotary positions under CP)
+            kwargs["pin_memory"] = False
         if func is torch.Tensor.cuda:
             return args[0]
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda(args[1]):

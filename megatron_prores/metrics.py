@@ -109,7 +109,8 @@ class StreamRMS:
         self.handles = [l.register_forward_hook(hook(l)) for l in self.layers]
 
     def stop(self) -> dict:
-        """{global block: RMS}, averaged over microbatches and tensor-parallel ranks (SP shards)."""
+        """{global block: RMS}, averaged over microbatches and the tensor- and context-parallel
+        ranks (sequence-parallel and context-parallel shards hold equal numbers of tokens)."""
         from megatron.core import parallel_state as ps
 
         if not self.handles:
@@ -121,8 +122,9 @@ class StreamRMS:
             return {}
         blocks = sorted(self.sums)
         ms = torch.stack([torch.as_tensor(self.sums[b][0]) / self.sums[b][1] for b in blocks]).float()
-        dist.all_reduce(ms, group=ps.get_tensor_model_parallel_group())
-        ms /= ps.get_tensor_model_parallel_world_size()
+        group = ps.get_tensor_and_context_parallel_group()
+        dist.all_reduce(ms, group=group)
+        ms /= group.size()
         return {b: v for b, v in zip(blocks, ms.sqrt().tolist())}
 
 

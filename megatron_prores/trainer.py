@@ -263,7 +263,8 @@ class Trainer:
         from megatron_prores import data
 
         a = self.args
-        self.dp_rank = ps.get_data_parallel_rank()
+        self.dp_rank = ps.get_data_parallel_rank()  # the CP ranks of a replica read the same samples
+        self.cp_rank, self.cp_size = ps.get_context_parallel_rank(), ps.get_context_parallel_world_size()
         eval_runs = (a.train_iters // a.eval_interval + 1) if a.eval_interval else 1
         sizes = [a.train_iters * a.global_batch_size,
                  eval_runs * a.eval_iters * a.global_batch_size if a.eval_iters else 0, 0]
@@ -312,14 +313,21 @@ class Trainer:
 
     # ---- the step -------------------------------------------------------------------------
     def forward_step(self, data_iterator, chunk):
-        batch = to_device(next(data_iterator), self.device)
+        from megatron_prores.context_parallel import split_batch
+
+        whole = next(data_iterator)
+        # the mean is over the whole sequences' tokens: under context parallelism each rank adds
+        # its part's sum, and megatron-core's schedule multiplies by CP against the gradient
+        # average over data-parallel x CP ranks
+        count = max(float(whole["loss_mask"].sum()), 1.0)
+        batch = to_device(split_batch(whole, self.cp_rank, self.cp_size), self.device)
         out = chunk(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
         loss_mask = batch["loss_mask"].float()
 
         def loss_func(per_token):
-            total = (per_token.float() * loss_mask).sum()
-            count = loss_mask.sum().clamp_min(1)
-            return total / count, {"lm loss": (total / count).detach()}
+            loss = (per_token.float() * loss_mask).sum() / count
+            # a copy: megatron-core scales the returned loss in place (x CP / microbatches)
+            return loss, {"lm loss": loss.detach().clone()}
 
         return out, loss_func
 
@@ -336,6 +344,8 @@ class Trainer:
         loss = (torch.stack([x["lm loss"].float() for x in losses]).sum().cpu().view(1) / self.num_micro
                 if losses else torch.zeros(1))
         dist.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())  # only the last stage has it
+        if self.cp_size > 1:  # each CP rank has its part of every sequence's sum
+            dist.all_reduce(loss, group=ps.get_context_parallel_group())
         dist.all_reduce(loss, group=ps.get_data_parallel_group())
         return loss.item() / self.dp_size
 

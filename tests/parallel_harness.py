@@ -25,6 +25,7 @@ LAYOUTS = {
     "pp2-vpp2": dict(pipeline_model_parallel_size=2, num_layers_per_virtual_pipeline_stage=1),
     "tp2-sp": dict(tensor_model_parallel_size=2, sequence_parallel=True),
     "tp2-pp2": dict(tensor_model_parallel_size=2, pipeline_model_parallel_size=2),
+    "cp2": dict(context_parallel_size=2),
 }
 
 
@@ -46,7 +47,7 @@ def build(cfg, parallel_output=False):
     from megatron_prores.model import build_model
 
     parallel.initialize(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
-                        cfg.virtual_pipeline_size, seed=7)
+                        cfg.virtual_pipeline_size, cfg.context_parallel_size, seed=7)
     return build_model(cfg, parallel_output=parallel_output)
 
 
@@ -73,6 +74,7 @@ def loss_and_grads(method: MethodConfig, layout: str, weights: str, grads_out: s
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     from megatron_prores.checkpointing import load_model, save_model
+    from megatron_prores.context_parallel import split_sequence
     from megatron_prores.layer import set_prores_step
 
     cfg = model_config(method, layout)
@@ -84,14 +86,17 @@ def loss_and_grads(method: MethodConfig, layout: str, weights: str, grads_out: s
              for i, c in enumerate(chunks)]
     set_prores_step(model, STEP)
 
+    cp_rank, cp = parallel_state.get_context_parallel_rank(), parallel_state.get_context_parallel_world_size()
+
     def forward_step(data_iterator, chunk):
-        tokens, probe = next(data_iterator)
-        positions = torch.arange(SEQ)[None].expand(MBS, SEQ)
+        # under context parallelism this rank's part of each sequence, as the driver splits it
+        tokens, probe = (split_sequence(t, cp_rank, cp) for t in next(data_iterator))
+        positions = split_sequence(torch.arange(SEQ)[None].expand(MBS, SEQ), cp_rank, cp)
         logits = chunk(tokens, positions, None)
 
         def loss_func(output):
             loss = (output * probe).sum()
-            return loss, {"loss": loss.detach()}
+            return loss, {"loss": loss.detach().clone()}  # megatron scales the loss in place
 
         return logits, loss_func
 
@@ -109,6 +114,7 @@ def loss_and_grads(method: MethodConfig, layout: str, weights: str, grads_out: s
     # The last pipeline stage has the loss: share it with every rank.
     t = torch.tensor([total], dtype=torch.float64)
     torch.distributed.all_reduce(t, group=parallel_state.get_pipeline_model_parallel_group())
+    torch.distributed.all_reduce(t, group=parallel_state.get_context_parallel_group())  # parts of each sequence
     with torch.no_grad():
         for m in model:
             for p in m.module.parameters():

@@ -24,13 +24,18 @@ LAYOUTS = {  # name: (processes, flags)
     "pp2-vpp2": (2, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]),
     "dp2": (2, []),
     "dp2-distopt": (2, ["--use-distributed-optimizer"]),
+    "cp2": (2, ["--context-parallel-size", "2"]),
 }
-STACK = ("pp2-vpp2", "dp2-distopt")  # also on CI's Python 3.12 / megatron-core 0.19 leg
+STACK = ("pp2-vpp2", "dp2-distopt", "cp2")  # also on CI's Python 3.12 / megatron-core 0.19 leg
 EXHAUSTIVE_LAYOUTS = {
     "tp2-pp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
     "tp2-sp-pp2-vpp2-distopt": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
                                     "--pipeline-model-parallel-size", "2",
                                     "--num-layers-per-virtual-pipeline-stage", "1"]),
+    "tp2-sp-cp2": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel", "--context-parallel-size", "2"]),
+    "pp2-vpp2-cp2": (4, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
+                         "--context-parallel-size", "2"]),
+    "cp2-dp2-distopt": (4, ["--context-parallel-size", "2", "--use-distributed-optimizer"]),
 }
 LOSS_RTOL = 1e-5  # fp32: summation order differs between layouts
 # relative norm error per tensor after STEPS Adam steps: Adam divides each gradient by its own

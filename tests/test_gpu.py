@@ -149,6 +149,37 @@ def test_sdpa_flash_equals_dot_product_attention_bf16(single_process, backend):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
 
 
+@needs_cuda
+@pytest.mark.parametrize("backend", ["auto", "flash"])
+def test_context_parallel_chunk_attention_bf16_matches_float64(single_process, backend):
+    """The kernel call of a context-parallel query chunk on the GPU: grouped K/V (16 heads, 4
+    groups) with a bottom-right causal bias, which runs on the flash kernel without a mask tensor.
+    CPU counterpart: test_attention's multi-process context-parallel test (the whole CP path,
+    float64)."""
+    from megatron.core.transformer.enums import AttnMaskType
+    from torch.nn.attention.bias import causal_lower_right
+
+    from megatron_prores.attention import sdpa_attention
+
+    cfg = ModelConfig(num_layers=2, hidden_size=1024, num_attention_heads=16, num_query_groups=4,
+                      seq_length=512, bf16=True).transformer_config()
+    module = sdpa_attention(backend)(cfg, 1, AttnMaskType.causal, "self")
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    L, end = 128, 384  # the third of four chunks: its queries see keys 0..383, the last 128 causally
+    q = torch.randn(2, 16, L, 64, device="cuda", generator=gen).bfloat16().requires_grad_()
+    k, v = (torch.randn(2, 4, end, 64, device="cuda", generator=gen).bfloat16().requires_grad_() for _ in range(2))
+    y = module._attend(q, k, v, causal_lower_right(L, end), False)
+    got = (y, *torch.autograd.grad(y, (q, k, v), torch.ones_like(y)))
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    kr, vr = (t.repeat_interleave(4, dim=1) for t in (k64, v64))
+    allowed = torch.ones(L, end, dtype=torch.bool, device="cuda").tril(end - L)  # query i: keys <= end-L+i
+    scores = (q64 @ kr.transpose(-1, -2)) / 8.0
+    y64 = scores.masked_fill(~allowed, float("-inf")).softmax(-1) @ vr
+    want = (y64, *torch.autograd.grad(y64, (q64, k64, v64), torch.ones_like(y64)))
+    for name, a, b in zip(["out", "dq", "dk", "dv"], got, want):
+        torch.testing.assert_close(a.double(), b, rtol=3e-2, atol=3e-2, msg=name)
+
+
 @needs_te
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
 @pytest.mark.parametrize("norm", NORMS)

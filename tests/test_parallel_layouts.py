@@ -1,5 +1,6 @@
 """Same loss and same gradients (gates included, every layer) for TP=1/PP=1 vs TP=2, PP=2,
-PP=2 with virtual pipeline 2, and TP=2 with sequence parallelism — real multi-process gloo groups."""
+PP=2 with virtual pipeline 2, TP=2 with sequence parallelism, and context parallelism 2 — real
+multi-process gloo groups, float64."""
 
 import os
 
@@ -11,7 +12,7 @@ from megatron_prores.config import MethodConfig
 from tests import parallel_harness as H
 from tests.conftest import free_port
 
-WORLD2_LAYOUTS = ["tp2", "pp2", "pp2-vpp2", "tp2-sp"]
+WORLD2_LAYOUTS = ["tp2", "pp2", "pp2-vpp2", "tp2-sp", "cp2"]
 
 
 def method(norm, prores=True, gpas=True, gate="block"):
