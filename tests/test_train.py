@@ -277,6 +277,29 @@ def test_distributed_optimizer_resume_is_bitwise(tmp_path):
         ["iter_0000006", "iter_0000008"]  # --keep-last-n 2
 
 
+def test_context_parallel_resume_is_bitwise_and_moves_to_another_layout(tmp_path):
+    """CP=2 with the distributed optimizer (sharded over the data x context ranks): stop at 4,
+    resume to 8 bitwise against an uninterrupted run; then that CP=2 checkpoint continues under
+    DP=2 (optimizer state resharded) with the uninterrupted CP=2 run's losses."""
+    dp2 = BASE + ["--use-distributed-optimizer", "--save-interval", "4", "--lr-decay-iters", "10"]
+    args = dp2 + ["--context-parallel-size", "2"]
+    code, out = run(args + ["--train-iters", "10", "--save", tmp_path / "full"])
+    assert code == 0, out[-3000:]
+    code, out = run(args + ["--train-iters", "8", "--save", tmp_path / "two", "--exit-interval", "4"])
+    assert code == 0 and "exiting at iteration 4" in out, out[-3000:]
+    code, out = run(args + ["--train-iters", "8", "--save", tmp_path / "two", "--load", tmp_path / "two"])
+    assert code == 0 and "at iteration 4" in out, out[-3000:]
+    _, a = train_state(tmp_path / "full")
+    _, b = train_state(tmp_path / "two")
+    assert len(a["train_state"]["losses"]) == 10
+    assert a["train_state"]["losses"][:8] == b["train_state"]["losses"]
+    code, out = run(dp2 + ["--train-iters", "10", "--load", tmp_path / "two", "--save", tmp_path / "dp2"])
+    assert code == 0 and "at iteration 8" in out, out[-3000:]
+    _, c = train_state(tmp_path / "dp2")
+    assert c["train_state"]["losses"][:8] == b["train_state"]["losses"]
+    assert c["train_state"]["losses"][8:] == pytest.approx(a["train_state"]["losses"][8:], rel=1e-5, abs=0)
+
+
 @pytest.mark.parametrize("order", ["before", "after"])
 def test_gate_gradient_clip_with_the_distributed_optimizer(tmp_path, order):
     """DP=2: the distributed optimizer shards the reduced gate gradients over the DP ranks; the

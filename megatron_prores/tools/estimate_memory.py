@@ -13,7 +13,8 @@ measurement (what the allocator really holds can be 10-30% more). What the drive
   residual op recomputes its input from its output), plus 4*s*b*h for Sandwich-LN's branch norms,
   plus 2*a*s*s*b for unfused attention (--attention-backend unfused/local: megatron-core's
   DotProductAttention or TE's unfused kernel; the default SDPA / TE flash attention keeps none); the stream-sized parts are split
-  over TP only with sequence parallelism, everything over CP; --recompute-granularity full keeps
+  over TP only with sequence parallelism, everything over CP, except that under CP > 1 each rank
+  also keeps the whole sequence's all-gathered K/V (4*s*b*kv/TP); --recompute-granularity full keeps
   2*s*b*h per block plus one block's activations, selective drops the attention part;
   micro batches in flight on the first pipeline stage: min(PP, microbatches), times
   (1 + (PP-1)/(PP*VPP)) for the interleaved schedule;
@@ -59,7 +60,8 @@ def estimate(args, cfg, dp: int, num_micro: int) -> dict:
     split_bytes = s * b * split / (tp * cp)
     unfused = cfg.attention_backend in ("unfused", "local")  # probabilities kept: s x s per head
     attn = 2 * cfg.num_attention_heads * s * s * b / (tp * cp) if unfused else 0
-    block = stream_bytes + split_bytes + attn
+    gathered_kv = 4 * s * b * kv / tp if cp > 1 else 0  # the whole sequence's K/V, saved for backward
+    block = stream_bytes + split_bytes + attn + gathered_kv
     if cfg.recompute_granularity == "full":
         kept = 2 * s * b * h / ((tp if cfg.sequence_parallel else 1) * cp) * per_stage + block
     else:
