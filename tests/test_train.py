@@ -277,6 +277,7 @@ def test_distributed_optimizer_resume_is_bitwise(tmp_path):
         ["iter_0000006", "iter_0000008"]  # --keep-last-n 2
 
 
+@pytest.mark.stack
 def test_context_parallel_resume_is_bitwise_and_moves_to_another_layout(tmp_path):
     """CP=2 with the distributed optimizer (sharded over the data x context ranks): stop at 4,
     resume to 8 bitwise against an uninterrupted run; then that CP=2 checkpoint continues under
