@@ -102,3 +102,15 @@ def seed_everything(seed: int) -> None:
     np.random.seed(seed)
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
+
+
+def seed_dropout_per_context_rank(seed: int) -> None:
+    """After the model is built (its weights alike on every context-parallel rank): give each CP
+    rank its own random streams, so that dropout draws other masks for the other chunks of a
+    sequence (megatron-core seeds by pipeline and tensor rank only, so CP ranks would repeat one
+    mask on every chunk). No-op without context parallelism."""
+    from megatron.core import parallel_state
+
+    cp_rank = parallel_state.get_context_parallel_rank()
+    if parallel_state.get_context_parallel_world_size() > 1:
+        seed_everything(seed + 100 * parallel_state.get_pipeline_model_parallel_rank() + 7919 * cp_rank)

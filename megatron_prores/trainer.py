@@ -159,6 +159,7 @@ class Trainer:
                             cfg.virtual_pipeline_size, cfg.context_parallel_size, seed=a.seed)
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         chunks = [c.to(self.device) for c in build_model(cfg)]
+        parallel.seed_dropout_per_context_rank(a.seed)
         if a.bf16:
             from megatron.core.transformer.module import Float16Module
 

@@ -81,3 +81,26 @@ def test_exhaustive_layouts_match_single_process(single_process, tmp_path):
 @pytest.mark.exhaustive
 def test_tp2_pp2_matches_single_process(single_process, tmp_path):
     run_matrix(tmp_path, CI_METHODS, ["tp2-pp2"], world=4)
+
+
+def _cp_seed_worker(rank, world, port, out_dir):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
+    from megatron_prores import parallel
+    from megatron_prores.model import build_model
+
+    parallel.initialize(context_parallel=world, seed=11)
+    (chunk,) = build_model(H.model_config(method("pre"), "cp2"))
+    weights = torch.cat([p.detach().flatten() for p in chunk.parameters()])
+    parallel.seed_dropout_per_context_rank(11)
+    draws = torch.nn.functional.dropout(torch.ones(256), 0.5)  # hidden dropout's generator
+    torch.save((weights, draws), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def test_context_parallel_ranks_share_weights_but_not_dropout_masks(tmp_path):
+    """The model is initialized alike on both CP ranks; afterwards each CP rank draws its own
+    dropout masks (the driver reseeds per CP rank after building the model)."""
+    mp.spawn(_cp_seed_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    (w0, d0), (w1, d1) = (torch.load(tmp_path / f"rank{r}.pt") for r in range(2))
+    assert torch.equal(w0, w1)
+    assert not torch.equal(d0, d1) and 0.3 < (d0 == 0).float().mean() < 0.7
