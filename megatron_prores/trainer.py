@@ -411,7 +411,9 @@ class Trainer:
         a, s = self.args, self.state
         if dist.get_rank() == 0:
             print(f"training {self.cfg.num_layers} layers, hidden {self.cfg.hidden_size}, {self.num_micro} "
-                  f"microbatches x {a.micro_batch_size} x DP {self.dp_size}, norm {self.cfg.method.norm_type}, "
+                  f"microbatches x {a.micro_batch_size} x DP {self.dp_size} (TP {self.cfg.tensor_model_parallel_size}, "
+                  f"PP {self.cfg.pipeline_model_parallel_size}, CP {self.cfg.context_parallel_size}), "
+                  f"norm {self.cfg.method.norm_type}, "
                   f"ProRes {self.cfg.method.prores_schedule}, GPAS {'on' if self.cfg.method.gpas else 'off'}, "
                   f"on {self.world} {'GPU' if self.device.type == 'cuda' else 'CPU'} process(es)", flush=True)
         if s.iteration >= a.train_iters:
