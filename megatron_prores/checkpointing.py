@@ -115,9 +115,15 @@ read_latest = checkpoint_check.read_latest
 
 
 def _rng_state() -> dict:
+    """This process's random streams; on GPUs also megatron's CUDA RNG tracker (the
+    tensor-parallel stream that attention dropout forks into, as Megatron-LM saves it)."""
     state = {"python": random.getstate(), "numpy": numpy.random.get_state(), "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
         state["cuda"] = torch.cuda.get_rng_state()
+        state["cuda_tracker"] = {k: v.clone() for k, v in get_cuda_rng_tracker().get_states().items()
+                                 if torch.is_tensor(v)}
     return state
 
 
@@ -127,6 +133,11 @@ def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if torch.cuda.is_available() and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"])
+    if torch.cuda.is_available() and state.get("cuda_tracker"):
+        from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+        tracker = get_cuda_rng_tracker()
+        tracker.set_states({**tracker.get_states(), **state["cuda_tracker"]})
 
 
 def _torch_adam_distributed(optimizer) -> list:

@@ -187,7 +187,7 @@ class Trainer:
         self.arch = checkpointing.model_args_for_checkpoint(self.cfg)
         self.export_config = dict(config_to_dict(self.cfg), tokenizer_type=self.tokenizer_type,  # HF export
                                   tokenizer_model=os.path.abspath(a.tokenizer_model) if a.tokenizer_model else None)
-        self.run_flags = dict(resume.run_flags(a), world_size=self.world)
+        self.run_flags = dict(resume.run_flags(a), world_size=self.world, layout=self._layout())
         self.lock = RunLock(a.save) if a.save else None
         if self.lock is not None:
             self._say(resume.on_rank0(self.lock.acquire))
@@ -209,8 +209,10 @@ class Trainer:
                 self.scheduler.wsd_decay_steps = saved["lr_wsd_decay_iters"] * a.global_batch_size
                 self.scheduler.lr_wsd_decay_style = saved["lr_wsd_decay_style"]
         saved_world = (common.get("run_flags") or {}).get("world_size")
+        same_ranks = self._same_ranks(common.get("run_flags"))
         loaded = checkpointing.load_checkpoint(directory, self.model, self.optimizer, self.scheduler, self.arch,
-                                               common, load_optim=not a.no_load_optim, load_rng=not a.no_load_rng)
+                                               common, load_optim=not a.no_load_optim,
+                                               load_rng=same_ranks and not a.no_load_rng)
         self.state.load_state_dict(loaded)
         if mode == "override":  # the loaded optimizer brought its groups' old LR bounds: the flags' instead
             for g in self.optimizer.param_groups:
@@ -223,9 +225,12 @@ class Trainer:
                   + ")")
         if a.no_load_optim and "optimizer" in common:
             self._say("--no-load-optim: the Adam state starts fresh (moments zero) at this iteration")
-        if saved_world is not None and saved_world != self.world and not a.no_load_rng:
-            self._say(f"the checkpoint was written by {saved_world} processes, this run has {self.world}: RNG "
-                      f"states start from --seed (dropout masks differ from an uninterrupted run)")
+        if saved_world is not None and not same_ranks and not a.no_load_rng:
+            saved_layout = (common.get("run_flags") or {}).get("layout")
+            self._say(f"the checkpoint was written by {saved_world} processes"
+                      + (f" ({_layout_text(saved_layout)})" if saved_layout else "")
+                      + f", this run has {self.world} ({_layout_text(self._layout())}): RNG states start from "
+                      f"--seed (dropout masks differ from an uninterrupted run)")
 
     def _checked_common(self, directory: str, iteration: int) -> dict:
         """Rank 0: verify every file of the checkpoint, read its common state, check the flags."""
@@ -247,12 +252,26 @@ class Trainer:
         common = mcore_compat.load_common_state(directory)
         saved = common.get("run_flags")
         world = (saved or {}).get("world_size")
-        if world == self.world and not a.no_load_rng:  # each process restores its own RNG file
+        if self._same_ranks(saved) and not a.no_load_rng:  # each process restores its own RNG file
             resume.verify_or_hint(directory, iteration, world, only_rng=True)
         if "optimizer" not in common:  # model-only (imported, or an initial checkpoint): nothing to keep
             saved = None
         common["_schedule_mode"] = resume.check_flags(saved, a, iteration)
         return common
+
+    def _layout(self) -> dict:
+        c = self.cfg
+        return dict(tp=c.tensor_model_parallel_size, pp=c.pipeline_model_parallel_size, cp=c.context_parallel_size,
+                    dp=self.dp_size)
+
+    def _same_ranks(self, saved_flags: Optional[dict]) -> bool:
+        """Whether each process of this run is the process of the same rank in the checkpoint's run,
+        so that its RNG file continues its streams: same world size and (when recorded) the same
+        layout; data-parallel replicas hold identical streams, which a resume into other roles (DP
+        ranks becoming context-parallel ranks) would turn into repeated dropout masks."""
+        saved_flags = saved_flags or {}
+        layout = saved_flags.get("layout")
+        return saved_flags.get("world_size") == self.world and (layout is None or layout == self._layout())
 
     def _say(self, line: Optional[str]) -> None:
         if line and dist.get_rank() == 0:
@@ -489,6 +508,10 @@ class Trainer:
         finally:
             if getattr(self, "metrics", None) is not None:
                 self.metrics.close(exit_code)
+
+
+def _layout_text(layout: dict) -> str:
+    return ", ".join(f"{k.upper()} {v}" for k, v in layout.items())
 
 
 def to_device(batch: dict, device: torch.device) -> dict:

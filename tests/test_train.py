@@ -166,6 +166,10 @@ def test_resume_into_another_layout(tmp_path):
                             "--override-opt-param-scheduler", "--load", tmp_path / "c", "--save", tmp_path / "c"])
     assert code == 0, out[-3000:]
     assert "at iteration 4" in out
+    # the same 2 processes in other roles: their RNG files are not theirs (DP replicas' identical
+    # streams would become one dropout mask repeated over the CP ranks' chunks)
+    assert ("the checkpoint was written by 2 processes (TP 2, PP 1, CP 1, DP 1), this run has 2 (TP 1, PP 2, "
+            "CP 1, DP 1): RNG states start from --seed") in out
     assert train_state(tmp_path / "c")[0] == 6
 
 
