@@ -345,7 +345,8 @@ class Trainer:
         loss_mask = batch["loss_mask"].float()
 
         def loss_func(per_token):
-            loss = (per_token.float() * loss_mask).sum() / count
+            # at least fp32 (a bf16 model's per-token losses), float64 kept (the float64 layout tests)
+            loss = (per_token.to(torch.promote_types(per_token.dtype, torch.float32)) * loss_mask).sum() / count
             # a copy: megatron-core scales the returned loss in place (x CP / microbatches)
             return loss, {"lm loss": loss.detach().clone()}
 

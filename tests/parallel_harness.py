@@ -8,6 +8,7 @@ gradients are compared in the full, layout-independent form.
 
 from __future__ import annotations
 
+import functools
 import os
 import traceback
 
@@ -42,6 +43,20 @@ def batches():
     return [(tokens[i], probe[i]) for i in range(MICROBATCHES)]
 
 
+def driver_batches():
+    """Micro batches as the driver's data gives them, with a loss mask that is not all ones (so
+    that normalizing by a rank's own tokens and by the whole sequence's would differ)."""
+    g = torch.Generator().manual_seed(6)
+    out = []
+    for _ in range(MICROBATCHES):
+        tokens = torch.randint(0, VOCAB, (MBS, SEQ), generator=g)
+        mask = (torch.rand(MBS, SEQ, generator=g) < 0.6).float()
+        mask[:, 0] = 1.0
+        out.append(dict(tokens=tokens, labels=torch.randint(0, VOCAB, (MBS, SEQ), generator=g), loss_mask=mask,
+                        position_ids=torch.arange(SEQ)[None].expand(MBS, SEQ)))
+    return out
+
+
 def build(cfg, parallel_output=False):
     from megatron_prores import parallel
     from megatron_prores.model import build_model
@@ -66,8 +81,11 @@ def make_baseline_weights(method: MethodConfig, directory: str) -> None:
     save_model(chunks, directory)
 
 
-def loss_and_grads(method: MethodConfig, layout: str, weights: str, grads_out: str) -> float:
-    """Forward/backward of all microbatches under ``layout``; writes full grads to ``grads_out``."""
+def loss_and_grads(method: MethodConfig, layout: str, weights: str, grads_out: str, loss: str = "probe") -> float:
+    """Forward/backward of all microbatches under ``layout``; writes full grads to ``grads_out``.
+    ``loss``: "probe" (the logits against a random probe, every logit's gradient non-zero) or
+    "driver" (the driver's own ``Trainer.forward_step``: its split of the batch over context-parallel
+    ranks and its masked mean language-model loss, on ``driver_batches``)."""
     from megatron.core import parallel_state
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
     from megatron.core.distributed.finalize_model_grads import finalize_model_grads
@@ -101,6 +119,14 @@ def loss_and_grads(method: MethodConfig, layout: str, weights: str, grads_out: s
         return logits, loss_func
 
     data = batches()
+    if loss == "driver":
+        from types import SimpleNamespace
+
+        from megatron_prores.trainer import Trainer
+
+        driver = SimpleNamespace(cp_rank=cp_rank, cp_size=cp, device=torch.device("cpu"))
+        forward_step = functools.partial(Trainer.forward_step, driver)  # noqa: F811 - the driver's step instead
+        data = driver_batches()
     iters = [iter(data) for _ in model] if len(model) > 1 else iter(data)
     for m in model:
         m.zero_grad_buffer()
@@ -110,7 +136,7 @@ def loss_and_grads(method: MethodConfig, layout: str, weights: str, grads_out: s
         decoder_seq_length=SEQ, forward_only=False,
     )
     finalize_model_grads(model)
-    total = sum(x["loss"].item() for x in losses) if losses else 0.0
+    total = sum(next(iter(x.values())).item() for x in losses) if losses else 0.0
     # The last pipeline stage has the loss: share it with every rank.
     t = torch.tensor([total], dtype=torch.float64)
     torch.distributed.all_reduce(t, group=parallel_state.get_pipeline_model_parallel_group())
@@ -138,8 +164,8 @@ def worker(rank: int, world: int, port: int, jobs: list, result_dir: str) -> Non
                       WORLD_SIZE=str(world), LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(world))
     losses = {}
     try:
-        for key, method, layout, weights in jobs:
-            losses[key] = loss_and_grads(method, layout, weights, os.path.join(result_dir, key))
+        for key, method, layout, weights, *loss in jobs:
+            losses[key] = loss_and_grads(method, layout, weights, os.path.join(result_dir, key), *loss)
     except Exception:
         with open(os.path.join(result_dir, f"error-{rank}.txt"), "w") as f:
             f.write(traceback.format_exc())
