@@ -180,6 +180,26 @@ def test_context_parallel_chunk_attention_bf16_matches_float64(single_process, b
         torch.testing.assert_close(a.double(), b, rtol=3e-2, atol=3e-2, msg=name)
 
 
+@needs_cuda
+def test_checkpoint_rng_state_includes_the_cuda_rng_tracker(single_process, tmp_path):
+    """The per-rank RNG file restores megatron's CUDA RNG tracker (attention dropout's stream
+    without sequence parallelism): the draws after a restore repeat those after the save. CPU
+    counterpart: the bitwise resume tests of test_train (the CPU tracker forks nothing)."""
+    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+    from megatron_prores.checkpoint_check import safe_torch_load
+    from megatron_prores.checkpointing import _rng_state, _set_rng_state
+
+    torch.save(_rng_state(), tmp_path / "rng.pt")
+    with get_cuda_rng_tracker().fork():
+        a = torch.rand(64, device="cuda")
+    b0 = torch.rand(64, device="cuda")
+    _set_rng_state(safe_torch_load(str(tmp_path / "rng.pt"), "RNG state"))
+    with get_cuda_rng_tracker().fork():
+        b = torch.rand(64, device="cuda")
+    assert torch.equal(a, b) and not torch.equal(a, b0)
+
+
 @needs_te
 @pytest.mark.parametrize("recipe", ["delayed", "tensorwise"])
 @pytest.mark.parametrize("norm", NORMS)
