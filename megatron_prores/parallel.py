@@ -111,6 +111,6 @@ def seed_dropout_per_context_rank(seed: int) -> None:
     mask on every chunk). No-op without context parallelism."""
     from megatron.core import parallel_state
 
-    cp_rank = parallel_state.get_context_parallel_rank()
     if parallel_state.get_context_parallel_world_size() > 1:
-        seed_everything(seed + 100 * parallel_state.get_pipeline_model_parallel_rank() + 7919 * cp_rank)
+        seed_everything(seed + 100 * parallel_state.get_pipeline_model_parallel_rank()
+                        + 7919 * parallel_state.get_context_parallel_rank())

@@ -152,11 +152,9 @@ def test_split_sequence_is_megatrons_load_balanced_layout():
         parts = []
         for r in range(cp):
             want = list(range(r * L, (r + 1) * L)) + list(range((2 * cp - 1 - r) * L, (2 * cp - r) * L))
-            got = split_sequence(x, r, cp)
-            assert got.tolist() == [want] * 3 if cp > 1 else got.tolist() == x.tolist()
-            parts += want if cp > 1 else []
-        if cp > 1:
-            assert sorted(parts) == list(range(s))  # every position on exactly one rank
+            assert split_sequence(x, r, cp).tolist() == [want] * 3
+            parts += want
+        assert sorted(parts) == list(range(s))  # every position on exactly one rank
     b = split_batch({"tokens": x, "labels": x + 1}, 1, 2)
     assert b["tokens"].tolist()[0] == list(range(6, 12)) + list(range(12, 18))
     assert b["labels"].tolist()[0] == list(range(7, 13)) + list(range(13, 19))
