@@ -69,6 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--max-position-embeddings", type=int, default=None,
                    help="accepted for Megatron compatibility; RoPE needs none (must be >= seq length)")
     g.add_argument("--normalization", choices=NORMALIZATIONS, default=_MODEL.normalization)
+    g.add_argument("--norm-epsilon", type=float, default=_MODEL.norm_epsilon)
+    g.add_argument("--rotary-base", type=float, default=_MODEL.rotary_base,
+                   help="RoPE theta (Llama 2: 10000, Llama 3: 500000)")
     g.add_argument("--init-method-std", type=float, default=_MODEL.init_method_std)
     g.add_argument("--hidden-dropout", type=float, default=_MODEL.hidden_dropout)
     g.add_argument("--attention-dropout", type=float, default=_MODEL.attention_dropout)
@@ -351,8 +354,8 @@ def model_config(args, vocab_size: int) -> ModelConfig:
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
         ffn_hidden_size=args.ffn_hidden_size, vocab_size=vocab_size, seq_length=args.seq_length,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-        normalization=args.normalization, init_method_std=args.init_method_std,
-        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        normalization=args.normalization, norm_epsilon=args.norm_epsilon, rotary_base=args.rotary_base,
+        init_method_std=args.init_method_std, hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,
         num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,

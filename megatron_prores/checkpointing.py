@@ -351,19 +351,33 @@ def model_args_for_checkpoint(cfg) -> dict:
     return dict(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
                 num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.query_groups,
                 ffn_hidden_size=cfg.ffn_size, vocab_size=cfg.vocab_size, normalization=cfg.normalization,
+                norm_epsilon=cfg.norm_epsilon, rotary_base=cfg.rotary_base,
                 norm_type=m.norm_type, gpas=m.gpas, gpas_gate=m.gpas_gate,
                 mix_post_layers=m.post_layers(cfg.num_layers) if m.norm_type in MIXED else None,
                 final_norm=m.has_final_norm, lns_gain=m.lns_gain)
 
 
+# The recorded values that one flag sets (the flag takes the value as printed).
+_FLAG_OF = {k: "--" + k.replace("_", "-") for k in (
+    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "normalization",
+    "norm_epsilon", "rotary_base", "norm_type", "gpas_gate", "lns_gain")}
+
+
+def architecture_flags(model_args: dict) -> str:
+    """The flags that give the driver the recorded architecture, e.g. for an imported model."""
+    return " ".join(f"{_FLAG_OF[k]} {model_args[k]}" for k in _FLAG_OF
+                    if k in model_args and k not in ("norm_type", "gpas_gate", "lns_gain"))
+
+
 def check_model_args(saved: dict, current: dict, where: str) -> None:
+    """Only the recorded keys are compared (older checkpoints lack some)."""
     diff = [k for k in current if k in saved and saved[k] != current[k]]
     if diff:
-        k = diff[0]
-        raise ConfigError(
-            f"--load {where!r} holds a different model: {k} is {saved[k]!r} there but {current[k]!r} "
-            f"now; load a checkpoint of this architecture or change the flags to match"
-        )
+        what = ", ".join(f"{k} is {saved[k]!r} there but {current[k]!r} now" for k in diff)
+        fix = (f"give {' '.join(f'{_FLAG_OF[k]} {saved[k]}' for k in diff)} to train it"
+               if all(k in _FLAG_OF and saved[k] is not None for k in diff)
+               else "load a checkpoint of this architecture or change the flags to match")
+        raise ConfigError(f"--load {where!r} holds a different model: {what}; {fix}")
 
 
 def load_checkpoint(directory: str, model, optimizer, scheduler, model_args: dict, common: dict,
@@ -371,7 +385,11 @@ def load_checkpoint(directory: str, model, optimizer, scheduler, model_args: dic
     """Load checkpoint ``directory`` (verified by checkpoint_check, its common state ``common``):
     the model, then (``load_optim``) the optimizer state, the scheduler's state, this rank's RNG
     states (``load_rng``, when the checkpoint has this rank's file). Returns its train state."""
-    check_model_args(common.get("model_args", {}), model_args, os.path.dirname(directory))
+    # Checkpoints before rotary_base/norm_epsilon were recorded: their model config (kept for the
+    # HF export) has them, e.g. a Llama 3 import's RoPE theta.
+    saved = {**{k: v for k, v in (common.get("model_config") or {}).items() if k in ("rotary_base", "norm_epsilon")},
+             **common.get("model_args", {})}
+    check_model_args(saved, model_args, os.path.dirname(directory))
     has_optim = "optimizer" in common  # absent e.g. when imported from Hugging Face: fresh optimizer
     use_optim = optimizer is not None and has_optim and load_optim
     state = _load(_training_state(model, optimizer if use_optim else None, is_loading=True), directory)

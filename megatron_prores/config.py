@@ -167,7 +167,7 @@ class ModelConfig:
     attention_dropout: float = 0.0
     add_bias_linear: bool = False
     swiglu: bool = True
-    rotary_base: int = 10000
+    rotary_base: float = 10000  # RoPE theta (Llama 3: 500000)
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
@@ -246,6 +246,9 @@ class ModelConfig:
                 "--transformer-impl transformer_engine needs Transformer Engine, which is not "
                 "installed; install the [te] extra on a CUDA machine or use --transformer-impl local"
             )
+        for flag, v in (("--rotary-base", self.rotary_base), ("--norm-epsilon", self.norm_epsilon)):
+            if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
+                raise ConfigError(f"{flag} {v!r} is not valid; it must be a positive number")
         for flag, p in (("--hidden-dropout", self.hidden_dropout),
                         ("--attention-dropout", self.attention_dropout)):
             if not 0.0 <= p < 1.0:

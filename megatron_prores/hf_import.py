@@ -115,7 +115,7 @@ def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,
     from megatron_prores.tokenizer import guess_tokenizer_type
     from megatron_prores.checkpointing import save_checkpoint
     from megatron_prores.model import build_model
-    from megatron_prores.checkpointing import model_args_for_checkpoint
+    from megatron_prores.checkpointing import architecture_flags, model_args_for_checkpoint
 
     c = _llama_config(input_dir)
     method = method or MethodConfig()
@@ -172,10 +172,11 @@ def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,
         tokenizer_type = guess_tokenizer_type(tokenizer_model)
     export = dict(config_to_dict(cfg), tokenizer_type=tokenizer_type if tokenizer_model else None,
                   tokenizer_model=os.path.abspath(tokenizer_model) if tokenizer_model else None)
-    directory = save_checkpoint(save, 0, [chunk], None, None, train_state, model_args_for_checkpoint(cfg),
-                                model_config=export)
+    arch = model_args_for_checkpoint(cfg)
+    directory = save_checkpoint(save, 0, [chunk], None, None, train_state, arch, model_config=export)
     log(f"imported {input_dir} ({cfg.num_layers} layers, hidden {h}, vocab {V}) into {directory}: "
-        f"train from it with --load {save} (any TP/PP; a fresh optimizer starts at iteration 0)"
+        f"train from it with --load {save} {architecture_flags(arch)} (any TP/PP; a fresh optimizer "
+        f"starts at iteration 0)"
         + (f"; tokenizer recorded for export: --tokenizer-type {tokenizer_type} --tokenizer-model "
            f"{os.path.abspath(tokenizer_model)}" if tokenizer_model else ""))
     return directory

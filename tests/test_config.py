@@ -50,6 +50,8 @@ BAD = [
     (model(tensor_model_parallel_size=2, sequence_parallel=True, seq_length=15),
      "--seq-length 15 is not divisible by --tensor-model-parallel-size 2, which --sequence-parallel needs"),
     (model(hidden_dropout=1.5), "--hidden-dropout 1.5 is not valid; it must be in [0, 1)"),
+    (model(rotary_base=0.0), "--rotary-base 0.0 is not valid; it must be a positive number"),
+    (model(norm_epsilon=float("nan")), "--norm-epsilon nan is not valid; it must be a positive number"),
     (model(fp8_format="hybrid"), "--fp8-format needs --transformer-impl transformer_engine"),
     (model(transformer_impl="transformer_engine", fp8_format="e4m3"), "--fp8-format needs --bf16"),
     (model(fp8_recipe="linear"), "--fp8-recipe 'linear' is not valid; choose one of: delayed, tensorwise"),

@@ -339,6 +339,64 @@ def test_hf_to_megatron_to_hf_is_bit_identical(tmp_path):
         assert getattr(c, key) == getattr(cfg, key), key
 
 
+@pytest.mark.stack
+def test_imported_llama_trains_with_its_rope_theta_and_epsilon(single_process, tmp_path, monkeypatch):
+    """A Llama-3-style model (RoPE theta 500000, RMSNorm eps 1e-6) imported: the driver refuses it
+    with the default --rotary-base (one line naming the flag and the value), and with the flags
+    the import prints, the driver's model gives the Hugging Face model's logits."""
+    from megatron_prores.arguments import parse_args
+    from megatron_prores.config import ConfigError
+    from megatron_prores.hf_import import import_llama
+    from megatron_prores.trainer import Trainer
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   rms_norm_eps=1e-6, rope_theta=500000.0, tie_word_embeddings=False)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    messages = []
+    import_llama(str(tmp_path / "hf"), str(tmp_path / "ckpt"), seq_length=64, log=messages.append)
+    (line,) = messages
+    flags = line.split("train from it with ")[1].split(" (any TP/PP")[0].split()
+    assert flags[flags.index("--rotary-base") + 1] == "500000.0" and flags[flags.index("--norm-epsilon") + 1] == "1e-06"
+    run = ["--seq-length", "64", "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1",
+           "--lr", "1e-4", "--mock-data", "--vocab-size", str(VOCAB), "--eval-iters", "0"]
+
+    without = [f for i, f in enumerate(flags) if f not in ("--rotary-base", "--norm-epsilon")
+               and flags[i - 1] not in ("--rotary-base", "--norm-epsilon")]
+    with pytest.raises(ConfigError, match=r"norm_epsilon is 1e-06 there but 1e-05 now, rotary_base is 500000.0 "
+                                          r"there but 10000 now; give --norm-epsilon 1e-06 --rotary-base "
+                                          r"500000.0 to train it$"):
+        Trainer(parse_args(run + without))
+    # an import written before the model args recorded them: its model config still has them
+    import megatron_prores.checkpointing as checkpointing
+
+    record = checkpointing.model_args_for_checkpoint
+    monkeypatch.setattr(checkpointing, "model_args_for_checkpoint", lambda cfg: {
+        k: v for k, v in record(cfg).items() if k not in ("rotary_base", "norm_epsilon")})
+    import_llama(str(tmp_path / "hf"), str(tmp_path / "old"), seq_length=64, log=messages.append)
+    monkeypatch.undo()
+    with pytest.raises(ConfigError, match=r"rotary_base is 500000.0 there but 10000 now; give"):
+        Trainer(parse_args(run + [str(tmp_path / "old") if f == str(tmp_path / "ckpt") else f for f in without]))
+    trainer = Trainer(parse_args(run + flags))
+    try:
+        tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
+        chunk = trainer.model[0].module
+        chunk.eval()
+        with torch.no_grad():
+            ours = chunk(tokens, torch.arange(64)[None].expand_as(tokens), None)[..., :VOCAB].double()
+            theirs = model(tokens).logits.double()
+        # float32 both sides; theta 10000 instead of 500000 moves these logits by 4.7e-3
+        assert (ours - theirs).abs().max().item() < 1e-4, (ours - theirs).abs().max().item()
+    finally:
+        trainer.close()
+
+
 def test_exported_tokenizer_encodes_like_the_training_tokenizer(single_process, tmp_path):
     from megatron_prores.tokenizer import build_tokenizer
 
