@@ -142,6 +142,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--context-parallel-size", type=int, default=1)
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce each bucket's gradients over data-parallel ranks while backward goes on")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="all-gather the distributed optimizer's updated parameters during the next forward "
+                        "(needs --use-distributed-optimizer and --overlap-grad-reduce)")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="elements per gradient bucket under --overlap-grad-reduce (default: megatron-core's, "
+                        "max(40M, 1M x data-parallel size))")
     g.add_argument("--transformer-impl", choices=TRANSFORMER_IMPLS, default=_MODEL.transformer_impl)
     g.add_argument("--fp8-format", choices=FP8_FORMATS, default=_MODEL.fp8_format,
                    help="FP8 GEMMs through Transformer Engine (needs --transformer-impl transformer_engine "
@@ -265,6 +273,13 @@ def check_args(args, this_machine: bool = True) -> None:
         need(args.save, "--save-interval needs --save DIR")
     if args.clip_gate_grad > 0:
         need(args.gpas, "--clip-gate-grad needs --gpas")
+    if args.overlap_param_gather:
+        need(args.use_distributed_optimizer, "--overlap-param-gather needs --use-distributed-optimizer "
+                                             "(it overlaps the distributed optimizer's parameter all-gather)")
+        need(args.overlap_grad_reduce, "--overlap-param-gather needs --overlap-grad-reduce (as in Megatron-LM)")
+    if args.ddp_bucket_size is not None:
+        need(args.overlap_grad_reduce, "--ddp-bucket-size needs --overlap-grad-reduce (without it, all gradients "
+                                       "are reduced at once after backward)")
     _check_wandb(args, this_machine)
     if args.recompute_granularity is not None and this_machine:
         need(torch.cuda.is_available(),
@@ -311,6 +326,7 @@ _RANGES = (
     ("eval_iters", lambda v: v >= 0, ">= 0 (0: no evaluation)"),
     ("eval_interval", lambda v: v > 0, "positive"),
     ("save_interval", lambda v: v > 0, "positive"),
+    ("ddp_bucket_size", lambda v: v > 0, "positive"),
     ("keep_last_n", lambda v: v >= 1, ">= 1 (the number of newest checkpoints kept)"),
     ("ckpt_step", lambda v: v >= 0, ">= 0"),
     ("exit_duration_in_mins", lambda v: v > 0, "positive"),

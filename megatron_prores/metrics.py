@@ -197,6 +197,11 @@ class MetricsLogger:
         self.time_sum += seconds
         self.steps += 1
 
+    @property
+    def reads_model(self) -> bool:
+        """log() reads per-block values from the model (the same answer on every rank)."""
+        return bool(self.args.tensorboard_dir or self.args.wandb_project)
+
     def log(self, iteration: int, state, lr: float, grad_norm: float, gate_norm, model, rms: dict) -> None:
         a = self.args
         avg_t = self.time_sum / max(self.steps, 1)

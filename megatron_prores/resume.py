@@ -155,6 +155,46 @@ def _describe(changed: list, saved: dict, now: dict) -> str:
     return ", ".join(f"{_flag(k)} {saved[k]!r} -> {now[k]!r}" for k in changed)
 
 
+def optimizer_shards(cfg, bucket_size, use_distributed_optimizer: bool) -> Optional[dict]:
+    """What the distributed optimizer's saved state is laid out by: megatron-core's dp_reshardable
+    format keeps it per gradient bucket of each TP/PP rank's model chunk, so it loads only where
+    these are the same (the data-parallel size may change). ``bucket_size``: the DDP's effective
+    one (None: one bucket per buffer, i.e. no --overlap-grad-reduce)."""
+    if not use_distributed_optimizer:
+        return None
+    return dict(tp=cfg.tensor_model_parallel_size, pp=cfg.pipeline_model_parallel_size,
+                layers_per_virtual_stage=cfg.num_layers_per_virtual_pipeline_stage, bucket_size=bucket_size)
+
+
+_SHARD_FLAGS = {  # how to resume with the saved value
+    "tp": lambda v: f"with --tensor-model-parallel-size {v}",
+    "pp": lambda v: f"with --pipeline-model-parallel-size {v}",
+    "layers_per_virtual_stage": lambda v: ("without --num-layers-per-virtual-pipeline-stage" if v is None
+                                           else f"with --num-layers-per-virtual-pipeline-stage {v}"),
+    "bucket_size": lambda v: ("without --overlap-grad-reduce" if v is None
+                              else f"with --overlap-grad-reduce --ddp-bucket-size {v}"),
+}
+
+
+def check_optimizer_shards(saved: Optional[dict], now: Optional[dict], args) -> None:
+    """Refuse (one line) to load distributed-optimizer state into other shards than it was saved
+    from; ``saved``: the checkpoint's run flags. Checkpoints before the shards were recorded give
+    their TP/PP layout (they had one bucket per buffer)."""
+    if not saved or not now or not saved.get("use_distributed_optimizer") or args.no_load_optim:
+        return
+    was = saved.get("optimizer_shards")
+    if was is None and saved.get("layout"):
+        was = dict(tp=saved["layout"]["tp"], pp=saved["layout"]["pp"], bucket_size=None)
+    changed = [k for k in _SHARD_FLAGS if was and k in was and was[k] != now[k]]
+    if changed:
+        raise ConfigError(
+            "the checkpoint's distributed-optimizer state is laid out by TP/PP rank and gradient bucket "
+            "(megatron-core's dp_reshardable format; only the data-parallel size may change): resume "
+            + " and ".join(_SHARD_FLAGS[k](was[k]) for k in changed)
+            + " as it was saved, or pass --no-load-optim to load the weights and the schedule's position "
+              "with a fresh Adam state")
+
+
 def check_flags(saved: Optional[dict], args, iteration: int) -> str:
     """Compare the checkpoint's run flags with this run's; returns how the LR/WD schedule loads:
     'same', 'override' (flags apply) or 'checkpoint' (the checkpoint's). Raises ConfigError

@@ -9,6 +9,7 @@ The loop (``train``): step, log, evaluate, save on interval / signal / time limi
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -79,6 +80,10 @@ class Checkpointer:
             trainer._say(f"not saving at iteration {it}: its step was skipped (non-finite loss or gradient); "
                          f"the latest checkpoint stays the last good one")
             return True
+        with trainer.whole_params():
+            return self._save(trainer, t0, it)
+
+    def _save(self, trainer: "Trainer", t0: float, it: int) -> bool:
         if not state_is_finite(trainer.model, trainer.optimizer):
             if dist.get_rank() == 0:
                 print(f"error: the weights or optimizer state are non-finite at iteration {it} (the update itself "
@@ -165,11 +170,19 @@ class Trainer:
 
             chunks = [Float16Module(c.config, c) for c in chunks]
         tcfg = chunks[0].config
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=a.bf16, overlap_grad_reduce=False,
-                                                   use_distributed_optimizer=a.use_distributed_optimizer)
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=a.bf16, overlap_grad_reduce=a.overlap_grad_reduce,
+            overlap_param_gather=a.overlap_param_gather, bucket_size=a.ddp_bucket_size,
+            use_distributed_optimizer=a.use_distributed_optimizer)
         self.model = [DistributedDataParallel(tcfg, ddp_config, c, disable_bucketing=i > 0)
                       for i, c in enumerate(chunks)]
-        tcfg.finalize_model_grads_func = finalize_model_grads
+        tcfg.finalize_model_grads_func = finalize_model_grads  # waits for the reductions, all-reduces the rest
+        if a.overlap_grad_reduce:
+            # the schedule's hooks (as Megatron-LM sets them): no reduction before the last
+            # microbatch; each chunk's reduction starts after its last backward (pipeline schedules)
+            one = len(self.model) == 1
+            tcfg.no_sync_func = self.model[0].no_sync if one else [m.no_sync for m in self.model]
+            tcfg.grad_sync_func = self.model[0].start_grad_sync if one else [m.start_grad_sync for m in self.model]
         self.optimizer, self.scheduler = build_optimizer(a, self.model)
         from megatron_prores.layer import prores_layers
 
@@ -187,7 +200,10 @@ class Trainer:
         self.arch = checkpointing.model_args_for_checkpoint(self.cfg)
         self.export_config = dict(config_to_dict(self.cfg), tokenizer_type=self.tokenizer_type,  # HF export
                                   tokenizer_model=os.path.abspath(a.tokenizer_model) if a.tokenizer_model else None)
-        self.run_flags = dict(resume.run_flags(a), world_size=self.world, layout=self._layout())
+        self.shards = resume.optimizer_shards(self.cfg, self.model[0].ddp_config.bucket_size,
+                                              a.use_distributed_optimizer)
+        self.run_flags = dict(resume.run_flags(a), world_size=self.world, layout=self._layout(),
+                              optimizer_shards=self.shards)
         self.lock = RunLock(a.save) if a.save else None
         if self.lock is not None:
             self._say(resume.on_rank0(self.lock.acquire))
@@ -257,6 +273,7 @@ class Trainer:
         if "optimizer" not in common:  # model-only (imported, or an initial checkpoint): nothing to keep
             saved = None
         common["_schedule_mode"] = resume.check_flags(saved, a, iteration)
+        resume.check_optimizer_shards(saved, self.shards, a)
         return common
 
     def _layout(self) -> dict:
@@ -404,6 +421,23 @@ class Trainer:
         self.state.spike.update(loss)
         return StepResult(loss, finite, grad_norm, gate_norm, rms, time.time() - t0)
 
+    @contextlib.contextmanager
+    def whole_params(self):
+        """Under --overlap-param-gather the distributed optimizer's updated parameters reach the
+        model during the next training forward (each module's pre-hook waits for its bucket's
+        all-gather): what reads the model otherwise (evaluation, saving, logged gate values)
+        gathers them all first, as Megatron-LM does around evaluation and saving."""
+        if not self.args.overlap_param_gather:
+            yield
+            return
+        for m in self.model:
+            m.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            for m in self.model:
+                m.enable_forward_pre_hook()
+
     def evaluate(self) -> Optional[float]:
         """Validation loss of the current weights (ProRes values of the current iteration)."""
         from megatron_prores.layer import set_prores_step
@@ -416,11 +450,13 @@ class Trainer:
             m.eval()
         losses = {}
         main = [(None, self.valid_ds)] if self.valid_ds is not None else []  # none with a 0 share in --split
-        for name, dataset in main + self.named_valid_sets:
-            iterator = self.chunk_iterators(dataset, 0)  # the same first samples at every evaluation
-            with torch.no_grad():
-                losses[name] = sum(self.forward_backward(iterator, True) for _ in range(a.eval_iters)) / a.eval_iters
-            self.metrics.validation(it, losses[name], name)
+        with self.whole_params():
+            for name, dataset in main + self.named_valid_sets:
+                iterator = self.chunk_iterators(dataset, 0)  # the same first samples at every evaluation
+                with torch.no_grad():
+                    losses[name] = sum(self.forward_backward(iterator, True)
+                                       for _ in range(a.eval_iters)) / a.eval_iters
+                self.metrics.validation(it, losses[name], name)
         for m in self.model:
             m.train()
         return losses.get(None)
@@ -448,8 +484,9 @@ class Trainer:
                 return 3
             self.metrics.add(r.loss, r.finite, r.seconds)
             if logging:
-                self.metrics.log(s.iteration, s, self.scheduler.get_lr(self.optimizer.param_groups[0]),
-                                 r.grad_norm, r.gate_norm, self.model, r.rms)
+                with self.whole_params() if self.metrics.reads_model else contextlib.nullcontext():
+                    self.metrics.log(s.iteration, s, self.scheduler.get_lr(self.optimizer.param_groups[0]),
+                                     r.grad_norm, r.gate_norm, self.model, r.rms)
             self.checkpointer.poll()
             if a.eval_interval and s.iteration % a.eval_interval == 0:
                 self.evaluate()

@@ -36,6 +36,11 @@ EXHAUSTIVE_LAYOUTS = {
     "pp2-vpp2-cp2": (4, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1",
                          "--context-parallel-size", "2"]),
     "cp2-dp2-distopt": (4, ["--context-parallel-size", "2", "--use-distributed-optimizer"]),
+    # the schedule's per-chunk gradient reductions (grad_sync_func) and the parameter all-gather
+    # in the next forward, in small buckets
+    "pp2-vpp2-dp2-overlap": (4, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
+                                 "1", "--use-distributed-optimizer", "--overlap-grad-reduce",
+                                 "--overlap-param-gather", "--ddp-bucket-size", "2000"]),
 }
 LOSS_RTOL = 1e-5  # fp32: summation order differs between layouts
 # relative norm error per tensor after STEPS Adam steps: Adam divides each gradient by its own

@@ -344,13 +344,17 @@ def test_keep_last_n_never_deletes_the_latest(tmp_path, single_process):
     ("--keep-last-n", "0", "--keep-last-n 0 is not valid; it must be >= 1"),
     ("--keep-last-n", "-1", "--keep-last-n -1 is not valid; it must be >= 1"),
     ("--ckpt-step", "2", "--ckpt-step needs --load"),
+    ("--overlap-param-gather", None, "--overlap-param-gather needs --use-distributed-optimizer"),
+    ("--ddp-bucket-size", "1000", "--ddp-bucket-size needs --overlap-grad-reduce"),
+    ("--rotary-base", "-1", "--rotary-base -1.0 is not valid; it must be a positive number"),
 ])
 def test_bad_flag_values(flag, value, message):
-    from megatron_prores.arguments import parse_args
+    from megatron_prores.arguments import model_config, parse_args
     from megatron_prores.config import ConfigError
 
     with pytest.raises(ConfigError) as e:
-        parse_args(TINY + ["--train-iters", "3", flag, value])
+        args = parse_args(TINY + ["--train-iters", "3", flag] + ([value] if value else []))
+        model_config(args, 64).validate()
     assert message in str(e.value) and "\n" not in str(e.value)
 
 
