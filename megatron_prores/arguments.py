@@ -120,6 +120,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "WSD"], default="cosine")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None,
+                   help="warmup as a fraction of the LR decay length (instead of --lr-warmup-iters)")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
     g.add_argument("--lr-wsd-decay-iters", type=int, default=None, help="WSD: final decay length")
     g.add_argument("--lr-wsd-decay-style", choices=["linear", "cosine", "exponential", "minus_sqrt"],
@@ -225,8 +227,34 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-exp-name", default=None, help="the wandb run's name (default: wandb's)")
     g.add_argument("--wandb-save-dir", default=None,
                    help="where wandb keeps its files (default: SAVE/wandb, else ./wandb)")
+    g = p.add_argument_group("Megatron-LM flags that state what this model always is (accepted, no effect)")
+    for flag, what in MEGATRON_STATEMENTS.items():
+        g.add_argument(flag, action="store_true", help=what)
+    g.add_argument("--position-embedding-type", choices=["rope"], default="rope", help="RoPE (the only one)")
+    g.add_argument("--distributed-backend", choices=["nccl"], default="nccl",
+                   help="NCCL on GPUs (a CPU run uses gloo)")
+    g.add_argument("--use-flash-attn", action="store_true",
+                   help="Megatron-LM's older name for --attention-backend flash")
     p._negative_number_matcher = _NUMBER
     return p
+
+
+# Megatron-LM flags a Llama-style recipe carries that describe this project's model as it always
+# is (Llama-style: SwiGLU, RoPE, no biases, untied output layer, GQA by --num-query-groups) or a
+# setting it always has: a Megatron-LM recipe runs unchanged.
+MEGATRON_STATEMENTS = {
+    "--swiglu": "SwiGLU MLP (always)",
+    "--disable-bias-linear": "no linear biases (always)",
+    "--untie-embeddings-and-output-weights": "an output layer of its own (always)",
+    "--use-rotary-position-embeddings": "RoPE (always)",
+    "--no-position-embedding": "no learned absolute positions (always)",
+    "--group-query-attention": "GQA: set by --num-query-groups",
+    "--use-mcore-models": "megatron-core's GPTModel (always)",
+    "--attention-softmax-in-fp32": "softmax accumulates in fp32 (SDPA and TE kernels)",
+    "--no-masked-softmax-fusion": "no masked-softmax kernel is used (SDPA or TE attention)",
+    "--no-gradient-accumulation-fusion": "gradients accumulate without the apex/TE fused wgrad kernel (always)",
+    "--log-throughput": "tokens/s, TFLOP/s and MFU are always in the log line",
+}
 
 
 def parse_args(argv=None):
@@ -264,6 +292,14 @@ def check_args(args, this_machine: bool = True) -> None:
     if args.max_position_embeddings is not None:
         need(args.max_position_embeddings >= args.seq_length,
              f"--max-position-embeddings {args.max_position_embeddings} is below --seq-length {args.seq_length}")
+    if args.lr_warmup_fraction is not None:
+        need(0 <= args.lr_warmup_fraction < 1, f"--lr-warmup-fraction {args.lr_warmup_fraction} is not valid; it "
+                                                f"must be in [0, 1)")
+        need(args.lr_warmup_iters == 0, "--lr-warmup-fraction and --lr-warmup-iters exclude each other; give one")
+    if args.use_flash_attn:
+        need(args.attention_backend in ("auto", "flash"), f"--use-flash-attn asks for --attention-backend flash, "
+                                                          f"but --attention-backend is {args.attention_backend}; give one")
+        args.attention_backend = "flash"
     if args.lr_decay_style == "WSD":
         need(args.lr_wsd_decay_iters, "--lr-decay-style WSD needs --lr-wsd-decay-iters")
     need(not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),

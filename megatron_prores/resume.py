@@ -32,8 +32,8 @@ from megatron_prores import checkpoint_check
 from megatron_prores.checkpoint_check import LATEST, CheckpointDamaged
 from megatron_prores.config import ConfigError
 
-SCHEDULE_FLAGS = ("lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_decay_iters", "lr_wsd_decay_iters",
-                  "lr_wsd_decay_style", "weight_decay")
+SCHEDULE_FLAGS = ("lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters",
+                  "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay")
 PRORES_FLAGS = ("prores_schedule", "prores_warmup_steps", "prores_warmup_spacing")
 DATA_FLAGS = ("global_batch_size", "seq_length", "seed", "data_path", "split", "mock_data")
 

@@ -604,10 +604,12 @@ def build_optimizer(args, model):
         model, config_overrides=weight_decay_overrides(args.weight_decay_groups),
         use_gloo_process_groups=torch.cuda.is_available())
     gbs = args.global_batch_size  # megatron's scheduler counts samples
+    decay = (args.lr_decay_iters or args.train_iters) * gbs
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=args.lr_warmup_iters * gbs,
-        lr_decay_steps=(args.lr_decay_iters or args.train_iters) * gbs,
+        lr_warmup_steps=(args.lr_warmup_iters * gbs if args.lr_warmup_fraction is None
+                         else args.lr_warmup_fraction * decay),  # Megatron-LM's rule: not rounded
+        lr_decay_steps=decay,
         lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
         wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant",
         wsd_decay_steps=args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters else None,

@@ -116,6 +116,59 @@ def test_driver_flags_from_a_recipe_file(tmp_path):
                     "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1", "--lr", "1e-3"])
 
 
+def test_a_megatron_lm_llama_recipe_is_accepted():
+    """The flags a Megatron-LM Llama recipe carries to describe the model are accepted (they state
+    what this model always is); --use-flash-attn is --attention-backend flash; what this model
+    cannot be is refused in one line."""
+    from megatron_prores.arguments import check_recipe
+
+    llama = ["--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "176", "--num-attention-heads", "4",
+             "--group-query-attention", "--num-query-groups", "2", "--seq-length", "32",
+             "--max-position-embeddings", "32", "--swiglu", "--normalization", "RMSNorm", "--norm-epsilon", "1e-5",
+             "--position-embedding-type", "rope", "--use-rotary-position-embeddings", "--rotary-base", "500000",
+             "--no-position-embedding", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
+             "--attention-softmax-in-fp32", "--no-masked-softmax-fusion", "--no-gradient-accumulation-fusion",
+             "--use-mcore-models", "--distributed-backend", "nccl", "--log-throughput",
+             "--micro-batch-size", "1", "--global-batch-size", "8", "--train-iters", "10", "--lr", "3e-4",
+             "--mock-data", "--vocab-size", "128"]
+    args, cfg, _, _ = check_recipe(llama + ["--use-flash-attn", "--lr-warmup-fraction", "0.25"], 8)
+    assert (cfg.attention_backend, cfg.rotary_base, cfg.norm_epsilon, cfg.query_groups, args.lr_warmup_fraction) == \
+        ("flash", 500000.0, 1e-5, 2, 0.25)
+    for extra, message in [
+        (["--position-embedding-type", "learned_absolute"], "--position-embedding-type: invalid choice"),
+        (["--use-flash-attn", "--attention-backend", "unfused"], "--use-flash-attn asks for --attention-backend flash"),
+        (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "2"], "--lr-warmup-fraction and --lr-warmup-iters exclude"),
+        (["--lr-warmup-fraction", "1.5"], "--lr-warmup-fraction 1.5 is not valid; it must be in [0, 1)"),
+    ]:
+        with pytest.raises(ConfigError) as e:
+            check_recipe(llama + extra, 8)
+        assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
+
+
+def test_lr_warmup_fraction_follows_megatron_lm(single_process):
+    """--lr-warmup-fraction f: the warmup is f x the decay length in samples, not rounded to whole
+    iterations (Megatron-LM's rule), then cosine: the driver's scheduler against it written out."""
+    import math
+
+    from megatron_prores.arguments import parse_args
+    from megatron_prores.trainer import Trainer
+
+    lr, f, iters, gbs = 1e-3, 0.25, 10, 2
+    trainer = Trainer(parse_args(["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2",
+                                  "--seq-length", "8", "--micro-batch-size", "2", "--global-batch-size", str(gbs),
+                                  "--train-iters", str(iters), "--lr", str(lr), "--lr-warmup-fraction", str(f),
+                                  "--mock-data", "--vocab-size", "64", "--eval-iters", "0"]))
+    try:
+        warmup = f * iters  # 2.5 iterations
+        for it in range(1, iters + 1):
+            trainer.scheduler.step(increment=gbs)
+            want = (lr * it / warmup if it <= warmup
+                    else lr * 0.5 * (1 + math.cos(math.pi * (it - warmup) / (iters - warmup))))
+            assert trainer.scheduler.get_lr(trainer.optimizer.param_groups[0]) == pytest.approx(want, rel=1e-12), it
+    finally:
+        trainer.close()
+
+
 def test_driver_flags_for_fp8_and_kernels():
     """The kernel flags reach the model config; FP8 token counts are checked per rank."""
     from megatron_prores.arguments import check_recipe
