@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
+import os
 import re
 import shlex
 
@@ -198,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-load-optim", action="store_true",
                    help="on resume, load the model weights and the schedule's position but start a fresh Adam "
                         "state (e.g. to switch --use-distributed-optimizer)")
+    g.add_argument("--finetune", action="store_true",
+                   help="start a new run at iteration 0 from --load's model weights (no optimizer, schedule, "
+                        "data position or RNG state); a --save that holds this run's checkpoints resumes it")
     g.add_argument("--no-load-rng", action="store_true",
                    help="on resume, do not restore the RNG states (allows a checkpoint whose RNG files are missing)")
     g.add_argument("--async-save", action="store_true",
@@ -305,6 +309,10 @@ def check_args(args, this_machine: bool = True) -> None:
     need(not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
          "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other; give one")
     need(args.ckpt_step is None or args.load, "--ckpt-step needs --load DIR (the run to resume from)")
+    if args.finetune:
+        need(args.load, "--finetune needs --load DIR (the checkpoint whose weights start the new run)")
+        need(not args.save or os.path.realpath(args.save) != os.path.realpath(args.load),
+             f"--finetune starts a new run at iteration 0: give it a --save other than --load ({args.load})")
     if args.save_interval is not None:
         need(args.save, "--save-interval needs --save DIR")
     if args.clip_gate_grad > 0:

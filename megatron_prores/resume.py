@@ -137,6 +137,16 @@ def starting_point(args) -> Optional[Tuple[str, int]]:
     return directory, iteration
 
 
+def finetune_resumes(args) -> Optional[str]:
+    """--finetune: None when the new run starts from --load's weights; when --save already holds
+    checkpoints (a requeued fine-tuning job), the line saying that the run resumes from them."""
+    held = _holds_checkpoints(args.save)
+    if held is None:
+        return None
+    return (f"--finetune: --save {args.save} holds this fine-tuning run's checkpoints (up to iteration {held}): "
+            f"resuming it ({args.load} is not read again)")
+
+
 def verify_or_hint(directory: str, iteration: int, world_size: Optional[int] = None,
                    only_rng: bool = False) -> None:
     """checkpoint_check.verify (``only_rng``: just the RNG files of ``world_size`` processes), with

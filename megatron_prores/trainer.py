@@ -203,17 +203,32 @@ class Trainer:
         self.shards = resume.optimizer_shards(self.cfg, self.model[0].ddp_config.bucket_size,
                                               a.use_distributed_optimizer)
         self.run_flags = dict(resume.run_flags(a), world_size=self.world, layout=self._layout(),
-                              optimizer_shards=self.shards)
+                              optimizer_shards=self.shards,
+                              finetune_from=os.path.realpath(a.load) if a.finetune else None)
         self.lock = RunLock(a.save) if a.save else None
         if self.lock is not None:
             self._say(resume.on_rank0(self.lock.acquire))
+        finetune = a.finetune
+        if finetune:
+            requeued = resume.on_rank0(lambda: resume.finetune_resumes(a))
+            if requeued:  # the fine-tuning run's own checkpoints, as any resume (flags checked)
+                self._say(requeued)
+                a.load, a.ckpt_step, finetune = a.save, None, False
         start = resume.on_rank0(lambda: resume.starting_point(a))
         if start is None:
             if a.load:
                 self._say(f"no checkpoint under {a.load} yet: starting a new run")
             return
         directory, iteration = start
-        common = resume.on_rank0(lambda: self._checked_common(directory, iteration))
+        common = resume.on_rank0(lambda: self._checked_common(directory, iteration, finetune))
+        if finetune:
+            checkpointing.load_checkpoint(directory, self.model, None, None, self.arch, common,
+                                          load_optim=False, load_rng=False)
+            self._say(f"--finetune: model weights from {directory}; a new run starts at iteration 0 (fresh "
+                      f"optimizer, LR schedule, data position and RNG states from --seed)"
+                      + (f"; the ProRes warmup ({a.prores_schedule}) restarts too: every block starts at its "
+                         f"step-0 value" if a.prores_schedule != "none" else ""))
+            return
         mode = common.pop("_schedule_mode")
         if mode == "override":
             self.scheduler.override_opt_param_scheduler = True
@@ -248,13 +263,14 @@ class Trainer:
                       + f", this run has {self.world} ({_layout_text(self._layout())}): RNG states start from "
                       f"--seed (dropout masks differ from an uninterrupted run)")
 
-    def _checked_common(self, directory: str, iteration: int) -> dict:
-        """Rank 0: verify every file of the checkpoint, read its common state, check the flags."""
+    def _checked_common(self, directory: str, iteration: int, finetune: bool = False) -> dict:
+        """Rank 0: verify every file of the checkpoint, read its common state, check the flags
+        (``finetune``: only what the model weights need)."""
         from megatron_prores import checkpoint_check, mcore_compat, resume
 
         a = self.args
         resume.verify_or_hint(directory, iteration, None)
-        if iteration > a.train_iters:
+        if iteration > a.train_iters and not finetune:
             raise ConfigError(f"--train-iters {a.train_iters} is below the checkpoint's iteration {iteration}: "
                               f"nothing to train; raise --train-iters (and see --override-opt-param-scheduler)")
         rows = getattr(checkpoint_check.read_index(directory).state_dict_metadata.get(
@@ -266,7 +282,13 @@ class Trainer:
                 f"{self.cfg.tensor_model_parallel_size}); set --make-vocab-size-divisible-by so that the padded "
                 f"size stays {rows} (it pads to a multiple of that value x TP)")
         common = mcore_compat.load_common_state(directory)
+        if finetune:
+            return common
         saved = common.get("run_flags")
+        source = (saved or {}).get("finetune_from")
+        if source and a.finetune and source != self.run_flags["finetune_from"]:
+            raise ConfigError(f"--save {a.save!r} holds a fine-tuning run of {source}, not of "
+                              f"{self.run_flags['finetune_from']}; choose an empty --save for this one")
         world = (saved or {}).get("world_size")
         if self._same_ranks(saved) and not a.no_load_rng:  # each process restores its own RNG file
             resume.verify_or_hint(directory, iteration, world, only_rng=True)

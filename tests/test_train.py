@@ -335,6 +335,64 @@ def test_overlapped_gradient_reduce_and_parameter_gather(tmp_path):
     assert code == 0 and "at iteration 6" in out and "the Adam state starts fresh" in out, out[-3000:]
 
 
+def test_finetune_starts_a_new_run_from_the_weights_and_resumes_its_own(tmp_path):
+    """--finetune --load A --save B starts at iteration 0 (samples counted from 0); requeued with
+    the same command, it resumes from B's own checkpoints, bitwise with an uninterrupted
+    fine-tuning run; a --save holding a fine-tuning run of another checkpoint is refused."""
+    pre = BASE + ["--train-iters", "4", "--save", tmp_path / "a"]
+    code, out = run(pre, 1)
+    assert code == 0, out[-3000:]
+    ft = BASE + ["--train-iters", "4", "--lr", "1e-3", "--lr-decay-style", "constant", "--finetune",
+                 "--load", tmp_path / "a", "--save-interval", "2"]
+    code, out = run(ft + ["--save", tmp_path / "full"], 1)
+    assert code == 0 and "--finetune: model weights from" in out and "a new run starts at iteration 0" in out, \
+        out[-3000:]
+    code, out = run(ft + ["--save", tmp_path / "b", "--exit-interval", "2"], 1)
+    assert code == 0 and "exiting at iteration 2" in out, out[-3000:]
+    _, b = train_state(tmp_path / "b")
+    assert b["train_state"]["iteration"] == 2 and b["train_state"]["consumed_samples"] == 16
+    code, out = run(ft + ["--save", tmp_path / "b"], 1)  # the requeued job: the same command
+    assert code == 0 and "holds this fine-tuning run's checkpoints (up to iteration 2): resuming it" in out, \
+        out[-3000:]
+    assert "resumed from" in out and "at iteration 2" in out
+    assert train_state(tmp_path / "b")[1]["train_state"]["losses"] == \
+        train_state(tmp_path / "full")[1]["train_state"]["losses"]
+    one_line_error(*run(ft + ["--save", tmp_path / "a"], 1), "--finetune starts a new run at iteration 0: give it "
+                                                           "a --save other than --load")
+    one_line_error(*run(BASE + ["--train-iters", "4", "--finetune"], 1), "--finetune needs --load DIR")
+    code, out = run(BASE + ["--train-iters", "4", "--save", tmp_path / "other"], 1)
+    assert code == 0, out[-3000:]
+    one_line_error(*run(ft + ["--load", tmp_path / "other", "--save", tmp_path / "b"], 1),
+                   f"holds a fine-tuning run of {os.path.realpath(tmp_path / 'a')}, not of "
+                   f"{os.path.realpath(tmp_path / 'other')}; choose an empty --save for this one")
+
+
+def test_finetune_takes_the_weights_only(tmp_path, single_process):
+    """In the driver's own set-up: after --finetune the model holds the checkpoint's weights
+    exactly (saved again at once by the driver's checkpointer), the iteration, samples and Adam
+    state are fresh, and the LR is the new schedule's start."""
+    from megatron_prores.arguments import parse_args
+    from megatron_prores.trainer import Trainer
+
+    code, out = run(BASE + ["--train-iters", "3", "--save", tmp_path / "a"], 1)
+    assert code == 0, out[-3000:]
+    trainer = Trainer(parse_args(list(map(str, BASE + ["--train-iters", "5", "--lr", "1e-3", "--finetune",
+                                                       "--load", tmp_path / "a", "--save", tmp_path / "b"]))))
+    try:
+        assert (trainer.state.iteration, trainer.state.consumed_samples) == (0, 0)
+        inner = trainer.optimizer.chained_optimizers if hasattr(trainer.optimizer, "chained_optimizers") \
+            else [trainer.optimizer]
+        assert all(not opt.optimizer.state for opt in inner)
+        assert trainer.scheduler.get_lr(trainer.optimizer.param_groups[0]) == 0.0  # --lr-warmup-iters 2 from 0
+        assert trainer.checkpointer.save(trainer)
+    finally:
+        trainer.close()
+    wa, wb = checkpoint_model(tmp_path / "a", 3), checkpoint_model(tmp_path / "b", 0)
+    assert wa.keys() == wb.keys() and len(wa) > 5
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+
+
 @pytest.mark.stack
 def test_context_parallel_resume_is_bitwise_and_moves_to_another_layout(tmp_path):
     """CP=2 with the distributed optimizer (sharded over the data x context ranks): stop at 4,
