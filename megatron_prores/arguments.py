@@ -73,6 +73,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--norm-epsilon", type=float, default=_MODEL.norm_epsilon)
     g.add_argument("--rotary-base", type=float, default=_MODEL.rotary_base,
                    help="RoPE theta (Llama 2: 10000, Llama 3: 500000)")
+    g.add_argument("--use-rope-scaling", action="store_true",
+                   help="Llama 3.x RoPE scaling (low/high frequency factors 1/4, original context 8192)")
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0,
+                   help="with --use-rope-scaling (Llama 3.1: 8, Llama 3.2: 32)")
     g.add_argument("--init-method-std", type=float, default=_MODEL.init_method_std)
     g.add_argument("--hidden-dropout", type=float, default=_MODEL.hidden_dropout)
     g.add_argument("--attention-dropout", type=float, default=_MODEL.attention_dropout)
@@ -415,6 +419,7 @@ def model_config(args, vocab_size: int) -> ModelConfig:
         ffn_hidden_size=args.ffn_hidden_size, vocab_size=vocab_size, seq_length=args.seq_length,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         normalization=args.normalization, norm_epsilon=args.norm_epsilon, rotary_base=args.rotary_base,
+        rope_scaling_factor=args.rope_scaling_factor if args.use_rope_scaling else None,
         init_method_std=args.init_method_std, hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,

@@ -351,22 +351,24 @@ def model_args_for_checkpoint(cfg) -> dict:
     return dict(num_layers=cfg.num_layers, hidden_size=cfg.hidden_size,
                 num_attention_heads=cfg.num_attention_heads, num_query_groups=cfg.query_groups,
                 ffn_hidden_size=cfg.ffn_size, vocab_size=cfg.vocab_size, normalization=cfg.normalization,
-                norm_epsilon=cfg.norm_epsilon, rotary_base=cfg.rotary_base,
+                norm_epsilon=cfg.norm_epsilon, rotary_base=cfg.rotary_base, rope_scaling_factor=cfg.rope_scaling_factor,
                 norm_type=m.norm_type, gpas=m.gpas, gpas_gate=m.gpas_gate,
                 mix_post_layers=m.post_layers(cfg.num_layers) if m.norm_type in MIXED else None,
                 final_norm=m.has_final_norm, lns_gain=m.lns_gain)
 
 
-# The recorded values that one flag sets (the flag takes the value as printed).
-_FLAG_OF = {k: "--" + k.replace("_", "-") for k in (
+# The recorded values that flags set: key -> the flags that give a value (None: no flag).
+_FLAG_OF = {k: (lambda flag: lambda v: f"{flag} {v}")("--" + k.replace("_", "-")) for k in (
     "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "normalization",
     "norm_epsilon", "rotary_base", "norm_type", "gpas_gate", "lns_gain")}
+_FLAG_OF["rope_scaling_factor"] = lambda v: None if v is None else f"--use-rope-scaling --rope-scaling-factor {v}"
 
 
 def architecture_flags(model_args: dict) -> str:
     """The flags that give the driver the recorded architecture, e.g. for an imported model."""
-    return " ".join(f"{_FLAG_OF[k]} {model_args[k]}" for k in _FLAG_OF
-                    if k in model_args and k not in ("norm_type", "gpas_gate", "lns_gain"))
+    flags = [_FLAG_OF[k](model_args[k]) for k in _FLAG_OF
+             if k in model_args and k not in ("norm_type", "gpas_gate", "lns_gain")]
+    return " ".join(f for f in flags if f)
 
 
 def check_model_args(saved: dict, current: dict, where: str) -> None:
@@ -374,9 +376,11 @@ def check_model_args(saved: dict, current: dict, where: str) -> None:
     diff = [k for k in current if k in saved and saved[k] != current[k]]
     if diff:
         what = ", ".join(f"{k} is {saved[k]!r} there but {current[k]!r} now" for k in diff)
-        fix = (f"give {' '.join(f'{_FLAG_OF[k]} {saved[k]}' for k in diff)} to train it"
-               if all(k in _FLAG_OF and saved[k] is not None for k in diff)
-               else "load a checkpoint of this architecture or change the flags to match")
+        fix = "load a checkpoint of this architecture or change the flags to match"
+        if all(k in _FLAG_OF and (saved[k] is not None or k == "rope_scaling_factor") for k in diff):
+            given = [_FLAG_OF[k](saved[k]) for k in diff if saved[k] is not None]
+            fix = "train it " + " and ".join((["with " + " ".join(given)] if given else [])
+                                             + (["without --use-rope-scaling"] if len(given) < len(diff) else []))
         raise ConfigError(f"--load {where!r} holds a different model: {what}; {fix}")
 
 

@@ -148,6 +148,11 @@ class MethodConfig:
             )
 
 
+# Llama 3.x RoPE scaling as megatron-core implements it (--use-rope-scaling): only the factor is a
+# parameter there; these are fixed.
+LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
 @dataclass(frozen=True)
 class ModelConfig:
     """Shape, parallel layout and methods of a Llama-style GPT (RMSNorm, SwiGLU, RoPE, no bias)."""
@@ -168,6 +173,7 @@ class ModelConfig:
     add_bias_linear: bool = False
     swiglu: bool = True
     rotary_base: float = 10000  # RoPE theta (Llama 3: 500000)
+    rope_scaling_factor: Optional[float] = None  # Llama 3.x RoPE scaling (megatron-core's): None = off
     tensor_model_parallel_size: int = 1
     pipeline_model_parallel_size: int = 1
     num_layers_per_virtual_pipeline_stage: Optional[int] = None
@@ -246,6 +252,9 @@ class ModelConfig:
                 "--transformer-impl transformer_engine needs Transformer Engine, which is not "
                 "installed; install the [te] extra on a CUDA machine or use --transformer-impl local"
             )
+        if self.rope_scaling_factor is not None and not (math.isfinite(self.rope_scaling_factor)
+                                                         and self.rope_scaling_factor >= 1):
+            raise ConfigError(f"--rope-scaling-factor {self.rope_scaling_factor!r} is not valid; it must be >= 1")
         for flag, v in (("--rotary-base", self.rotary_base), ("--norm-epsilon", self.norm_epsilon)):
             if not (isinstance(v, (int, float)) and math.isfinite(v) and v > 0):
                 raise ConfigError(f"{flag} {v!r} is not valid; it must be a positive number")

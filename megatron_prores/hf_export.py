@@ -28,7 +28,7 @@ from megatron_prores import checkpoint_check, mcore_compat
 from megatron_prores.block_styles import STYLES, styles_of
 from megatron_prores.checkpoint_reader import CheckpointReader
 from megatron_prores.checkpointing import LATEST, iteration_dir, read_latest
-from megatron_prores.config import ConfigError, config_from_dict
+from megatron_prores.config import LLAMA3_ROPE, ConfigError, config_from_dict
 
 HF_CODE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "hf")
 # fold only when max |folded - unfolded logits| / max |unfolded logits| on the calibration batch is at
@@ -237,6 +237,10 @@ class _Model:
                     rope_parameters={"rope_theta": float(cfg.rotary_base), "rope_type": "default"},
                     **self.token_ids, tie_word_embeddings=False, torch_dtype=torch_dtype,
                     dtype=torch_dtype)
+        if cfg.rope_scaling_factor is not None:  # Llama 3.x (transformers < 5 reads rope_scaling, 5 both)
+            scaling = dict(rope_type="llama3", factor=float(cfg.rope_scaling_factor), **LLAMA3_ROPE,
+                           rope_theta=float(cfg.rotary_base))
+            base.update(rope_scaling=scaling, rope_parameters=scaling)
         if fold:
             return dict(base, architectures=["LlamaForCausalLM"], model_type="llama", hidden_act="silu",
                         attention_bias=False, mlp_bias=False, head_dim=cfg.hidden_size // cfg.num_attention_heads,
@@ -244,6 +248,7 @@ class _Model:
         return dict(base, architectures=["ProResForCausalLM"], model_type="megatron_prores",
                     normalization=cfg.normalization, block_styles=self.styles, prores_values=self.prores,
                     gpas=m.gpas, gpas_gate=m.gpas_gate, deepnorm_alpha=(2 * L) ** 0.25, final_norm=m.has_final_norm,
+                    rope_llama3_factor=cfg.rope_scaling_factor,
                     auto_map={"AutoConfig": "configuration_prores.ProResConfig",
                               "AutoModelForCausalLM": "modeling_prores.ProResForCausalLM"})
 

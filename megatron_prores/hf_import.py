@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from megatron_prores.config import ConfigError, MethodConfig, ModelConfig, config_to_dict
+from megatron_prores.config import LLAMA3_ROPE, ConfigError, MethodConfig, ModelConfig, config_to_dict
 
 
 DAMAGED = "is damaged or incomplete ({}); download it again"
@@ -38,11 +38,14 @@ def _llama_config(directory: str) -> dict:
                           f"(export Post-LN/Sandwich/DeepNorm/Mix-LN checkpoints of this project are not Llama)")
     rope = c.get("rope_parameters") or {}  # transformers >= 5; rope_theta/rope_scaling before
     c["rope_theta"] = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+    scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    scaling_type = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
+    c["rope_scaling_factor"] = scaling.get("factor") if scaling_type == "llama3" else None
     problems = [(c.get("hidden_act", "silu") != "silu", "hidden_act is not silu"),
                 (c.get("attention_bias", False), "attention has biases"),
                 (c.get("mlp_bias", False), "the MLP has biases"),
-                (c.get("rope_scaling") not in (None, {}) or rope.get("rope_type", "default") != "default",
-                 "RoPE scaling is set"),
+                (scaling and (scaling_type != "llama3" or {k: scaling.get(k) for k in LLAMA3_ROPE} != LLAMA3_ROPE),
+                 f"its RoPE scaling ({scaling}) is not Llama 3's with {LLAMA3_ROPE} (megatron-core's)"),
                 (c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
                  != c["hidden_size"] // c["num_attention_heads"], "head_dim differs from hidden/heads")]
     for bad, what in problems:
@@ -125,7 +128,8 @@ def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,
         ffn_hidden_size=c["intermediate_size"], vocab_size=c["vocab_size"],
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         seq_length=seq_length or min(c.get("max_position_embeddings", 4096), 4096),
-        norm_epsilon=c.get("rms_norm_eps", 1e-6), rotary_base=c.get("rope_theta", 10000.0), method=method)
+        norm_epsilon=c.get("rms_norm_eps", 1e-6), rotary_base=c.get("rope_theta", 10000.0),
+        rope_scaling_factor=c["rope_scaling_factor"], method=method)
     cfg.validate()
     dtype = getattr(torch, str(c.get("torch_dtype") or c.get("dtype") or "float32").replace("torch.", ""))
     cfg = cfg.replace(params_dtype=dtype)

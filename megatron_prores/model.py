@@ -40,6 +40,8 @@ def build_model(cfg: ModelConfig, parallel_output: bool = True) -> List[GPTModel
             share_embeddings_and_output_weights=False,
             position_embedding_type="rope",
             rotary_base=cfg.rotary_base,
+            rope_scaling=cfg.rope_scaling_factor is not None,
+            rope_scaling_factor=cfg.rope_scaling_factor or 8.0,
             vp_stage=stage,
         )
         apply_embedding_init(chunk, cfg.method, tcfg)

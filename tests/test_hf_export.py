@@ -339,19 +339,29 @@ def test_hf_to_megatron_to_hf_is_bit_identical(tmp_path):
         assert getattr(c, key) == getattr(cfg, key), key
 
 
+LLAMA3_SCALING = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
+                  "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+
+
 @pytest.mark.stack
-def test_imported_llama_trains_with_its_rope_theta_and_epsilon(single_process, tmp_path, monkeypatch):
-    """A Llama-3-style model (RoPE theta 500000, RMSNorm eps 1e-6) imported: the driver refuses it
-    with the default --rotary-base (one line naming the flag and the value), and with the flags
-    the import prints, the driver's model gives the Hugging Face model's logits."""
+@pytest.mark.parametrize("rope", ["theta", "llama3"])
+def test_imported_llama_trains_with_its_rope_and_epsilon(single_process, tmp_path, monkeypatch, rope):
+    """A Llama 3 (RoPE theta 500000, RMSNorm eps 1e-6) and a Llama 3.2 (theta 500000 with Llama 3
+    RoPE scaling, factor 32) imported: the driver refuses them with its defaults (one line naming
+    the flags and values), and with the flags the import prints the driver's model gives
+    transformers' RoPE frequencies and logits; exported again, transformers loads the same model
+    (the custom export's scaling formula against transformers' too)."""
     from megatron_prores.arguments import parse_args
     from megatron_prores.config import ConfigError
+    from megatron_prores.hf.modeling_prores import llama3_scaled
     from megatron_prores.hf_import import import_llama
     from megatron_prores.trainer import Trainer
 
+    kw = (dict(rms_norm_eps=1e-6, rope_theta=500000.0) if rope == "theta"
+          else dict(rms_norm_eps=1e-5, rope_parameters=dict(LLAMA3_SCALING)))
     cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   rms_norm_eps=1e-6, rope_theta=500000.0, tie_word_embeddings=False)
+                                   tie_word_embeddings=False, **kw)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).eval()
     with torch.no_grad():
@@ -363,31 +373,36 @@ def test_imported_llama_trains_with_its_rope_theta_and_epsilon(single_process, t
     import_llama(str(tmp_path / "hf"), str(tmp_path / "ckpt"), seq_length=64, log=messages.append)
     (line,) = messages
     flags = line.split("train from it with ")[1].split(" (any TP/PP")[0].split()
-    assert flags[flags.index("--rotary-base") + 1] == "500000.0" and flags[flags.index("--norm-epsilon") + 1] == "1e-06"
+    assert flags[flags.index("--rotary-base") + 1] == "500000.0"
+    assert flags[flags.index("--norm-epsilon") + 1] == ("1e-06" if rope == "theta" else "1e-05")
+    assert ("--use-rope-scaling" in flags) == (rope == "llama3")
     run = ["--seq-length", "64", "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1",
            "--lr", "1e-4", "--mock-data", "--vocab-size", str(VOCAB), "--eval-iters", "0"]
-
-    without = [f for i, f in enumerate(flags) if f not in ("--rotary-base", "--norm-epsilon")
-               and flags[i - 1] not in ("--rotary-base", "--norm-epsilon")]
-    with pytest.raises(ConfigError, match=r"norm_epsilon is 1e-06 there but 1e-05 now, rotary_base is 500000.0 "
-                                          r"there but 10000 now; give --norm-epsilon 1e-06 --rotary-base "
-                                          r"500000.0 to train it$"):
+    ours = ("--rotary-base", "--norm-epsilon", "--rope-scaling-factor")
+    without = [f for i, f in enumerate(flags) if f not in ours + ("--use-rope-scaling",) and flags[i - 1] not in ours]
+    refusal = (r"norm_epsilon is 1e-06 there but 1e-05 now, rotary_base is 500000.0 there but 10000 now; train it "
+               r"with --norm-epsilon 1e-06 --rotary-base 500000.0$" if rope == "theta" else
+               r"rotary_base is 500000.0 there but 10000 now, rope_scaling_factor is 32.0 there but None now; train it "
+               r"with --rotary-base 500000.0 --use-rope-scaling --rope-scaling-factor 32.0$")
+    with pytest.raises(ConfigError, match=refusal):
         Trainer(parse_args(run + without))
-    # an import written before the model args recorded them: its model config still has them
-    import megatron_prores.checkpointing as checkpointing
+    if rope == "theta":  # an import written before the model args recorded them: its model config has them
+        import megatron_prores.checkpointing as checkpointing
 
-    record = checkpointing.model_args_for_checkpoint
-    monkeypatch.setattr(checkpointing, "model_args_for_checkpoint", lambda cfg: {
-        k: v for k, v in record(cfg).items() if k not in ("rotary_base", "norm_epsilon")})
-    import_llama(str(tmp_path / "hf"), str(tmp_path / "old"), seq_length=64, log=messages.append)
-    monkeypatch.undo()
-    with pytest.raises(ConfigError, match=r"rotary_base is 500000.0 there but 10000 now; give"):
-        Trainer(parse_args(run + [str(tmp_path / "old") if f == str(tmp_path / "ckpt") else f for f in without]))
+        record = checkpointing.model_args_for_checkpoint
+        monkeypatch.setattr(checkpointing, "model_args_for_checkpoint", lambda cfg: {
+            k: v for k, v in record(cfg).items() if k not in ("rotary_base", "norm_epsilon")})
+        import_llama(str(tmp_path / "hf"), str(tmp_path / "old"), seq_length=64, log=messages.append)
+        monkeypatch.undo()
+        with pytest.raises(ConfigError, match=r"rotary_base is 500000.0 there but 10000 now; train it with"):
+            Trainer(parse_args(run + [str(tmp_path / "old") if f == str(tmp_path / "ckpt") else f for f in without]))
     trainer = Trainer(parse_args(run + flags))
+    tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
     try:
-        tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
         chunk = trainer.model[0].module
         chunk.eval()
+        theirs_freq = model.model.rotary_emb.inv_freq
+        assert torch.allclose(chunk.rotary_pos_emb.inv_freq.float(), theirs_freq.float(), rtol=1e-6, atol=0)
         with torch.no_grad():
             ours = chunk(tokens, torch.arange(64)[None].expand_as(tokens), None)[..., :VOCAB].double()
             theirs = model(tokens).logits.double()
@@ -395,6 +410,14 @@ def test_imported_llama_trains_with_its_rope_theta_and_epsilon(single_process, t
         assert (ours - theirs).abs().max().item() < 1e-4, (ours - theirs).abs().max().item()
     finally:
         trainer.close()
+    export(str(tmp_path / "ckpt"), str(tmp_path / "back"), progress=False, log=lambda *_: None)
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back"), dtype=torch.float32).eval()
+    with torch.no_grad():
+        assert torch.equal(back(tokens).logits, model(tokens).logits)
+    if rope == "llama3":  # the custom export's formula, written independently
+        plain = 1.0 / (500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+        assert torch.allclose(llama3_scaled(plain, 32.0), theirs_freq.float(), rtol=1e-6, atol=0)
+        assert not torch.allclose(plain, theirs_freq.float(), rtol=1e-3)  # the scaling changes them
 
 
 def test_exported_tokenizer_encodes_like_the_training_tokenizer(single_process, tmp_path):

@@ -240,7 +240,7 @@ def test_bad_run_configuration(tmp_path):
     assert code == 0, out[-3000:]
     one_line_error(*run(mock + ["--hidden-size", "64", "--load", tmp_path / "c"], 1),
                    "holds a different model: hidden_size is 32 there but 64 now, ffn_hidden_size is 128 there "
-                   "but 256 now; give --hidden-size 32 --ffn-hidden-size 128 to train it")
+                   "but 256 now; train it with --hidden-size 32 --ffn-hidden-size 128")
     one_line_error(*run(mock + ["--norm-type", "sandwich", "--load", tmp_path / "c"], 1),
                    "norm_type is 'pre' there but 'sandwich' now")
 

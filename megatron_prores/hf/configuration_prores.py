@@ -14,7 +14,7 @@ class ProResConfig(PretrainedConfig):
                  num_attention_heads=32, num_key_value_heads=None, max_position_embeddings=4096,
                  rms_norm_eps=1e-5, rope_theta=10000.0, normalization="RMSNorm", block_styles=None,
                  prores_values=None, gpas=False, gpas_gate="block", deepnorm_alpha=None, final_norm=True,
-                 bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **kwargs):
+                 rope_llama3_factor=None, bos_token_id=1, eos_token_id=2, tie_word_embeddings=False, **kwargs):
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
@@ -31,5 +31,6 @@ class ProResConfig(PretrainedConfig):
         self.gpas_gate = gpas_gate
         self.deepnorm_alpha = deepnorm_alpha if deepnorm_alpha is not None else (2 * num_hidden_layers) ** 0.25
         self.final_norm = final_norm
+        self.rope_llama3_factor = rope_llama3_factor  # Llama 3.x RoPE scaling factor, None: off
         super().__init__(bos_token_id=bos_token_id, eos_token_id=eos_token_id,
                          tie_word_embeddings=tie_word_embeddings, **kwargs)

@@ -24,6 +24,8 @@ position of a token is the number of tokens before it (cumsum(mask) - 1).
 """
 
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -74,6 +76,7 @@ class ProResAttention(nn.Module):
         self.v_proj = nn.Linear(h, self.kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(self.heads * self.head_dim, h, bias=False)
         self.rope_theta = float(config.rope_theta)  # no buffers: from_pretrained would leave them empty
+        self.rope_factor = getattr(config, "rope_llama3_factor", None)
 
     def forward(self, x, positions, cache=None, mask=None):
         """Causal attention of x [b, s, h] at ``positions`` [b, s]; ``mask`` [b, 1, s, past + s] (True =
@@ -84,6 +87,8 @@ class ProResAttention(nn.Module):
         v = self.v_proj(x).view(b, s, self.kv_heads, self.head_dim).transpose(1, 2)
         inv_freq = 1.0 / (self.rope_theta ** (torch.arange(0, self.head_dim, 2, device=x.device,
                                                            dtype=torch.float32) / self.head_dim))
+        if self.rope_factor is not None:
+            inv_freq = llama3_scaled(inv_freq, self.rope_factor)
         freqs = positions.float()[..., None] * inv_freq  # [b, s, d/2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]
         cos, sin = emb.cos().to(q.dtype), emb.sin().to(q.dtype)
@@ -95,6 +100,15 @@ class ProResAttention(nn.Module):
             v = v.repeat_interleave(self.heads // self.kv_heads, dim=1)
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None and s > 1)
         return self.o_proj(out.transpose(1, 2).reshape(b, s, -1))
+
+
+def llama3_scaled(inv_freq, factor, low=1.0, high=4.0, context=8192):
+    """Llama 3.x RoPE scaling: frequencies whose wavelength exceeds context/low are divided by
+    ``factor``, those below context/high kept, the ones between interpolated linearly in
+    context/wavelength."""
+    wavelength = 2 * math.pi / inv_freq
+    t = ((context / wavelength - low) / (high - low)).clamp(0, 1)  # 0: long waves, 1: short ones
+    return (1 - t) * inv_freq / factor + t * inv_freq
 
 
 def attention_mask_4d(attention_mask, past, s, device):
