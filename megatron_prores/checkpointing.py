@@ -186,6 +186,54 @@ def _restore_adam_step(optimizer, steps: int) -> None:
                 state["step"] = torch.tensor(float(steps), dtype=torch.float32)
 
 
+def _mixed_float16_sharded_state(self, model_sharded_state_dict, is_loading: bool = False, metadata=None):
+    """Float16OptimizerWithFloat16Params.sharded_state_dict for groups that also hold fp32
+    parameters (a bf16 model's GPAS gates, kept fp32): megatron-core's numbers the optimizer state
+    by the bf16 parameters alone, which shifts every id after an fp32 one (the save fails, or maps
+    state to the wrong tensors). The same checkpoint entries, each id mapped through its own
+    model parameter (a bf16 parameter's fp32 main copy, or the fp32 parameter itself)."""
+    from megatron.core.dist_checkpointing.optimizer import (
+        get_param_id_to_sharded_param_map, make_sharded_optimizer_tensor, optim_state_to_sharding_state)
+
+    if is_loading:
+        self.init_state_fn(self.optimizer, self.config)
+    state = self.state_dict()
+    model_of = {id(main): p for g16, g32 in zip(self.float16_groups, self.fp32_from_float16_groups)
+                for p, main in zip(g16, g32)}
+    groups = self.optimizer.param_groups
+    id_map = get_param_id_to_sharded_param_map(
+        model_sharded_state_dict, [model_of.get(id(p), p) for g in groups for p in g["params"]])
+    state["fp32_from_fp16_params"] = [  # per group: the bf16 parameters' main copies, in order
+        [make_sharded_optimizer_tensor(id_map[i], main, prefix="optimizer.state.fp32_param")
+         for i, main in zip([i for i, p in zip(saved["params"], g["params"]) if id(p) in model_of], mains)]
+        for saved, g, mains in zip(state["optimizer"]["param_groups"], groups, state["fp32_from_fp16_params"])]
+    step = self._extract_common_per_param_step(state["optimizer"])
+    optim_state_to_sharding_state(state["optimizer"], id_map, exclude_keys="step")
+    if step:
+        state["optimizer"]["state"]["common_step"] = step
+    return state
+
+
+def fix_mixed_float16_checkpointing(optimizer) -> None:
+    """Checkpointing of megatron-core's bf16/fp16 optimizers whose parameter groups also hold fp32
+    parameters (a bf16 model's GPAS gates), broken upstream in 0.16 and 0.19 alike:
+    - the plain optimizer gets the sharded state dict above;
+    - the distributed optimizer puts each group's fp32 parameters first in the torch group but
+      indexes them (model_param_group_index_map, read only by checkpointing) in the model's
+      order: a save then fails (or pairs states with other parameters); the index is made to
+      follow the groups' real order."""
+    import types
+
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        kind = type(opt).__name__
+        if kind == "Float16OptimizerWithFloat16Params" and any(opt.fp32_from_fp32_groups):
+            opt.sharded_state_dict = types.MethodType(_mixed_float16_sharded_state, opt)
+        elif kind == "DistributedOptimizer" and any(opt.model_fp32_groups) and any(opt.model_float16_groups):
+            opt.model_param_group_index_map = {
+                p: (i, j) for i, (fp32, f16) in enumerate(zip(opt.model_fp32_groups, opt.model_float16_groups))
+                for j, p in enumerate([*fp32, *f16])}
+
+
 def _training_state(model, optimizer, is_loading: bool) -> dict:
     model_sd = model_sharded_state_dict(model)
     state = dict(model_sd)
@@ -403,6 +451,8 @@ def load_checkpoint(directory: str, model, optimizer, scheduler, model_args: dic
         with torch.no_grad():  # the distributed optimizer copies into views of the parameters
             optimizer.load_state_dict(state["optimizer"])
         _restore_adam_step(optimizer, train_state["iteration"] - train_state.get("skipped_iters", 0))
+    elif optimizer is not None:  # bf16: the fp32 main copies were taken from the initial weights
+        optimizer.reload_model_params()
     if scheduler is not None and common.get("scheduler") is not None and has_optim:
         scheduler.load_state_dict(common["scheduler"])
     rng = os.path.join(directory, f"rng_rank{dist.get_rank():05d}.pt")

@@ -156,7 +156,7 @@ class Trainer:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed.finalize_model_grads import finalize_model_grads
 
-        from megatron_prores import parallel
+        from megatron_prores import checkpointing, parallel
         from megatron_prores.model import build_model
 
         a, cfg = self.args, self.cfg
@@ -184,6 +184,7 @@ class Trainer:
             tcfg.no_sync_func = self.model[0].no_sync if one else [m.no_sync for m in self.model]
             tcfg.grad_sync_func = self.model[0].start_grad_sync if one else [m.start_grad_sync for m in self.model]
         self.optimizer, self.scheduler = build_optimizer(a, self.model)
+        checkpointing.fix_mixed_float16_checkpointing(self.optimizer)
         from megatron_prores.layer import prores_layers
 
         self.gates = [l.gpas_gate for l in prores_layers(self.model)] if cfg.method.gpas else []
@@ -222,7 +223,7 @@ class Trainer:
         directory, iteration = start
         common = resume.on_rank0(lambda: self._checked_common(directory, iteration, finetune))
         if finetune:
-            checkpointing.load_checkpoint(directory, self.model, None, None, self.arch, common,
+            checkpointing.load_checkpoint(directory, self.model, self.optimizer, None, self.arch, common,
                                           load_optim=False, load_rng=False)
             self._say(f"--finetune: model weights from {directory}; a new run starts at iteration 0 (fresh "
                       f"optimizer, LR schedule, data position and RNG states from --seed)"
