@@ -405,18 +405,30 @@ def model_args_for_checkpoint(cfg) -> dict:
                 final_norm=m.has_final_norm, lns_gain=m.lns_gain)
 
 
-# The recorded values that flags set: key -> the flags that give a value (None: no flag).
-_FLAG_OF = {k: (lambda flag: lambda v: f"{flag} {v}")("--" + k.replace("_", "-")) for k in (
-    "num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "normalization",
-    "norm_epsilon", "rotary_base", "norm_type", "gpas_gate", "lns_gain")}
-_FLAG_OF["rope_scaling_factor"] = lambda v: None if v is None else f"--use-rope-scaling --rope-scaling-factor {v}"
+_SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "normalization",
+          "norm_epsilon", "rotary_base")
+
+
+def _flag_for(k: str, v, diff: list):
+    """How to give recorded value ``v`` of ``k``: ("with", flags), ("without", flag), None when
+    it follows from another differing flag, False when no flag sets it."""
+    if k in _SHAPE + ("norm_type", "gpas_gate", "lns_gain", "vocab_size"):
+        return "with", f"--{k.replace('_', '-')} {v}"
+    if k == "rope_scaling_factor":
+        return ("without", "--use-rope-scaling") if v is None else ("with", f"--use-rope-scaling --rope-scaling-factor {v}")
+    if k == "gpas":
+        return ("with" if v else "without"), "--gpas"
+    if k == "mix_post_layers":
+        return None if v is None else ("with", f"--mix-post-layers {v}")
+    if k == "final_norm":  # Post-LN/DeepNorm: --post-final-norm; otherwise the norm type's
+        return None if "norm_type" in diff else (("with" if v else "without"), "--post-final-norm")
+    return False
 
 
 def architecture_flags(model_args: dict) -> str:
-    """The flags that give the driver the recorded architecture, e.g. for an imported model."""
-    flags = [_FLAG_OF[k](model_args[k]) for k in _FLAG_OF
-             if k in model_args and k not in ("norm_type", "gpas_gate", "lns_gain")]
-    return " ".join(f for f in flags if f)
+    """The model flags that give the driver the recorded architecture, e.g. for an imported model."""
+    fixes = [_flag_for(k, model_args[k], []) for k in _SHAPE + ("rope_scaling_factor",) if k in model_args]
+    return " ".join(text for how, text in fixes if how == "with")
 
 
 def check_model_args(saved: dict, current: dict, where: str) -> None:
@@ -424,11 +436,13 @@ def check_model_args(saved: dict, current: dict, where: str) -> None:
     diff = [k for k in current if k in saved and saved[k] != current[k]]
     if diff:
         what = ", ".join(f"{k} is {saved[k]!r} there but {current[k]!r} now" for k in diff)
+        fixes = [f for f in (_flag_for(k, saved[k], diff) for k in diff) if f is not None]
         fix = "load a checkpoint of this architecture or change the flags to match"
-        if all(k in _FLAG_OF and (saved[k] is not None or k == "rope_scaling_factor") for k in diff):
-            given = [_FLAG_OF[k](saved[k]) for k in diff if saved[k] is not None]
+        if fixes and all(fixes):
+            given = [text for how, text in fixes if how == "with"]
+            dropped = [text for how, text in fixes if how == "without"]
             fix = "train it " + " and ".join((["with " + " ".join(given)] if given else [])
-                                             + (["without --use-rope-scaling"] if len(given) < len(diff) else []))
+                                             + (["without " + " ".join(dropped)] if dropped else []))
         raise ConfigError(f"--load {where!r} holds a different model: {what}; {fix}")
 
 

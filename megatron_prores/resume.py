@@ -34,6 +34,8 @@ from megatron_prores.config import ConfigError
 
 SCHEDULE_FLAGS = ("lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters",
                   "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay")
+# Run flags added after checkpoints were written: the value such a checkpoint was trained with.
+_ADDED_LATER = {"lr_warmup_fraction": None}
 PRORES_FLAGS = ("prores_schedule", "prores_warmup_steps", "prores_warmup_spacing")
 DATA_FLAGS = ("global_batch_size", "seq_length", "seed", "data_path", "split", "mock_data")
 
@@ -173,7 +175,8 @@ def optimizer_shards(cfg, bucket_size, use_distributed_optimizer: bool) -> Optio
     if not use_distributed_optimizer:
         return None
     return dict(tp=cfg.tensor_model_parallel_size, pp=cfg.pipeline_model_parallel_size,
-                layers_per_virtual_stage=cfg.num_layers_per_virtual_pipeline_stage, bucket_size=bucket_size)
+                layers_per_virtual_stage=cfg.num_layers_per_virtual_pipeline_stage, bucket_size=bucket_size,
+                bf16=cfg.bf16)  # bf16: the buffers' dtypes name the saved state
 
 
 _SHARD_FLAGS = {  # how to resume with the saved value
@@ -183,6 +186,7 @@ _SHARD_FLAGS = {  # how to resume with the saved value
                                            else f"with --num-layers-per-virtual-pipeline-stage {v}"),
     "bucket_size": lambda v: ("without --overlap-grad-reduce" if v is None
                               else f"with --overlap-grad-reduce --ddp-bucket-size {v}"),
+    "bf16": lambda v: "with --bf16" if v else "without --bf16",
 }
 
 
@@ -212,6 +216,8 @@ def check_flags(saved: Optional[dict], args, iteration: int) -> str:
     if not saved:  # a checkpoint of an earlier version, or imported from Hugging Face
         return "override" if args.override_opt_param_scheduler else "same"
     now = run_flags(args)
+    # a flag newer than the checkpoint: recorded as its value then (no --lr-warmup-fraction)
+    saved = {**{k: v for k, v in _ADDED_LATER.items() if "lr" in saved}, **saved}
     changed = lambda keys: [k for k in keys if k in saved and saved[k] != now[k]]  # noqa: E731
     data = changed(DATA_FLAGS)
     if data and not args.override_data_flags:
@@ -245,9 +251,9 @@ def check_flags(saved: Optional[dict], args, iteration: int) -> str:
         k = sched[0]
         what = (f"--train-iters {args.train_iters} sets the LR decay length (--lr-decay-iters defaults to it) to "
                 f"{now[k]}, the checkpoint's is {saved[k]}: that"
-                if k == "lr_decay_iters" and not args.lr_decay_iters else _describe([k], saved, now))
+                if k == "lr_decay_iters" and not args.lr_decay_iters else _describe(sched, saved, now))
         raise ConfigError(f"{what} changes the LR schedule of the checkpoint (iteration "
-                          f"{iteration}); give the checkpoint's value, or pass --override-opt-param-scheduler (the "
+                          f"{iteration}); give the checkpoint's values (None: leave the flag out), or pass --override-opt-param-scheduler (the "
                           f"new schedule applies from iteration {iteration}) or --use-checkpoint-opt-param-scheduler "
                           f"(keep the checkpoint's schedule)")
     return "same"

@@ -113,7 +113,9 @@ CASES = {
                                                  open(r.parent / "O" / "latest_checkpointed_iteration.txt", "w").write("5")),
                                       ["--load", "O"], "is a Megatron-LM legacy checkpoint"),
     "changed --lr": (None, ["--load", "R", "--save", "R", "--lr", "2e-3"],
-                     "--lr 0.001 -> 0.002 changes the LR schedule of the checkpoint (iteration 3); give the checkpoint's value, or pass --override-opt-param-scheduler"),
+                     "--lr 0.001 -> 0.002 changes the LR schedule of the checkpoint (iteration 3); give the checkpoint's values (None: leave the flag out), or pass --override-opt-param-scheduler"),
+    "warmup iterations -> fraction": (None, ["--load", "R", "--save", "R", "--lr-warmup-fraction", "0.5"],
+                                      "--lr-warmup-fraction None -> 0.5 changes the LR schedule"),
     "extended --train-iters": (None, ["--load", "R", "--save", "R", "--train-iters", "6"],
                                "--train-iters 6 sets the LR decay length (--lr-decay-iters defaults to it) to 6, the checkpoint's is 3"),
     "changed --lr-decay-style": (None, ["--load", "R", "--save", "R", "--lr-decay-style", "linear"], "--lr-decay-style 'cosine' -> 'linear'"),
@@ -328,6 +330,20 @@ def test_keep_last_n_never_deletes_the_latest(tmp_path, single_process):
     _publish(str(tmp_path), 5, keep_last_n=1)
     assert sorted(os.listdir(tmp_path)) == ["iter_0000005", "iter_0000006", "iter_0000008",
                                             "latest_checkpointed_iteration.txt"]
+
+
+def test_a_flag_newer_than_the_checkpoint_counts_as_its_value_then():
+    """A checkpoint written before --lr-warmup-fraction existed was trained without it: adding it
+    on resume changes the schedule (refused), not silently ignored."""
+    from megatron_prores import resume
+    from megatron_prores.arguments import parse_args
+    from megatron_prores.config import ConfigError
+
+    args = parse_args(TINY + ["--train-iters", "3"])
+    saved = {k: v for k, v in resume.run_flags(args).items() if k != "lr_warmup_fraction"}
+    assert resume.check_flags(saved, args, 2) == "same"
+    with pytest.raises(ConfigError, match=r"^--lr-warmup-fraction None -> 0.5 changes the LR schedule"):
+        resume.check_flags(saved, parse_args(TINY + ["--train-iters", "3", "--lr-warmup-fraction", "0.5"]), 2)
 
 
 @pytest.mark.parametrize("flag,value,message", [

@@ -242,7 +242,11 @@ def test_bad_run_configuration(tmp_path):
                    "holds a different model: hidden_size is 32 there but 64 now, ffn_hidden_size is 128 there "
                    "but 256 now; train it with --hidden-size 32 --ffn-hidden-size 128")
     one_line_error(*run(mock + ["--norm-type", "sandwich", "--load", tmp_path / "c"], 1),
-                   "norm_type is 'pre' there but 'sandwich' now")
+                   "norm_type is 'pre' there but 'sandwich' now; train it with --norm-type pre")
+    # what follows from the norm type (Post-LN has no final norm) is not asked for separately
+    one_line_error(*run(mock + ["--norm-type", "post", "--load", tmp_path / "c"], 1),
+                   "norm_type is 'pre' there but 'post' now, final_norm is True there but False now; train it with "
+                   "--norm-type pre")
 
 
 @pytest.mark.parametrize("mode", [[], ["--async-save"]], ids=["sync", "async"])
