@@ -27,6 +27,9 @@ from megatron_prores.config import (
     LNS_GAINS,
     NORM_TYPES,
     NORMALIZATIONS,
+    RECOMPUTE_GRANULARITIES,
+    RECOMPUTE_METHODS,
+    RECOMPUTE_MODULES,
     TRANSFORMER_IMPLS,
     WEIGHT_DECAY_GROUPS,
     ConfigError,
@@ -140,7 +143,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--max-nonfinite-iters", type=int, default=10,
                    help="stop after this many consecutive steps with a non-finite loss or grad norm")
-    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None)
+    g.add_argument("--recompute-granularity", choices=RECOMPUTE_GRANULARITIES, default=None,
+                   help="recompute activations in backward: full (whole blocks; see --recompute-method) or "
+                        "selective (the --recompute-modules of each block)")
+    g.add_argument("--recompute-method", choices=RECOMPUTE_METHODS, default=None,
+                   help="full recompute: uniform (every block, in units of --recompute-num-layers; the default) "
+                        "or block (the first --recompute-num-layers blocks of each model chunk)")
+    g.add_argument("--recompute-num-layers", type=int, default=None,
+                   help="full recompute: blocks per recomputed unit (uniform) or recomputed blocks per model "
+                        "chunk (block); default 1")
+    g.add_argument("--recompute-modules", nargs="+", choices=RECOMPUTE_MODULES, default=None,
+                   help="selective recompute: which parts of each block (default: core_attn)")
 
     g = p.add_argument_group("parallelism")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -329,9 +342,6 @@ def check_args(args, this_machine: bool = True) -> None:
         need(args.overlap_grad_reduce, "--ddp-bucket-size needs --overlap-grad-reduce (without it, all gradients "
                                        "are reduced at once after backward)")
     _check_wandb(args, this_machine)
-    if args.recompute_granularity is not None and this_machine:
-        need(torch.cuda.is_available(),
-             "--recompute-granularity needs CUDA (megatron's recompute saves CUDA RNG states)")
     if args.bf16 and this_machine:
         need(torch.cuda.is_available(), "--bf16 needs a GPU; the CPU path trains in fp32 (drop --bf16)")
 
@@ -426,7 +436,10 @@ def model_config(args, vocab_size: int) -> ModelConfig:
         num_layers_per_virtual_pipeline_stage=args.num_layers_per_virtual_pipeline_stage,
         sequence_parallel=args.sequence_parallel, context_parallel_size=args.context_parallel_size,
         transformer_impl=args.transformer_impl, bf16=args.bf16, method=method,
-        recompute_granularity=args.recompute_granularity, fp8_format=args.fp8_format,
+        recompute_granularity=args.recompute_granularity, recompute_method=args.recompute_method,
+        recompute_num_layers=args.recompute_num_layers,
+        recompute_modules=tuple(args.recompute_modules) if args.recompute_modules else None,
+        fp8_format=args.fp8_format,
         fp8_recipe=args.fp8_recipe, attention_backend=args.attention_backend,
         bias_dropout_fusion=args.bias_dropout_fusion,
     )

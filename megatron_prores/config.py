@@ -33,6 +33,10 @@ TRANSFORMER_IMPLS = ("local", "transformer_engine")
 ATTENTION_BACKENDS = ("auto", "flash", "fused", "unfused", "local")
 FP8_FORMATS = ("hybrid", "e4m3")
 FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
+RECOMPUTE_GRANULARITIES = ("full", "selective")
+RECOMPUTE_METHODS = ("uniform", "block")
+# megatron-core's selective recompute modules that a dense model has (its default first)
+RECOMPUTE_MODULES = ("core_attn", "layernorm", "mlp")
 
 
 def _have_te() -> bool:
@@ -181,6 +185,9 @@ class ModelConfig:
     context_parallel_size: int = 1
     transformer_impl: str = "local"
     recompute_granularity: Optional[str] = None  # full | selective
+    recompute_method: Optional[str] = None  # full: uniform (default) | block
+    recompute_num_layers: Optional[int] = None  # full: layers per recomputed unit / per model chunk (default 1)
+    recompute_modules: Optional[tuple] = None  # selective: of RECOMPUTE_MODULES (default core_attn)
     fp8_format: Optional[str] = None  # hybrid | e4m3 (Transformer Engine)
     fp8_recipe: str = "delayed"  # delayed | tensorwise (current scaling) | mxfp8 | blockwise
     attention_backend: str = "auto"  # auto | flash | fused | unfused | local
@@ -313,6 +320,7 @@ class ModelConfig:
                 f"--seq-length {self.seq_length} is not divisible by --tensor-model-parallel-size "
                 f"{tp}, which --sequence-parallel needs"
             )
+        self._validate_recompute()
         cp = self.context_parallel_size
         if cp > 1:
             if self.seq_length % (2 * cp):
@@ -330,6 +338,46 @@ class ModelConfig:
                     f"--attention-backend {self.attention_backend} (megatron-core's DotProductAttention) has no "
                     f"context parallelism; use --attention-backend auto, flash or fused"
                 )
+
+    @property
+    def layers_per_chunk(self) -> int:
+        """Blocks per model chunk (a pipeline stage, or a virtual one)."""
+        return self.num_layers_per_virtual_pipeline_stage or self.num_layers // self.pipeline_model_parallel_size
+
+    def recompute_unit(self) -> tuple:
+        """(method, layers) of full recompute, defaults filled in; (None, None) otherwise."""
+        if self.recompute_granularity != "full":
+            return None, None
+        n = self.recompute_num_layers
+        return self.recompute_method or "uniform", 1 if n is None else n
+
+    def _validate_recompute(self) -> None:
+        granularity, method, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if granularity is not None:
+            _choice("--recompute-granularity", granularity, RECOMPUTE_GRANULARITIES)
+        if granularity != "full":
+            for flag, v in (("--recompute-method", method), ("--recompute-num-layers", n)):
+                if v is not None:
+                    raise ConfigError(f"{flag} is for --recompute-granularity full; drop it or give "
+                                      f"--recompute-granularity full")
+        if self.recompute_modules is not None:
+            if granularity != "selective":
+                raise ConfigError("--recompute-modules is for --recompute-granularity selective; drop it or give "
+                                  "--recompute-granularity selective")
+            for m in self.recompute_modules:
+                _choice("--recompute-modules", m, RECOMPUTE_MODULES)
+        if granularity != "full":
+            return
+        method, n = self.recompute_unit()
+        _choice("--recompute-method", method, RECOMPUTE_METHODS)
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"--recompute-num-layers {n!r} is not valid; it must be a positive integer")
+        k = self.layers_per_chunk
+        if n > k or (method == "uniform" and k % n):
+            chunk = "virtual pipeline stage" if self.num_layers_per_virtual_pipeline_stage else "pipeline stage"
+            what = "divide" if method == "uniform" else "be at most"
+            raise ConfigError(f"--recompute-num-layers {n} must {what} {k}, the layers of each {chunk} "
+                              f"(--recompute-method {method})")
 
     def transformer_config(self):
         """The megatron-core TransformerConfig of this model (validates first)."""
@@ -381,8 +429,9 @@ class ModelConfig:
             # (interleaved 1F1B at PP=2): use the unbatched p2p path on CPU.
             batch_p2p_comm=not on_cpu,
             recompute_granularity=self.recompute_granularity,
-            recompute_method="uniform" if self.recompute_granularity == "full" else None,
-            recompute_num_layers=1 if self.recompute_granularity == "full" else None,
+            recompute_method=self.recompute_unit()[0],
+            recompute_num_layers=self.recompute_unit()[1],
+            recompute_modules=list(self.recompute_modules or RECOMPUTE_MODULES[:1]),
             fp8=self.fp8_format,
             fp8_recipe=self.fp8_recipe,
             # The local spec picks its core attention itself (specs.py); megatron's GPTModel

@@ -171,8 +171,16 @@ def enable() -> None:
     for fn in (current_device, synchronize, set_device, empty_cache, get_rng_state,
                set_rng_state, manual_seed, manual_seed_all, current_stream):
         setattr(torch.cuda, fn.__name__, fn)
+    torch.cuda.random.get_rng_state = get_rng_state
 
     from megatron.core.tensor_parallel import random as mrandom
+
+    def set_cuda_rng_state(new_state, device=-1, graph_safe=False):
+        torch.set_rng_state(new_state)
+
+    # Activation recompute saves and restores "the CUDA RNG state" around each recomputed chunk
+    # (megatron's own copy of torch.cuda.set_rng_state); here that is the one CPU generator.
+    mrandom._set_cuda_rng_state = set_cuda_rng_state
 
     mrandom.initialize_rng_tracker(inference_rng_tracker=True, force_reset=True)
     # megatron's seeding helper re-creates the tracker; keep it the CPU-safe one.

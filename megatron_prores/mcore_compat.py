@@ -8,6 +8,11 @@ The rest of the project calls these helpers instead of testing versions itself. 
   ``dist_checkpointing.load_common_state_dict``, which both releases provide.
 - 0.19's DDP asks for ``torch.cuda.current_stream()`` at every gradient sync: the CPU runtime
   (``cpu_runtime``) answers it; nothing to do on GPUs.
+And one defect that both have:
+- ``tensor_parallel.CheckpointWithoutOutput(fp8=False)`` sets ``fp8 = fp8 is not None``, i.e. True,
+  and its forward then calls Transformer Engine's FP8 state manager: selective recompute of the
+  norms (``--recompute-modules layernorm``) dies with a NameError where TE is not installed.
+  ``allow_norm_recompute_without_te`` makes that flag False there (without TE there is no FP8).
 """
 
 from __future__ import annotations
@@ -27,3 +32,21 @@ def async_save_kwargs() -> dict:
 def load_common_state(directory: str) -> dict:
     """The common (non-sharded) state of a dist_checkpointing checkpoint, any supported release."""
     return dist_checkpointing.load_common_state_dict(directory)
+
+
+def allow_norm_recompute_without_te() -> None:
+    """Without Transformer Engine, megatron's CheckpointWithoutOutput never takes its FP8 path
+    (idempotent; nothing changes where TE is installed)."""
+    from megatron.core.tensor_parallel import random as mrandom
+
+    cls = mrandom.CheckpointWithoutOutput
+    if hasattr(mrandom, "FP8GlobalStateManager") or getattr(cls, "_prores_no_te", False):
+        return
+    init = cls.__init__
+
+    def __init__(self, fp8=False):
+        init(self, fp8)
+        self.fp8 = False
+
+    cls.__init__ = __init__
+    cls._prores_no_te = True

@@ -9,6 +9,7 @@ import torch
 from megatron.core import parallel_state
 from megatron.core.models.gpt import GPTModel
 
+from megatron_prores import mcore_compat
 from megatron_prores.config import ModelConfig
 from megatron_prores.initialization import apply_embedding_init
 from megatron_prores.specs import block_spec
@@ -22,6 +23,8 @@ def build_model(cfg: ModelConfig, parallel_output: bool = True) -> List[GPTModel
     vocabulary-parallel logits on every tensor-parallel rank.
     """
     tcfg = cfg.transformer_config()
+    if tcfg.recompute_granularity == "selective" and "layernorm" in tcfg.recompute_modules:
+        mcore_compat.allow_norm_recompute_without_te()
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
     pp_size = parallel_state.get_pipeline_model_parallel_world_size()
     vpp = cfg.virtual_pipeline_size

@@ -25,8 +25,11 @@ LAYOUTS = {  # name: (processes, flags)
     "dp2": (2, []),
     "dp2-distopt": (2, ["--use-distributed-optimizer"]),
     "cp2": (2, ["--context-parallel-size", "2"]),
+    # activation recompute of whole blocks, the sequence-parallel gathers run again in backward
+    "tp2-sp-recompute": (2, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                             "--recompute-granularity", "full"]),
 }
-STACK = ("pp2-vpp2", "dp2-distopt", "cp2")  # also on CI's Python 3.12 / megatron-core 0.19 leg
+STACK = ("pp2-vpp2", "dp2-distopt", "cp2", "tp2-sp-recompute")  # also on CI's Python 3.12 / megatron-core 0.19 leg
 EXHAUSTIVE_LAYOUTS = {
     "tp2-pp2": (4, ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size", "2"]),
     "tp2-sp-pp2-vpp2-distopt": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
@@ -41,6 +44,12 @@ EXHAUSTIVE_LAYOUTS = {
     "pp2-vpp2-dp2-overlap": (4, ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage",
                                  "1", "--use-distributed-optimizer", "--overlap-grad-reduce",
                                  "--overlap-param-gather", "--ddp-bucket-size", "2000"]),
+    "tp2-sp-pp2-recompute-selective": (4, ["--tensor-model-parallel-size", "2", "--sequence-parallel",
+                                           "--pipeline-model-parallel-size", "2", "--recompute-granularity",
+                                           "selective", "--recompute-modules", "core_attn", "layernorm", "mlp"]),
+    "pp2-vpp2-cp2-recompute-block": (4, ["--pipeline-model-parallel-size", "2",
+                                         "--num-layers-per-virtual-pipeline-stage", "1", "--context-parallel-size",
+                                         "2", "--recompute-granularity", "full", "--recompute-method", "block"]),
 }
 LOSS_RTOL = 1e-5  # fp32: summation order differs between layouts
 # relative norm error per tensor after STEPS Adam steps: Adam divides each gradient by its own

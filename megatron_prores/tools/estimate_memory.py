@@ -15,7 +15,10 @@ measurement (what the allocator really holds can be 10-30% more). What the drive
   DotProductAttention or TE's unfused kernel; the default SDPA / TE flash attention keeps none); the stream-sized parts are split
   over TP only with sequence parallelism, everything over CP, except that under CP > 1 each rank
   also keeps the whole sequence's all-gathered K/V (4*s*b*kv/TP); --recompute-granularity full keeps
-  2*s*b*h per block plus one block's activations, selective drops the attention part;
+  2*s*b*h per recomputed unit plus one unit's activations (uniform: every block, in units of
+  --recompute-num-layers n; block: n blocks per model chunk, the others keep everything);
+  selective drops what its --recompute-modules recompute: core_attn the unfused attention
+  probabilities, layernorm the two pre-norm outputs (4*s*b*h), mlp the MLP's inner 6*s*b*f;
   micro batches in flight on the first pipeline stage: min(PP, microbatches), times
   (1 + (PP-1)/(PP*VPP)) for the interleaved schedule;
   logits and the fp32 cross entropy on the last stage: 10 bytes x s*b*vocab / (TP x CP);
@@ -54,19 +57,29 @@ def estimate(args, cfg, dp: int, num_micro: int) -> dict:
     shard = dp * cp if args.use_distributed_optimizer else 1
 
     b = args.micro_batch_size
+    sp_cp = (tp if cfg.sequence_parallel else 1) * cp
     stream = 10 * h + (4 * h if sandwich else 0)
     split = 2 * (h + 2 * kv) + 6 * f
-    stream_bytes = s * b * stream / ((tp if cfg.sequence_parallel else 1) * cp)
-    split_bytes = s * b * split / (tp * cp)
     unfused = cfg.attention_backend in ("unfused", "local")  # probabilities kept: s x s per head
     attn = 2 * cfg.num_attention_heads * s * s * b / (tp * cp) if unfused else 0
     gathered_kv = 4 * s * b * kv / tp if cp > 1 else 0  # the whole sequence's K/V, saved for backward
-    block = stream_bytes + split_bytes + attn + gathered_kv
-    if cfg.recompute_granularity == "full":
-        kept = 2 * s * b * h / ((tp if cfg.sequence_parallel else 1) * cp) * per_stage + block
+    if cfg.recompute_granularity == "selective":
+        modules = cfg.recompute_modules or ("core_attn",)
+        if "core_attn" in modules:
+            attn = 0
+        if "layernorm" in modules:
+            stream -= 4 * h  # the two pre-norm outputs
+        if "mlp" in modules:
+            split -= 6 * f  # the MLP's inner activations (its input is the kept norm output)
+    block = s * b * stream / sp_cp + s * b * split / (tp * cp) + attn + gathered_kv
+    unit_input = 2 * s * b * h / sp_cp  # what full recompute keeps of a recomputed unit
+    method, n = cfg.recompute_unit()
+    if method == "uniform":  # every unit's input, and one unit's activations while it is recomputed
+        kept = unit_input * per_stage / n + block * n
+    elif method == "block":  # n blocks of each model chunk recomputed, the others keep theirs
+        recomputed = n * vp
+        kept = unit_input * recomputed + block * (per_stage - recomputed + 1)
     else:
-        if cfg.recompute_granularity == "selective":
-            block -= attn
         kept = block * per_stage
     in_flight = min(pp, num_micro) * (1 + (pp - 1) / (pp * vp) if vp > 1 else 1)
     parts = {
