@@ -205,3 +205,27 @@ def test_bad_recompute_flags_are_refused_in_one_line(flags, message):
         check_args(args)
         model_config(args, 128).validate()
     assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
+
+
+def test_a_run_resumes_with_recompute_turned_on(tmp_path, single_process):
+    """The usual way out of an out-of-memory error: resume the run's checkpoint with recompute on.
+    Recompute is not part of what a checkpoint pins; stopped at 2 without it and resumed to 4 with
+    full recompute, the losses and weights are the uninterrupted run's, bitwise."""
+    from tests.test_train import checkpoint_model, train_state
+
+    flags = ["--norm-type", "pre", "--gpas", "--train-iters", "4"]
+
+    def train(extra):
+        t = trainer(flags + extra)
+        try:
+            assert t.train() == 0
+        finally:
+            t.close(0)
+
+    train(["--save", tmp_path / "full"])
+    train(["--save", tmp_path / "part", "--exit-interval", "2"])
+    train(["--save", tmp_path / "part", "--load", tmp_path / "part", "--recompute-granularity", "full"])
+    a, b = train_state(tmp_path / "full")[1]["train_state"], train_state(tmp_path / "part")[1]["train_state"]
+    assert len(a["losses"]) == 4 and a["losses"] == b["losses"]
+    wa, wb = checkpoint_model(tmp_path / "full", 4), checkpoint_model(tmp_path / "part", 4)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
