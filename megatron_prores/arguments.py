@@ -80,6 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="Llama 3.x RoPE scaling (low/high frequency factors 1/4, original context 8192)")
     g.add_argument("--rope-scaling-factor", type=float, default=8.0,
                    help="with --use-rope-scaling (Llama 3.1: 8, Llama 3.2: 32)")
+    g.add_argument("--tie-embeddings-and-output-weights", action="store_true",
+                   help="the output layer is the word embedding matrix (Megatron-LM's default, e.g. Llama 3.2 "
+                        "1B/3B); default here: an output layer of its own")
     g.add_argument("--init-method-std", type=float, default=_MODEL.init_method_std)
     g.add_argument("--hidden-dropout", type=float, default=_MODEL.hidden_dropout)
     g.add_argument("--attention-dropout", type=float, default=_MODEL.attention_dropout)
@@ -266,7 +269,8 @@ def build_parser() -> argparse.ArgumentParser:
 MEGATRON_STATEMENTS = {
     "--swiglu": "SwiGLU MLP (always)",
     "--disable-bias-linear": "no linear biases (always)",
-    "--untie-embeddings-and-output-weights": "an output layer of its own (always)",
+    "--untie-embeddings-and-output-weights": "an output layer of its own (the default here; "
+                                             "--tie-embeddings-and-output-weights ties it)",
     "--use-rotary-position-embeddings": "RoPE (always)",
     "--no-position-embedding": "no learned absolute positions (always)",
     "--group-query-attention": "GQA: set by --num-query-groups",
@@ -317,6 +321,8 @@ def check_args(args, this_machine: bool = True) -> None:
         need(0 <= args.lr_warmup_fraction < 1, f"--lr-warmup-fraction {args.lr_warmup_fraction} is not valid; it "
                                                 f"must be in [0, 1)")
         need(args.lr_warmup_iters == 0, "--lr-warmup-fraction and --lr-warmup-iters exclude each other; give one")
+    need(not (args.tie_embeddings_and_output_weights and args.untie_embeddings_and_output_weights),
+         "--tie-embeddings-and-output-weights and --untie-embeddings-and-output-weights exclude each other; give one")
     if args.use_flash_attn:
         need(args.attention_backend in ("auto", "flash"), f"--use-flash-attn asks for --attention-backend flash, "
                                                           f"but --attention-backend is {args.attention_backend}; give one")
@@ -430,6 +436,7 @@ def model_config(args, vocab_size: int) -> ModelConfig:
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
         normalization=args.normalization, norm_epsilon=args.norm_epsilon, rotary_base=args.rotary_base,
         rope_scaling_factor=args.rope_scaling_factor if args.use_rope_scaling else None,
+        tie_embeddings=args.tie_embeddings_and_output_weights,
         init_method_std=args.init_method_std, hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         tensor_model_parallel_size=args.tensor_model_parallel_size,
         pipeline_model_parallel_size=args.pipeline_model_parallel_size,

@@ -402,7 +402,7 @@ def model_args_for_checkpoint(cfg) -> dict:
                 norm_epsilon=cfg.norm_epsilon, rotary_base=cfg.rotary_base, rope_scaling_factor=cfg.rope_scaling_factor,
                 norm_type=m.norm_type, gpas=m.gpas, gpas_gate=m.gpas_gate,
                 mix_post_layers=m.post_layers(cfg.num_layers) if m.norm_type in MIXED else None,
-                final_norm=m.has_final_norm, lns_gain=m.lns_gain)
+                final_norm=m.has_final_norm, lns_gain=m.lns_gain, tie_embeddings=cfg.tie_embeddings)
 
 
 _SHAPE = ("num_layers", "hidden_size", "num_attention_heads", "num_query_groups", "ffn_hidden_size", "normalization",
@@ -418,6 +418,8 @@ def _flag_for(k: str, v, diff: list):
         return ("without", "--use-rope-scaling") if v is None else ("with", f"--use-rope-scaling --rope-scaling-factor {v}")
     if k == "gpas":
         return ("with" if v else "without"), "--gpas"
+    if k == "tie_embeddings":
+        return ("with" if v else "without"), "--tie-embeddings-and-output-weights"
     if k == "mix_post_layers":
         return None if v is None else ("with", f"--mix-post-layers {v}")
     if k == "final_norm":  # Post-LN/DeepNorm: --post-final-norm; otherwise the norm type's
@@ -427,7 +429,8 @@ def _flag_for(k: str, v, diff: list):
 
 def architecture_flags(model_args: dict) -> str:
     """The model flags that give the driver the recorded architecture, e.g. for an imported model."""
-    fixes = [_flag_for(k, model_args[k], []) for k in _SHAPE + ("rope_scaling_factor",) if k in model_args]
+    fixes = [_flag_for(k, model_args[k], []) for k in _SHAPE + ("rope_scaling_factor", "tie_embeddings")
+             if k in model_args]
     return " ".join(text for how, text in fixes if how == "with")
 
 
@@ -452,9 +455,9 @@ def load_checkpoint(directory: str, model, optimizer, scheduler, model_args: dic
     the model, then (``load_optim``) the optimizer state, the scheduler's state, this rank's RNG
     states (``load_rng``, when the checkpoint has this rank's file). Returns its train state."""
     # Checkpoints before rotary_base/norm_epsilon were recorded: their model config (kept for the
-    # HF export) has them, e.g. a Llama 3 import's RoPE theta.
+    # HF export) has them, e.g. a Llama 3 import's RoPE theta. Before tie_embeddings: never tied.
     saved = {**{k: v for k, v in (common.get("model_config") or {}).items() if k in ("rotary_base", "norm_epsilon")},
-             **common.get("model_args", {})}
+             **({"tie_embeddings": False} if common.get("model_args") else {}), **common.get("model_args", {})}
     check_model_args(saved, model_args, os.path.dirname(directory))
     has_optim = "optimizer" in common  # absent e.g. when imported from Hugging Face: fresh optimizer
     use_optim = optimizer is not None and has_optim and load_optim

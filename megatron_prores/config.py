@@ -176,6 +176,7 @@ class ModelConfig:
     attention_dropout: float = 0.0
     add_bias_linear: bool = False
     swiglu: bool = True
+    tie_embeddings: bool = False  # the output layer is the word embedding matrix (Megatron-LM's default)
     rotary_base: float = 10000  # RoPE theta (Llama 3: 500000)
     rope_scaling_factor: Optional[float] = None  # Llama 3.x RoPE scaling (megatron-core's): None = off
     tensor_model_parallel_size: int = 1

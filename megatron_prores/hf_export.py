@@ -226,6 +226,11 @@ class _Model:
         w["mlp.down_proj.weight"] = _scaled(w["mlp.down_proj.weight"], a / P)
         return w, P * s[-1]
 
+    def head(self) -> torch.Tensor:
+        """The output layer's rows of the vocabulary (the embedding matrix when tied)."""
+        name = "embedding.word_embeddings.weight" if self.cfg.tie_embeddings else "output_layer.weight"
+        return self.reader.read(name)[:self.cfg.vocab_size]
+
     def hf_config(self, fold: bool) -> dict:
         """config.json of the folded (Llama) or the custom (ProResForCausalLM) export."""
         cfg, m, L = self.cfg, self.cfg.method, self.cfg.num_layers
@@ -235,7 +240,7 @@ class _Model:
                     num_key_value_heads=cfg.query_groups, max_position_embeddings=cfg.seq_length,
                     rms_norm_eps=cfg.norm_epsilon, rope_theta=float(cfg.rotary_base),
                     rope_parameters={"rope_theta": float(cfg.rotary_base), "rope_type": "default"},
-                    **self.token_ids, tie_word_embeddings=False, torch_dtype=torch_dtype,
+                    **self.token_ids, tie_word_embeddings=cfg.tie_embeddings, torch_dtype=torch_dtype,
                     dtype=torch_dtype)
         if cfg.rope_scaling_factor is not None:  # Llama 3.x (transformers < 5 reads rope_scaling, 5 both)
             scaling = dict(rope_type="llama3", factor=float(cfg.rope_scaling_factor), **LLAMA3_ROPE,
@@ -289,7 +294,7 @@ class _Model:
             norm = loaded({"weight": self.reader.read("decoder.final_layernorm.weight").double()},
                           ProResNorm, unfolded_cfg)
             unfolded, folded = norm(unfolded), norm(folded)
-        head = self.reader.read("output_layer.weight")[:cfg.vocab_size]
+        head = self.head()
         diff = ref = 0.0
         for rows in head.split(8192):  # the output layer in float64 a slice at a time
             rows = rows.double()
@@ -346,7 +351,8 @@ def export(load: str, output: str, iteration: Optional[int] = None, fold: bool =
             writer.add("model.norm.weight", reader.read("decoder.final_layernorm.weight"))
             if not model.rms:
                 writer.add("model.norm.bias", reader.read("decoder.final_layernorm.bias"))
-        writer.add("lm_head.weight", reader.read("output_layer.weight")[:vocab])
+        if not cfg.tie_embeddings:  # tied: transformers ties lm_head to the embeddings on load
+            writer.add("lm_head.weight", model.head())
         writer.finish()
 
         config = model.hf_config(do_fold)

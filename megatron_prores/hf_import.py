@@ -122,6 +122,9 @@ def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,
 
     c = _llama_config(input_dir)
     method = method or MethodConfig()
+    w = _tensors(input_dir)
+    # tied (e.g. Llama 3.2 1B/3B): the output layer is the embedding matrix, as in the original
+    tied = bool(c.get("tie_word_embeddings", False)) or "lm_head.weight" not in w
     cfg = ModelConfig(
         num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
         num_attention_heads=c["num_attention_heads"], num_query_groups=c.get("num_key_value_heads"),
@@ -129,11 +132,10 @@ def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
         seq_length=seq_length or min(c.get("max_position_embeddings", 4096), 4096),
         norm_epsilon=c.get("rms_norm_eps", 1e-6), rotary_base=c.get("rope_theta", 10000.0),
-        rope_scaling_factor=c["rope_scaling_factor"], method=method)
+        rope_scaling_factor=c["rope_scaling_factor"], tie_embeddings=tied, method=method)
     cfg.validate()
     dtype = getattr(torch, str(c.get("torch_dtype") or c.get("dtype") or "float32").replace("torch.", ""))
     cfg = cfg.replace(params_dtype=dtype)
-    w = _tensors(input_dir)
     (chunk,) = build_model(cfg)
     state = chunk.state_dict()
     heads, groups, h = cfg.num_attention_heads, cfg.query_groups, cfg.hidden_size
@@ -156,9 +158,10 @@ def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,
     emb = torch.zeros_like(state["embedding.word_embeddings.weight"])
     emb[:V] = get("model.embed_tokens.weight")
     put("embedding.word_embeddings.weight", emb)
-    out = torch.zeros_like(state["output_layer.weight"])
-    out[:V] = get("lm_head.weight") if "lm_head.weight" in w else get("model.embed_tokens.weight")  # tied
-    put("output_layer.weight", out)
+    if not tied:
+        out = torch.zeros_like(state["output_layer.weight"])
+        out[:V] = get("lm_head.weight")
+        put("output_layer.weight", out)
     put("decoder.final_layernorm.weight", get("model.norm.weight"))
     for i in range(cfg.num_layers):
         hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."

@@ -92,10 +92,14 @@ def apply_embedding_init(model, method, config) -> None:
     normal init (std ``init_method_std``) to the std ``--embedding-init`` names."""
     if method.embedding_init == "normal" or not config.perform_initialization:
         return
+    std = EMBEDDING_STD[method.embedding_init](config.init_method_std, config.hidden_size)
     embedding = getattr(model, "embedding", None)
     if embedding is not None:
-        std = EMBEDDING_STD[method.embedding_init](config.init_method_std, config.hidden_size)
         embedding.word_embeddings.weight.mul_(std / config.init_method_std)
+    if model.share_embeddings_and_output_weights and model.post_process and not model.pre_process:
+        # the last pipeline stage's copy of a tied matrix, already synced from the first stage's
+        # unscaled init (megatron-core does that while building the model): scale it alike
+        model.output_layer.weight.mul_(std / config.init_method_std)
 
 
 @torch.no_grad()

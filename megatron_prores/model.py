@@ -40,7 +40,7 @@ def build_model(cfg: ModelConfig, parallel_output: bool = True) -> List[GPTModel
             pre_process=pp_rank == 0 and vp_stage == 0,
             post_process=pp_rank == pp_size - 1 and vp_stage == (vpp or 1) - 1,
             parallel_output=parallel_output,
-            share_embeddings_and_output_weights=False,
+            share_embeddings_and_output_weights=cfg.tie_embeddings,
             position_embedding_type="rope",
             rotary_base=cfg.rotary_base,
             rope_scaling=cfg.rope_scaling_factor is not None,

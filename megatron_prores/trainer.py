@@ -642,8 +642,10 @@ def build_optimizer(args, model):
 
 def official_no_weight_decay(param: torch.Tensor, name: str) -> bool:
     """The official ProRes code's parameters without weight decay: biases, norm gains (except the
-    final norm's) and the word embeddings; GPAS gates (1-D) are not decayed either."""
-    if "word_embeddings" in name or name.endswith(".bias"):
+    final norm's) and the word embeddings (with tied embeddings under pipeline parallelism, the last
+    stage's copy too: megatron-core marks both ``shared_embedding``); GPAS gates (1-D) are not decayed
+    either."""
+    if "word_embeddings" in name or getattr(param, "shared_embedding", False) or name.endswith(".bias"):
         return True
     return param.dim() == 1 and "final_layernorm" not in name
 

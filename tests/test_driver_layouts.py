@@ -114,3 +114,53 @@ def test_driver_layout_matches_single_process(setup, name):
 @pytest.mark.parametrize("name", EXHAUSTIVE_LAYOUTS)
 def test_driver_four_process_layout_matches_single_process(setup, name):
     check_layout(setup, name, *EXHAUSTIVE_LAYOUTS[name])
+
+
+def test_tied_embeddings_under_pipeline_parallelism(dataset, tmp_path, single_process):
+    """--tie-embeddings-and-output-weights at PP=2: the last stage holds a copy of the first stage's
+    embedding matrix, which megatron-core keeps equal by summing the two copies' gradients; the
+    official weight-decay groups (no decay for the word embeddings) must spare the copy as well.
+    Every loss and final weight equals the single-process tied run's."""
+    from megatron_prores.arguments import model_config, parse_args
+    from megatron_prores.checkpointing import model_args_for_checkpoint, save_checkpoint
+    from megatron_prores.model import build_model
+    from megatron_prores.parallel import seed_everything
+
+    tied = ["--tie-embeddings-and-output-weights", "--weight-decay-groups", "official", "--weight-decay", "0.5"]
+    flags = FLAGS + tied + ["--data-path", str(dataset / "c_text_document"), "--tokenizer-model",
+                            str(dataset / "tok.model")]
+    cfg = model_config(parse_args(FLAGS + tied + ["--mock-data"]), 600)
+    seed_everything(7)
+    (chunk,) = build_model(cfg)
+    assert chunk.output_layer.weight is None
+    save_checkpoint(str(tmp_path / "init"), 0, [chunk], None, None, {"consumed_samples": 0, "skipped_iters": 0},
+                    model_args_for_checkpoint(cfg))
+    for name, nproc, extra in (("one", 1, []), ("pp2", 2, ["--pipeline-model-parallel-size", "2"])):
+        code, out = run(flags + extra + ["--load", tmp_path / "init", "--save", tmp_path / name], nproc=nproc)
+        assert code == 0, out[-3000:]
+    ref, got = train_state(tmp_path / "one")[1], train_state(tmp_path / "pp2")[1]
+    assert got["train_state"]["losses"] == pytest.approx(ref["train_state"]["losses"], rel=LOSS_RTOL, abs=0)
+    w_ref, w = model_weights(tmp_path / "one"), model_weights(tmp_path / "pp2")
+    assert w.keys() == w_ref.keys() and not any("output_layer" in k for k in w)
+    for k, ref_t in w_ref.items():
+        if isinstance(ref_t, torch.Tensor) and ref_t.is_floating_point():
+            err = ((w[k].double() - ref_t.double()).norm() / ref_t.double().norm().clamp_min(1e-30)).item()
+            assert err < WEIGHT_RTOL, f"{k} differs from PP=1 by {err:.2e} (relative)"
+
+
+@pytest.mark.parametrize("init", ["normal", "prores-code"])
+def test_tied_copies_start_equal_under_pipeline_parallelism(init):
+    """A fresh tied model at PP=2: megatron-core copies the first stage's initial embedding matrix to
+    the last stage while building the model; --embedding-init then rescales the first stage's and
+    must rescale the copy alike (it did not: std 0.116 against 0.021)."""
+    import subprocess
+    import sys
+
+    from tests.conftest import free_port
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                        f"--master-port={free_port()}", os.path.join(root, "tests", "tied_copies_check.py"),
+                        "--embedding-init", init], capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": root})
+    assert r.returncode == 0 and "copies equal: True" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]

@@ -95,7 +95,8 @@ def reference(chunk, step=STEP, new_tokens=20):
             "new_tokens": new_tokens}
 
 
-CASES = [("pre", True), ("lns", True), ("sandwich", True), ("deepnorm", True), ("mix", True), ("post", False)]
+CASES = [("pre", True), ("lns", True), ("sandwich", True), ("deepnorm", True), ("mix", True), ("post", False),
+         ("sandwich-tied", True)]  # -tied: --tie-embeddings-and-output-weights (the custom code ties lm_head)
 FOLDED = ("pre", "lns")
 
 
@@ -108,7 +109,7 @@ def exported(single_process, tmp_path_factory):
     def get(norm_type):
         if norm_type not in built:
             root = tmp_path_factory.mktemp(norm_type)
-            cfg = config(norm_type, gpas=dict(CASES)[norm_type])
+            cfg = config(norm_type.split("-")[0], gpas=dict(CASES)[norm_type], tie_embeddings=norm_type.endswith("-tied"))
             chunk = trained_model(cfg)
             save(chunk, cfg, root / "ckpt")
             report = export(str(root / "ckpt"), str(root / "hf"), progress=False, log=lambda *_: None)
@@ -591,3 +592,80 @@ def test_convert_refuses_damaged_legacy_and_unsafe_checkpoints(small_checkpoint,
         assert code == 2 and message in err, (message, err)
         assert not os.path.exists(tmp_path / "o") and not os.path.exists(tmp_path / "o.tmp")
     assert not mark.exists()
+
+
+@pytest.mark.stack
+def test_tied_llama_imports_trains_and_exports_tied(single_process, tmp_path):
+    """A Llama with tied embeddings (as Llama 3.2 1B/3B): imported as a tied model (not an output
+    layer of its own), refused without --tie-embeddings-and-output-weights (one line naming it),
+    with it the driver's model has transformers' logits and, for a training loss, transformers'
+    gradient of the shared matrix (the sum of its two uses); exported again, the same tied model."""
+    from safetensors.torch import load_file
+
+    from megatron_prores.arguments import parse_args
+    from megatron_prores.config import ConfigError
+    from megatron_prores.hf_import import import_llama
+    from megatron_prores.trainer import Trainer
+
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                                   rms_norm_eps=1e-5, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.add_(0.1 * torch.randn_like(p))
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    messages = []
+    import_llama(str(tmp_path / "hf"), str(tmp_path / "ckpt"), seq_length=64, log=messages.append)
+    flags = messages[0].split("train from it with ")[1].split(" (any TP/PP")[0].split()
+    assert "--tie-embeddings-and-output-weights" in flags
+    run = ["--seq-length", "64", "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1",
+           "--lr", "1e-4", "--mock-data", "--vocab-size", str(VOCAB), "--eval-iters", "0"]
+    with pytest.raises(ConfigError, match=r"tie_embeddings is True there but False now; train it with "
+                                          r"--tie-embeddings-and-output-weights$"):
+        Trainer(parse_args(run + [f for f in flags if f != "--tie-embeddings-and-output-weights"]))
+    trainer = Trainer(parse_args(run + flags))
+    tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
+    try:
+        ddp = trainer.model[0]
+        chunk = ddp.module
+        assert chunk.output_layer.weight is None  # the head reads the embedding matrix
+        chunk.train()  # no dropout in this model
+        ddp.zero_grad_buffer()
+        inputs, labels = tokens[:, :-1], tokens[:, 1:]
+        logits = chunk(inputs, torch.arange(63)[None].expand_as(inputs), None)[..., :VOCAB]  # (not the padding)
+        ours = torch.nn.functional.cross_entropy(logits.flatten(0, 1), labels.flatten())
+        ours.backward()
+        theirs = model(tokens, labels=tokens).loss
+        theirs.backward()
+        assert abs(ours.item() - theirs.item()) < 1e-5 * theirs.item()
+        ours_grad = chunk.embedding.word_embeddings.weight.main_grad[:VOCAB]
+        theirs_grad = model.model.embed_tokens.weight.grad
+        err = ((ours_grad - theirs_grad).norm() / theirs_grad.norm()).item()
+        assert err < 1e-5, err
+        # either use's share alone is far off (an untied copy of the model gives the two shares)
+        import copy
+
+        untied = copy.deepcopy(model)
+        untied.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach().clone())
+        untied.zero_grad()
+        untied(tokens, labels=tokens).loss.backward()
+        shares = (untied.lm_head.weight.grad, untied.model.embed_tokens.weight.grad)
+        assert torch.allclose(shares[0] + shares[1], theirs_grad, rtol=1e-5, atol=1e-8)
+        assert all(((s - theirs_grad).norm() / theirs_grad.norm()).item() > 1e-2 for s in shares)
+    finally:
+        trainer.close()
+    export(str(tmp_path / "ckpt"), str(tmp_path / "back"), progress=False, log=lambda *_: None)
+    back = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "back"), dtype=torch.float32).eval()
+    assert back.config.tie_word_embeddings and back.lm_head.weight is back.model.embed_tokens.weight
+    original, exported = load_file(tmp_path / "hf" / "model.safetensors"), {}
+    for f in os.listdir(tmp_path / "back"):
+        if f.endswith(".safetensors"):
+            exported.update(load_file(tmp_path / "back" / f))
+    assert original.keys() == exported.keys() and "lm_head.weight" not in exported
+    assert all(torch.equal(original[k], exported[k]) for k in original)
+    with torch.no_grad():
+        assert torch.equal(back(tokens).logits, model.eval()(tokens).logits)

@@ -247,6 +247,10 @@ def test_bad_run_configuration(tmp_path):
     one_line_error(*run(mock + ["--norm-type", "post", "--load", tmp_path / "c"], 1),
                    "norm_type is 'pre' there but 'post' now, final_norm is True there but False now; train it with "
                    "--norm-type pre")
+    one_line_error(*run(mock + ["--tie-embeddings-and-output-weights", "--load", tmp_path / "c"], 1),
+                   "tie_embeddings is False there but True now; train it without --tie-embeddings-and-output-weights")
+    one_line_error(*run(mock + ["--tie-embeddings-and-output-weights", "--untie-embeddings-and-output-weights"], 1),
+                   "--tie-embeddings-and-output-weights and --untie-embeddings-and-output-weights exclude each other")
 
 
 @pytest.mark.parametrize("mode", [[], ["--async-save"]], ids=["sync", "async"])

@@ -4,7 +4,8 @@ from transformers import PretrainedConfig
 
 
 class ProResConfig(PretrainedConfig):
-    """A Llama-style decoder (RoPE, SwiGLU, GQA, no biases, untied embeddings) whose blocks follow
+    """A Llama-style decoder (RoPE, SwiGLU, GQA, no biases; tied embeddings with
+    ``tie_word_embeddings``) whose blocks follow
     ``block_styles`` (one of pre, lns, sandwich, post, deepnorm per block) with the current ProRes
     values ``prores_values`` (one per block) and, with ``gpas``, learnable GPAS gates."""
 

@@ -28,6 +28,7 @@ import math
 
 import torch
 import torch.nn.functional as F
+import transformers
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers.cache_utils import DynamicCache
@@ -37,6 +38,10 @@ from .configuration_prores import ProResConfig
 
 # transformers 5 renamed the output's past_key_values to cache (the old name only as a deprecated alias)
 CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+# With config.tie_word_embeddings, lm_head is the embedding matrix: transformers 5 reads the pair
+# from a mapping, transformers 4 the tied names from a list (and the modules from get_*_embeddings).
+TIED_WEIGHTS = ({"lm_head.weight": "model.embed_tokens.weight"} if int(transformers.__version__.split(".")[0]) >= 5
+                else ["lm_head.weight"])
 
 
 class ProResNorm(nn.Module):
@@ -240,6 +245,8 @@ class ProResModel(ProResPreTrainedModel):
 
 
 class ProResForCausalLM(ProResPreTrainedModel, GenerationMixin):
+    _tied_weights_keys = TIED_WEIGHTS
+
     def __init__(self, config):
         super().__init__(config)
         self.model = ProResModel(config)
@@ -248,6 +255,12 @@ class ProResForCausalLM(ProResPreTrainedModel, GenerationMixin):
 
     def get_input_embeddings(self):
         return self.model.embed_tokens
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new):
+        self.lm_head = new
 
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, labels=None,
                 use_cache=None, logits_to_keep=0, **kwargs):

@@ -49,9 +49,10 @@ def estimate(args, cfg, dp: int, num_micro: int) -> dict:
     norms = (4 if sandwich else 2) * h
     layer_params = (h * (h + 2 * kv) + h * h + 3 * h * f) / tp + norms + (2 if m.gpas else 0)
     per_stage = L // pp
-    embedding = vocab * h / tp  # input embedding and (untied) output layer: one matrix each
+    embedding = vocab * h / tp  # input embedding and output layer: one matrix each (one in all when
+    # tied on one stage; under PP the last stage keeps its own copy of a tied matrix)
     if pp == 1:
-        params = per_stage * layer_params + 2 * embedding + h
+        params = per_stage * layer_params + (1 if cfg.tie_embeddings else 2) * embedding + h
     else:  # the first stage holds the embedding, the last the output layer and final norm
         params = per_stage * layer_params + embedding + h
     shard = dp * cp if args.use_distributed_optimizer else 1
