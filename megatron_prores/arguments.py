@@ -126,7 +126,11 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, required=True)
     g.add_argument("--global-batch-size", type=int, required=True)
-    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--train-iters", type=int, default=None, help="training length in steps (or --train-samples)")
+    g.add_argument("--train-samples", type=int, default=None,
+                   help="training length in samples (Megatron-LM's): --train-samples // --global-batch-size steps; "
+                        "the LR schedule is then given in samples (--lr-warmup-samples, --lr-decay-samples, "
+                        "--lr-wsd-decay-samples)")
     g.add_argument("--lr", type=float, required=True)
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "WSD"], default="cosine")
@@ -135,6 +139,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="warmup as a fraction of the LR decay length (instead of --lr-warmup-iters)")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
     g.add_argument("--lr-wsd-decay-iters", type=int, default=None, help="WSD: final decay length")
+    g.add_argument("--lr-warmup-samples", type=int, default=0, help="with --train-samples")
+    g.add_argument("--lr-decay-samples", type=int, default=None, help="with --train-samples (default: it)")
+    g.add_argument("--lr-wsd-decay-samples", type=int, default=None, help="with --train-samples: WSD's final decay")
     g.add_argument("--lr-wsd-decay-style", choices=["linear", "cosine", "exponential", "minus_sqrt"],
                    default="linear")
     g.add_argument("--weight-decay", type=float, default=0.1)
@@ -259,6 +266,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="NCCL on GPUs (a CPU run uses gloo)")
     g.add_argument("--use-flash-attn", action="store_true",
                    help="Megatron-LM's older name for --attention-backend flash")
+    g.add_argument("--kv-channels", type=int, default=None, help="the head size: must be hidden / heads here")
+    g.add_argument("--rotary-percent", type=float, default=1.0, help="RoPE over the whole head (1.0 only)")
+    g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist",
+                   help="megatron-core's distributed checkpoint format (the only one)")
+    g.add_argument("--num-workers", type=int, default=None,
+                   help="no effect: batches come from the memory-mapped dataset in the training process")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=30,
+                   help="timeout of the process groups' collectives")
     p._negative_number_matcher = _NUMBER
     return p
 
@@ -279,6 +294,7 @@ MEGATRON_STATEMENTS = {
     "--no-masked-softmax-fusion": "no masked-softmax kernel is used (SDPA or TE attention)",
     "--no-gradient-accumulation-fusion": "gradients accumulate without the apex/TE fused wgrad kernel (always)",
     "--log-throughput": "tokens/s, TFLOP/s and MFU are always in the log line",
+    "--no-create-attention-mask-in-dataloader": "no attention mask is built (the attention kernels are causal)",
 }
 
 
@@ -302,6 +318,7 @@ def check_args(args, this_machine: bool = True) -> None:
         need(not isinstance(v, float) or math.isfinite(v), f"--{flag.replace('_', '-')} {v} is not valid; it "
                                                               f"must be a finite number")
         need(ok(v), f"--{flag.replace('_', '-')} {v} is not valid; it must be {what}")
+    _check_training_length(args)
     _check_split(args.split)
     need(0 <= args.min_lr <= args.lr, f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}]")
     need(args.mock_data or args.data_path,
@@ -321,14 +338,22 @@ def check_args(args, this_machine: bool = True) -> None:
         need(0 <= args.lr_warmup_fraction < 1, f"--lr-warmup-fraction {args.lr_warmup_fraction} is not valid; it "
                                                 f"must be in [0, 1)")
         need(args.lr_warmup_iters == 0, "--lr-warmup-fraction and --lr-warmup-iters exclude each other; give one")
+        need(args.lr_warmup_samples == 0, "--lr-warmup-fraction and --lr-warmup-samples exclude each other; give one")
     need(not (args.tie_embeddings_and_output_weights and args.untie_embeddings_and_output_weights),
          "--tie-embeddings-and-output-weights and --untie-embeddings-and-output-weights exclude each other; give one")
+    if args.kv_channels is not None:
+        need(args.kv_channels * args.num_attention_heads == args.hidden_size,
+             f"--kv-channels {args.kv_channels} is not --hidden-size {args.hidden_size} / --num-attention-heads "
+             f"{args.num_attention_heads}: this model's head size is hidden / heads; drop --kv-channels")
+    need(args.rotary_percent == 1.0, f"--rotary-percent {args.rotary_percent}: this model applies RoPE to the whole "
+                                     f"head (1.0); drop the flag")
     if args.use_flash_attn:
         need(args.attention_backend in ("auto", "flash"), f"--use-flash-attn asks for --attention-backend flash, "
                                                           f"but --attention-backend is {args.attention_backend}; give one")
         args.attention_backend = "flash"
     if args.lr_decay_style == "WSD":
-        need(args.lr_wsd_decay_iters, "--lr-decay-style WSD needs --lr-wsd-decay-iters")
+        need(args.lr_wsd_decay_samples if args.train_samples else args.lr_wsd_decay_iters,
+             f"--lr-decay-style WSD needs --lr-wsd-decay-{'samples' if args.train_samples else 'iters'}")
     need(not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
          "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other; give one")
     need(args.ckpt_step is None or args.load, "--ckpt-step needs --load DIR (the run to resume from)")
@@ -352,6 +377,55 @@ def check_args(args, this_machine: bool = True) -> None:
         need(torch.cuda.is_available(), "--bf16 needs a GPU; the CPU path trains in fp32 (drop --bf16)")
 
 
+# the LR schedule's lengths: in steps with --train-iters, in samples with --train-samples (Megatron-LM's)
+_ITER_SCHEDULE = {"lr_warmup_iters": 0, "lr_decay_iters": None, "lr_wsd_decay_iters": None}
+_SAMPLE_SCHEDULE = {"lr_warmup_samples": 0, "lr_decay_samples": None, "lr_wsd_decay_samples": None}
+
+
+def _check_training_length(args) -> None:
+    """One of --train-iters and --train-samples; the LR schedule's flags of the same kind. With
+    --train-samples, --train-iters becomes train_samples // global batch (Megatron-LM's rule)."""
+    def flag(name):
+        return "--" + name.replace("_", "-")
+
+    from_samples = getattr(args, "_train_iters_from_samples", False)  # check_args ran before
+    if args.train_samples is None:
+        if args.train_iters is None:
+            raise ConfigError("give the training length: --train-iters STEPS or --train-samples SAMPLES")
+        wrong, kind = _SAMPLE_SCHEDULE, "--train-iters"
+    else:
+        if args.train_iters is not None and not from_samples:
+            raise ConfigError("--train-iters and --train-samples exclude each other; give one")
+        if args.global_batch_size > 0 and args.train_samples < args.global_batch_size:
+            raise ConfigError(f"--train-samples {args.train_samples} is less than one global batch "
+                              f"(--global-batch-size {args.global_batch_size})")
+        args.train_iters = args.train_samples // max(args.global_batch_size, 1)
+        args._train_iters_from_samples = True
+        wrong, kind = _ITER_SCHEDULE, "--train-samples"
+    for name, unset in wrong.items():
+        if getattr(args, name) != unset:
+            other = name.replace("iters", "samples") if "iters" in name else name.replace("samples", "iters")
+            raise ConfigError(f"{flag(name)} does not go with {kind} (the LR schedule is in "
+                              f"{'samples' if kind == '--train-samples' else 'steps'} then); give {flag(other)}")
+
+
+def schedule_samples(args) -> dict:
+    """The LR schedule's lengths in samples, as megatron's OptimizerParamScheduler counts them:
+    warmup (not rounded to whole steps: --lr-warmup-fraction x decay, or --lr-warmup-samples),
+    decay, and WSD's final decay (None without one)."""
+    gbs = args.global_batch_size
+    if args.train_samples is not None:
+        decay = args.lr_decay_samples or args.train_samples
+        warmup, wsd = args.lr_warmup_samples, args.lr_wsd_decay_samples
+    else:
+        decay = (args.lr_decay_iters or args.train_iters) * gbs
+        warmup = args.lr_warmup_iters * gbs
+        wsd = args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters else None
+    if args.lr_warmup_fraction is not None:
+        warmup = args.lr_warmup_fraction * decay
+    return {"warmup": warmup, "decay": decay, "wsd": wsd}
+
+
 def _check_wandb(args, this_machine: bool) -> None:
     """The --wandb-* flags need --wandb-project and (on this machine) the wandb package, an
     optional extra."""
@@ -372,6 +446,11 @@ _RANGES = (
     ("micro_batch_size", lambda v: v > 0, "positive"),
     ("global_batch_size", lambda v: v > 0, "positive"),
     ("train_iters", lambda v: v > 0, "positive"),
+    ("distributed_timeout_minutes", lambda v: v > 0, "positive"),
+    ("train_samples", lambda v: v > 0, "positive"),
+    ("lr_warmup_samples", lambda v: v >= 0, ">= 0"),
+    ("lr_decay_samples", lambda v: v > 0, "positive"),
+    ("lr_wsd_decay_samples", lambda v: v > 0, "positive"),
     ("seq_length", lambda v: v > 0, "positive"),
     ("log_interval", lambda v: v > 0, "positive"),
     ("lr", lambda v: v > 0, "positive"),

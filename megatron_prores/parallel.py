@@ -84,6 +84,7 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1,
             pipeline_model_parallel_size=pipeline_parallel,
             virtual_pipeline_model_parallel_size=virtual_pipeline,
             context_parallel_size=context_parallel,
+            distributed_timeout_minutes=timeout_minutes,
             # the default backend is gloo already on CPU: no second set of gloo groups
             create_gloo_process_groups=use_cuda,
         )

@@ -33,18 +33,24 @@ from megatron_prores.checkpoint_check import LATEST, CheckpointDamaged
 from megatron_prores.config import ConfigError
 
 SCHEDULE_FLAGS = ("lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters",
-                  "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay")
+                  "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay", "lr_warmup_samples", "lr_decay_samples",
+                  "lr_wsd_decay_samples")
 # Run flags added after checkpoints were written: the value such a checkpoint was trained with.
-_ADDED_LATER = {"lr_warmup_fraction": None}
+_ADDED_LATER = {"lr_warmup_fraction": None, "lr_warmup_samples": 0, "lr_decay_samples": None,
+                "lr_wsd_decay_samples": None}
 PRORES_FLAGS = ("prores_schedule", "prores_warmup_steps", "prores_warmup_spacing")
 DATA_FLAGS = ("global_batch_size", "seq_length", "seed", "data_path", "split", "mock_data")
 
 
 def run_flags(args) -> dict:
-    """The flags that define a run's schedules and data order, as a checkpoint records them
-    (``lr_decay_iters`` resolved: it defaults to ``--train-iters``)."""
+    """The flags that define a run's schedules and data order, as a checkpoint records them (the
+    decay length resolved: ``lr_decay_iters`` defaults to ``--train-iters``, ``lr_decay_samples``
+    with ``--train-samples`` to that)."""
     flags = {k: getattr(args, k) for k in SCHEDULE_FLAGS + PRORES_FLAGS + DATA_FLAGS}
-    flags["lr_decay_iters"] = args.lr_decay_iters or args.train_iters
+    if args.train_samples is None:
+        flags["lr_decay_iters"] = args.lr_decay_iters or args.train_iters
+    else:
+        flags["lr_decay_samples"] = args.lr_decay_samples or args.train_samples
     flags["use_distributed_optimizer"] = bool(args.use_distributed_optimizer)
     flags["weight_decay_groups"] = args.weight_decay_groups
     return flags
@@ -249,9 +255,11 @@ def check_flags(saved: Optional[dict], args, iteration: int) -> str:
         return "checkpoint"
     if sched:
         k = sched[0]
-        what = (f"--train-iters {args.train_iters} sets the LR decay length (--lr-decay-iters defaults to it) to "
+        default = {"lr_decay_iters": ("--train-iters", args.train_iters, args.lr_decay_iters),
+                   "lr_decay_samples": ("--train-samples", args.train_samples, args.lr_decay_samples)}.get(k)
+        what = (f"{default[0]} {default[1]} sets the LR decay length ({_flag(k)} defaults to it) to "
                 f"{now[k]}, the checkpoint's is {saved[k]}: that"
-                if k == "lr_decay_iters" and not args.lr_decay_iters else _describe(sched, saved, now))
+                if default and default[1] is not None and not default[2] else _describe(sched, saved, now))
         raise ConfigError(f"{what} changes the LR schedule of the checkpoint (iteration "
                           f"{iteration}); give the checkpoint's values (None: leave the flag out), or pass --override-opt-param-scheduler (the "
                           f"new schedule applies from iteration {iteration}) or --use-checkpoint-opt-param-scheduler "

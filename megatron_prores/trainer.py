@@ -161,7 +161,8 @@ class Trainer:
 
         a, cfg = self.args, self.cfg
         parallel.initialize(cfg.tensor_model_parallel_size, cfg.pipeline_model_parallel_size,
-                            cfg.virtual_pipeline_size, cfg.context_parallel_size, seed=a.seed)
+                            cfg.virtual_pipeline_size, cfg.context_parallel_size, seed=a.seed,
+                            timeout_minutes=a.distributed_timeout_minutes)
         self.device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         chunks = [c.to(self.device) for c in build_model(cfg)]
         parallel.seed_dropout_per_context_rank(a.seed)
@@ -237,8 +238,9 @@ class Trainer:
         else:  # same values, or the checkpoint's on purpose
             self.scheduler.use_checkpoint_opt_param_scheduler = True
             saved = common.get("run_flags") or {}
-            if mode == "checkpoint" and saved.get("lr_wsd_decay_iters"):  # not in megatron's scheduler state
-                self.scheduler.wsd_decay_steps = saved["lr_wsd_decay_iters"] * a.global_batch_size
+            wsd = saved.get("lr_wsd_decay_samples") or (saved.get("lr_wsd_decay_iters") or 0) * a.global_batch_size
+            if mode == "checkpoint" and wsd:  # not in megatron's scheduler state
+                self.scheduler.wsd_decay_steps = wsd
                 self.scheduler.lr_wsd_decay_style = saved["lr_wsd_decay_style"]
         saved_world = (common.get("run_flags") or {}).get("world_size")
         same_ranks = self._same_ranks(common.get("run_flags"))
@@ -626,17 +628,15 @@ def build_optimizer(args, model):
                         use_distributed_optimizer=args.use_distributed_optimizer),
         model, config_overrides=weight_decay_overrides(args.weight_decay_groups),
         use_gloo_process_groups=torch.cuda.is_available())
-    gbs = args.global_batch_size  # megatron's scheduler counts samples
-    decay = (args.lr_decay_iters or args.train_iters) * gbs
+    from megatron_prores.arguments import schedule_samples
+
+    lengths = schedule_samples(args)  # megatron's scheduler counts samples
     scheduler = OptimizerParamScheduler(
         optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
-        lr_warmup_steps=(args.lr_warmup_iters * gbs if args.lr_warmup_fraction is None
-                         else args.lr_warmup_fraction * decay),  # Megatron-LM's rule: not rounded
-        lr_decay_steps=decay,
+        lr_warmup_steps=lengths["warmup"], lr_decay_steps=lengths["decay"],
         lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
-        wd_incr_steps=args.train_iters * gbs, wd_incr_style="constant",
-        wsd_decay_steps=args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters else None,
-        lr_wsd_decay_style=args.lr_wsd_decay_style)
+        wd_incr_steps=args.train_iters * args.global_batch_size, wd_incr_style="constant",
+        wsd_decay_steps=lengths["wsd"], lr_wsd_decay_style=args.lr_wsd_decay_style)
     return optimizer, scheduler
 
 

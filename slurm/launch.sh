@@ -97,10 +97,17 @@ if ((dry_run)); then
     exit 0
 fi
 
-train_iters=""
+train_iters="" train_samples="" global_batch=""
 for ((i = 0; i < ${#flags[@]} - 1; i++)); do
-    [[ "${flags[i]}" == --train-iters ]] && train_iters=${flags[i + 1]}
+    case ${flags[i]} in
+        --train-iters) train_iters=${flags[i + 1]} ;;
+        --train-samples) train_samples=${flags[i + 1]} ;;
+        --global-batch-size) global_batch=${flags[i + 1]} ;;
+    esac
 done
+if [[ -z "$train_iters" && -n "$train_samples" && -n "$global_batch" ]]; then
+    train_iters=$((train_samples / global_batch)) # the driver's rule (Megatron-LM's)
+fi
 
 mkdir -p "$RUN_DIR/logs" "$ckpt"
 log=$RUN_DIR/logs/${SLURM_JOB_ID:-local-$$}-${SLURM_RESTART_COUNT:-0}.log

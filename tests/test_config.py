@@ -128,7 +128,9 @@ def test_a_megatron_lm_llama_recipe_is_accepted():
              "--position-embedding-type", "rope", "--use-rotary-position-embeddings", "--rotary-base", "500000",
              "--no-position-embedding", "--untie-embeddings-and-output-weights", "--disable-bias-linear",
              "--attention-softmax-in-fp32", "--no-masked-softmax-fusion", "--no-gradient-accumulation-fusion",
-             "--use-mcore-models", "--distributed-backend", "nccl", "--log-throughput",
+             "--use-mcore-models", "--distributed-backend", "nccl", "--log-throughput", "--kv-channels", "16",
+             "--rotary-percent", "1.0", "--ckpt-format", "torch_dist", "--num-workers", "2",
+             "--distributed-timeout-minutes", "60", "--no-create-attention-mask-in-dataloader",
              "--micro-batch-size", "1", "--global-batch-size", "8", "--train-iters", "10", "--lr", "3e-4",
              "--mock-data", "--vocab-size", "128"]
     args, cfg, _, _ = check_recipe(llama + ["--use-flash-attn", "--lr-warmup-fraction", "0.25"], 8)
@@ -139,6 +141,9 @@ def test_a_megatron_lm_llama_recipe_is_accepted():
         (["--use-flash-attn", "--attention-backend", "unfused"], "--use-flash-attn asks for --attention-backend flash"),
         (["--lr-warmup-fraction", "0.1", "--lr-warmup-iters", "2"], "--lr-warmup-fraction and --lr-warmup-iters exclude"),
         (["--lr-warmup-fraction", "1.5"], "--lr-warmup-fraction 1.5 is not valid; it must be in [0, 1)"),
+        (["--kv-channels", "32"], "--kv-channels 32 is not --hidden-size 64 / --num-attention-heads 4"),
+        (["--rotary-percent", "0.5"], "--rotary-percent 0.5: this model applies RoPE to the whole head"),
+        (["--ckpt-format", "torch"], "--ckpt-format: invalid choice"),
     ]:
         with pytest.raises(ConfigError) as e:
             check_recipe(llama + extra, 8)
@@ -167,6 +172,84 @@ def test_lr_warmup_fraction_follows_megatron_lm(single_process):
             assert trainer.scheduler.get_lr(trainer.optimizer.param_groups[0]) == pytest.approx(want, rel=1e-12), it
     finally:
         trainer.close()
+
+
+def test_train_samples_schedule_follows_megatron_lm(single_process):
+    """--train-samples (Megatron-LM's sample-based run): train_samples // global batch steps, and the
+    LR schedule in samples, not rounded to steps: warmup over --lr-warmup-samples, cosine decay
+    over --lr-decay-samples, then --min-lr; the driver's scheduler against it written out."""
+    import math
+
+    from megatron_prores.arguments import parse_args
+    from megatron_prores.trainer import Trainer
+
+    lr, min_lr, gbs, warmup, decay = 1e-3, 1e-4, 2, 5, 15
+    args = parse_args(["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "8",
+                       "--micro-batch-size", "2", "--global-batch-size", str(gbs), "--train-samples", "21",
+                       "--lr", str(lr), "--min-lr", str(min_lr), "--lr-warmup-samples", str(warmup),
+                       "--lr-decay-samples", str(decay), "--mock-data", "--vocab-size", "64", "--eval-iters", "0"])
+    assert args.train_iters == 10  # 21 // 2
+    trainer = Trainer(args)
+    try:
+        for it in range(1, 11):
+            trainer.scheduler.step(increment=gbs)
+            s = it * gbs
+            want = (lr * s / warmup if s <= warmup else min_lr if s > decay else
+                    min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (decay - warmup))))
+            assert trainer.scheduler.get_lr(trainer.optimizer.param_groups[0]) == pytest.approx(want, rel=1e-12), it
+    finally:
+        trainer.close()
+
+
+def test_a_sample_based_run_resumes_bitwise(single_process, tmp_path):
+    """--train-samples with a schedule in samples: stopped after 2 steps and resumed (the checkpoint
+    records the schedule in samples; a changed one is refused), the losses are the uninterrupted
+    run's bitwise."""
+    from megatron_prores.arguments import parse_args
+    from megatron_prores.trainer import Trainer
+    from tests.test_train import train_state
+
+    base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "16",
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--train-samples", "17", "--lr", "3e-3",
+            "--lr-warmup-samples", "6", "--lr-decay-samples", "14", "--mock-data", "--vocab-size", "64",
+            "--eval-iters", "0", "--log-interval", "1"]
+
+    def train(extra):
+        t = Trainer(parse_args(base + [str(x) for x in extra]))
+        try:
+            assert t.train() == 0
+        finally:
+            t.close(0)
+
+    train(["--save", tmp_path / "full"])
+    train(["--save", tmp_path / "part", "--exit-interval", "2"])
+    with pytest.raises(ConfigError, match=r"--lr-decay-samples 14 -> 16 changes the LR schedule"):
+        train(["--save", tmp_path / "part", "--load", tmp_path / "part", "--lr-decay-samples", "16"])
+    train(["--save", tmp_path / "part", "--load", tmp_path / "part"])
+    a, b = train_state(tmp_path / "full")[1]["train_state"], train_state(tmp_path / "part")[1]["train_state"]
+    assert len(a["losses"]) == 4 and a["losses"] == b["losses"]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--train-iters", "5", "--train-samples", "40"], "--train-iters and --train-samples exclude each other"),
+    ([], "give the training length: --train-iters STEPS or --train-samples SAMPLES"),
+    (["--train-samples", "40", "--lr-warmup-iters", "2"],
+     "--lr-warmup-iters does not go with --train-samples (the LR schedule is in samples then); give --lr-warmup-samples"),
+    (["--train-iters", "5", "--lr-decay-samples", "30"],
+     "--lr-decay-samples does not go with --train-iters (the LR schedule is in steps then); give --lr-decay-iters"),
+    (["--train-samples", "40", "--lr-decay-style", "WSD"], "--lr-decay-style WSD needs --lr-wsd-decay-samples"),
+    (["--train-samples", "7"], "--train-samples 7 is less than one global batch (--global-batch-size 8)"),
+    (["--train-samples", "40", "--lr-warmup-fraction", "0.1", "--lr-warmup-samples", "4"],
+     "--lr-warmup-fraction and --lr-warmup-samples exclude each other"),
+])
+def test_training_length_flags_are_checked_in_one_line(flags, message):
+    from megatron_prores.arguments import check_recipe
+
+    base = ["--num-layers", "2", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "8",
+            "--micro-batch-size", "1", "--global-batch-size", "8", "--lr", "1e-3", "--mock-data", "--vocab-size", "64"]
+    with pytest.raises(ConfigError) as e:
+        check_recipe(base + flags, 8)
+    assert str(e.value).startswith(message) and "\n" not in str(e.value), str(e.value)
 
 
 def test_driver_flags_for_fp8_and_kernels():
