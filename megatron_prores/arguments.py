@@ -206,6 +206,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the model vocabulary to a multiple of this x TP (Megatron-LM's rule)")
     g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--eod-mask-loss", action="store_true",
+                   help="no loss where the input token is the end-of-document token (Megatron-LM's)")
 
     g = p.add_argument_group("checkpointing")
     g.add_argument("--save", default=None)

@@ -108,10 +108,12 @@ def _check_splits(prefixes, split_matrix, num_samples, split) -> None:
 
 
 def build_datasets(tokenizer, num_samples: List[int], *, data_path: Optional[List[str]], split: str,
-                   seq_length: int, seed: int, cache_path: Optional[str] = None, mock: bool = False):
+                   seq_length: int, seed: int, cache_path: Optional[str] = None, mock: bool = False,
+                   eod_mask_loss: bool = False):
     """(train, valid, test) megatron-core datasets of at least ``num_samples`` samples each, from
     ``data_path`` (--data-path: PREFIX or WEIGHT PREFIX ...) split by ``split`` (--split), or
-    megatron-core's mock dataset with ``mock`` (--mock-data)."""
+    megatron-core's mock dataset with ``mock`` (--mock-data). ``eod_mask_loss`` (--eod-mask-loss):
+    no loss where the input token is the end-of-document token (megatron-core's rule)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
@@ -130,7 +132,7 @@ def build_datasets(tokenizer, num_samples: List[int], *, data_path: Optional[Lis
         tokenizer=_TokenizerForDataset(tokenizer),
         reset_position_ids=False,
         reset_attention_mask=False,
-        eod_mask_loss=False,
+        eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,
         mmap_bin_files=True,
     )
@@ -161,7 +163,7 @@ def validation_sets(valid_data_path: Optional[List[str]]) -> List[tuple]:
 
 
 def build_validation_set(tokenizer, prefix: str, num_samples: int, *, seq_length: int, seed: int,
-                         cache_path: Optional[str] = None):
+                         cache_path: Optional[str] = None, eod_mask_loss: bool = False):
     """A held-out validation set: every document of ``prefix`` (no split), at least ``num_samples``
     samples (documents repeat in another order when the file holds fewer)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
@@ -171,7 +173,7 @@ def build_validation_set(tokenizer, prefix: str, num_samples: int, *, seq_length
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend_per_split=[None, ([prefix], None), None],
         path_to_cache=cache_path, tokenizer=_TokenizerForDataset(tokenizer), reset_position_ids=False,
-        reset_attention_mask=False, eod_mask_loss=False, create_attention_mask=False, mmap_bin_files=True)
+        reset_attention_mask=False, eod_mask_loss=eod_mask_loss, create_attention_mask=False, mmap_bin_files=True)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, [0, num_samples, 0], lambda: True, config)
     try:
         return builder.build()[1]

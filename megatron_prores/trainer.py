@@ -332,10 +332,10 @@ class Trainer:
                  eval_runs * a.eval_iters * a.global_batch_size if a.eval_iters else 0, 0]
         self.train_ds, self.valid_ds, _ = data.build_datasets(
             self.tokenizer, sizes, data_path=a.data_path, split=a.split, seq_length=a.seq_length, seed=a.seed,
-            cache_path=a.data_cache_path, mock=a.mock_data)
+            cache_path=a.data_cache_path, mock=a.mock_data, eod_mask_loss=a.eod_mask_loss)
         self.named_valid_sets = [  # --valid-data-path: held-out sets evaluated and logged on their own
             (name, data.build_validation_set(self.tokenizer, prefix, sizes[1], seq_length=a.seq_length, seed=a.seed,
-                                             cache_path=a.data_cache_path))
+                                             cache_path=a.data_cache_path, eod_mask_loss=a.eod_mask_loss))
             for name, prefix in data.validation_sets(a.valid_data_path)]
         self.train_iter = self.chunk_iterators(self.train_ds, self.state.consumed_samples)
 

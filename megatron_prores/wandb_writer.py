@@ -93,5 +93,5 @@ def open_run(args, run_id: str) -> WandbWriter:
     if directory:
         os.makedirs(directory, exist_ok=True)
     run = wandb.init(project=args.wandb_project, entity=args.wandb_entity, name=args.wandb_exp_name, dir=directory, id=run_id,
-                     resume="allow", config=dict(vars(args)))
+                     resume="allow", config={k: v for k, v in vars(args).items() if not k.startswith("_")})
     return WandbWriter(run)

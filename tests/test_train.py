@@ -534,3 +534,38 @@ def test_gate_gradient_clip(single_process):
     assert [g.main_grad.item() for g in gates] == pytest.approx([0.003, -0.004, 0.012], rel=1e-4)
     clipped = sum(g.main_grad.item() ** 2 for g in gates) ** 0.5
     assert clipped == pytest.approx(0.013, rel=1e-4)
+
+
+def test_eod_mask_loss_leaves_out_the_tokens_after_a_document_end(dataset, single_process):
+    """--eod-mask-loss (Megatron-LM's): no loss where the input token is the end-of-document token.
+    On real tokenized data: the driver's batches mask exactly those positions, and its forward_step
+    loss is the mean of the other tokens' cross entropy, computed here from the model's logits."""
+    from megatron_prores.arguments import parse_args
+    from megatron_prores.trainer import Trainer
+
+    trainer = Trainer(parse_args([
+        "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "256",
+        "--micro-batch-size", "2", "--global-batch-size", "2", "--train-iters", "1", "--lr", "1e-3",
+        "--data-path", str(dataset / "c_text_document"), "--tokenizer-model", str(dataset / "tok.model"),
+        "--split", "90,10,0", "--eval-iters", "0", "--eod-mask-loss"]))
+    try:
+        eod = trainer.tokenizer.eod
+        for _ in range(500):  # the first batch that holds a document end (the documents are long)
+            batch = next(trainer.train_iter)
+            at_eod = batch["tokens"] == eod
+            if at_eod.any():
+                break
+        assert at_eod.any() and (~at_eod).any()
+        assert torch.equal(batch["loss_mask"], (~at_eod).float())
+        chunk = trainer.model[0]
+        out, loss_func = trainer.forward_step(iter([batch]), chunk)
+        loss, _ = loss_func(out)
+        with torch.no_grad():
+            logits = chunk(batch["tokens"], batch["position_ids"], None).double()
+        per_token = torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(),
+                                                      reduction="none").view_as(at_eod)
+        want = per_token[~at_eod].mean()
+        assert loss.item() == pytest.approx(want.item(), rel=1e-5)
+        assert abs(per_token.mean().item() - want.item()) > 1e-4  # the masked tokens change the mean
+    finally:
+        trainer.close()
