@@ -135,6 +135,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--min-lr", type=float, default=0.0)
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "WSD"], default="cosine")
     g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-init", type=float, default=0.0, help="the LR the warmup starts from")
     g.add_argument("--lr-warmup-fraction", type=float, default=None,
                    help="warmup as a fraction of the LR decay length (instead of --lr-warmup-iters)")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
@@ -457,6 +458,7 @@ _RANGES = (
     ("log_interval", lambda v: v > 0, "positive"),
     ("lr", lambda v: v > 0, "positive"),
     ("min_lr", lambda v: v >= 0, ">= 0"),
+    ("lr_warmup_init", lambda v: v >= 0, ">= 0"),
     ("lr_warmup_iters", lambda v: v >= 0, ">= 0"),
     ("lr_decay_iters", lambda v: v > 0, "positive"),
     ("lr_wsd_decay_iters", lambda v: v > 0, "positive"),

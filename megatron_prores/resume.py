@@ -34,10 +34,10 @@ from megatron_prores.config import ConfigError
 
 SCHEDULE_FLAGS = ("lr", "min_lr", "lr_decay_style", "lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters",
                   "lr_wsd_decay_iters", "lr_wsd_decay_style", "weight_decay", "lr_warmup_samples", "lr_decay_samples",
-                  "lr_wsd_decay_samples")
+                  "lr_wsd_decay_samples", "lr_warmup_init")
 # Run flags added after checkpoints were written: the value such a checkpoint was trained with.
 _ADDED_LATER = {"lr_warmup_fraction": None, "lr_warmup_samples": 0, "lr_decay_samples": None,
-                "lr_wsd_decay_samples": None}
+                "lr_wsd_decay_samples": None, "lr_warmup_init": 0.0}
 PRORES_FLAGS = ("prores_schedule", "prores_warmup_steps", "prores_warmup_spacing")
 DATA_FLAGS = ("global_batch_size", "seq_length", "seed", "data_path", "split", "mock_data")
 

@@ -632,7 +632,7 @@ def build_optimizer(args, model):
 
     lengths = schedule_samples(args)  # megatron's scheduler counts samples
     scheduler = OptimizerParamScheduler(
-        optimizer, init_lr=0.0, max_lr=args.lr, min_lr=args.min_lr,
+        optimizer, init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr,
         lr_warmup_steps=lengths["warmup"], lr_decay_steps=lengths["decay"],
         lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay, end_wd=args.weight_decay,
         wd_incr_steps=args.train_iters * args.global_batch_size, wd_incr_style="constant",

@@ -176,17 +176,18 @@ def test_lr_warmup_fraction_follows_megatron_lm(single_process):
 
 def test_train_samples_schedule_follows_megatron_lm(single_process):
     """--train-samples (Megatron-LM's sample-based run): train_samples // global batch steps, and the
-    LR schedule in samples, not rounded to steps: warmup over --lr-warmup-samples, cosine decay
+    LR schedule in samples, not rounded to steps: warmup from --lr-warmup-init over --lr-warmup-samples, cosine decay
     over --lr-decay-samples, then --min-lr; the driver's scheduler against it written out."""
     import math
 
     from megatron_prores.arguments import parse_args
     from megatron_prores.trainer import Trainer
 
-    lr, min_lr, gbs, warmup, decay = 1e-3, 1e-4, 2, 5, 15
+    lr, min_lr, gbs, warmup, decay, init = 1e-3, 1e-4, 2, 5, 15, 2e-4
     args = parse_args(["--num-layers", "1", "--hidden-size", "16", "--num-attention-heads", "2", "--seq-length", "8",
                        "--micro-batch-size", "2", "--global-batch-size", str(gbs), "--train-samples", "21",
                        "--lr", str(lr), "--min-lr", str(min_lr), "--lr-warmup-samples", str(warmup),
+                       "--lr-warmup-init", str(init),
                        "--lr-decay-samples", str(decay), "--mock-data", "--vocab-size", "64", "--eval-iters", "0"])
     assert args.train_iters == 10  # 21 // 2
     trainer = Trainer(args)
@@ -194,7 +195,7 @@ def test_train_samples_schedule_follows_megatron_lm(single_process):
         for it in range(1, 11):
             trainer.scheduler.step(increment=gbs)
             s = it * gbs
-            want = (lr * s / warmup if s <= warmup else min_lr if s > decay else
+            want = (init + (lr - init) * s / warmup if s <= warmup else min_lr if s > decay else
                     min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * (s - warmup) / (decay - warmup))))
             assert trainer.scheduler.get_lr(trainer.optimizer.param_groups[0]) == pytest.approx(want, rel=1e-12), it
     finally:
