@@ -274,8 +274,9 @@ class Trainer:
         a = self.args
         resume.verify_or_hint(directory, iteration, None)
         if iteration > a.train_iters and not finetune:
-            raise ConfigError(f"--train-iters {a.train_iters} is below the checkpoint's iteration {iteration}: "
-                              f"nothing to train; raise --train-iters (and see --override-opt-param-scheduler)")
+            length = "--train-iters" if a.train_samples is None else "--train-samples"
+            raise ConfigError(f"{training_length(a)} is below the checkpoint's iteration {iteration}: "
+                              f"nothing to train; raise {length} (and see --override-opt-param-scheduler)")
         rows = getattr(checkpoint_check.read_index(directory).state_dict_metadata.get(
             "embedding.word_embeddings.weight"), "size", [self.cfg.padded_vocab_size])[0]
         if rows != self.cfg.padded_vocab_size:
@@ -498,7 +499,7 @@ class Trainer:
                   f"ProRes {self.cfg.method.prores_schedule}, GPAS {'on' if self.cfg.method.gpas else 'off'}, "
                   f"on {self.world} {'GPU' if self.device.type == 'cuda' else 'CPU'} process(es)", flush=True)
         if s.iteration >= a.train_iters:
-            self._say(f"already trained to iteration {s.iteration} (--train-iters {a.train_iters}): nothing to do")
+            self._say(f"already trained to iteration {s.iteration} ({training_length(a)}): nothing to do")
             return 0
         nonfinite_in_a_row = 0
         while s.iteration < a.train_iters:
@@ -607,6 +608,13 @@ def state_is_finite(model, optimizer) -> bool:
         ok = torch.minimum(ok, torch.stack(fs).all().float().cpu().view(1))
     dist.all_reduce(ok, op=dist.ReduceOp.MIN)
     return bool(ok.item())
+
+
+def training_length(args) -> str:
+    """The training length as given: '--train-iters N' or '--train-samples S (N steps)'."""
+    if args.train_samples is None:
+        return f"--train-iters {args.train_iters}"
+    return f"--train-samples {args.train_samples} ({args.train_iters} steps)"
 
 
 def build_optimizer(args, model):
