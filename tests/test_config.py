@@ -208,7 +208,7 @@ def test_a_sample_based_run_resumes_bitwise(single_process, tmp_path):
     run's bitwise."""
     from megatron_prores.arguments import parse_args
     from megatron_prores.trainer import Trainer
-    from tests.test_train import train_state
+    from tests.test_train import train_in_process, train_state
 
     base = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "16",
             "--micro-batch-size", "2", "--global-batch-size", "4", "--train-samples", "17", "--lr", "3e-3",
@@ -216,11 +216,7 @@ def test_a_sample_based_run_resumes_bitwise(single_process, tmp_path):
             "--eval-iters", "0", "--log-interval", "1"]
 
     def train(extra):
-        t = Trainer(parse_args(base + [str(x) for x in extra]))
-        try:
-            assert t.train() == 0
-        finally:
-            t.close(0)
+        train_in_process(lambda e: Trainer(parse_args(base + [str(x) for x in e])), extra)
 
     train(["--save", tmp_path / "full"])
     train(["--save", tmp_path / "part", "--exit-interval", "2"])

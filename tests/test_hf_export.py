@@ -294,21 +294,28 @@ def test_tensor_and_pipeline_parallel_checkpoint_converts_like_tp1(single_proces
     assert ca == cb and ca["architectures"] == [reports[0]["format"]]
 
 
-@pytest.mark.stack
-def test_hf_to_megatron_to_hf_is_bit_identical(tmp_path):
-    """A random Llama (GQA, SwiGLU, untied) -> this project's checkpoint -> Llama again."""
-    from safetensors.torch import load_file
-
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-                                   rms_norm_eps=1e-5, rope_theta=10000.0, tie_word_embeddings=False)
+def saved_llama(directory, layers=2, positions=64, **kw):
+    """A random transformers Llama (GQA, SwiGLU; norm gains moved off 1) saved to ``directory``."""
+    kw = {"rms_norm_eps": 1e-5, "tie_word_embeddings": False, **kw}
+    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=layers,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=positions,
+                                   **kw)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    model.save_pretrained(directory, safe_serialization=True)
+    return model
+
+
+@pytest.mark.stack
+def test_hf_to_megatron_to_hf_is_bit_identical(tmp_path):
+    """A random Llama (GQA, SwiGLU, untied) -> this project's checkpoint -> Llama again."""
+    from safetensors.torch import load_file
+
+    cfg = saved_llama(tmp_path / "hf", layers=3, positions=32, rope_theta=10000.0).config
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "convert_from_hf.py"), "--input", tmp_path / "hf",
                         "--save", tmp_path / "ckpt"], capture_output=True, text=True, env=env, timeout=600)
@@ -360,16 +367,7 @@ def test_imported_llama_trains_with_its_rope_and_epsilon(single_process, tmp_pat
 
     kw = (dict(rms_norm_eps=1e-6, rope_theta=500000.0) if rope == "theta"
           else dict(rms_norm_eps=1e-5, rope_parameters=dict(LLAMA3_SCALING)))
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   tie_word_embeddings=False, **kw)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
-    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
+    model = saved_llama(tmp_path / "hf", **kw).eval()
     messages = []
     import_llama(str(tmp_path / "hf"), str(tmp_path / "ckpt"), seq_length=64, log=messages.append)
     (line,) = messages
@@ -607,17 +605,8 @@ def test_tied_llama_imports_trains_and_exports_tied(single_process, tmp_path):
     from megatron_prores.hf_import import import_llama
     from megatron_prores.trainer import Trainer
 
-    cfg = transformers.LlamaConfig(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                                   rms_norm_eps=1e-5, tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = transformers.LlamaForCausalLM(cfg)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.add_(0.1 * torch.randn_like(p))
+    model = saved_llama(tmp_path / "hf", tie_word_embeddings=True)
     assert model.lm_head.weight is model.model.embed_tokens.weight
-    model.save_pretrained(tmp_path / "hf", safe_serialization=True)
     messages = []
     import_llama(str(tmp_path / "hf"), str(tmp_path / "ckpt"), seq_length=64, log=messages.append)
     flags = messages[0].split("train from it with ")[1].split(" (any TP/PP")[0].split()

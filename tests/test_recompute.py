@@ -211,16 +211,12 @@ def test_a_run_resumes_with_recompute_turned_on(tmp_path, single_process):
     """The usual way out of an out-of-memory error: resume the run's checkpoint with recompute on.
     Recompute is not part of what a checkpoint pins; stopped at 2 without it and resumed to 4 with
     full recompute, the losses and weights are the uninterrupted run's, bitwise."""
-    from tests.test_train import checkpoint_model, train_state
+    from tests.test_train import checkpoint_model, train_in_process, train_state
 
     flags = ["--norm-type", "pre", "--gpas", "--train-iters", "4"]
 
     def train(extra):
-        t = trainer(flags + extra)
-        try:
-            assert t.train() == 0
-        finally:
-            t.close(0)
+        train_in_process(trainer, flags + extra)
 
     train(["--save", tmp_path / "full"])
     train(["--save", tmp_path / "part", "--exit-interval", "2"])

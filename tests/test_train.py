@@ -375,6 +375,15 @@ def test_finetune_starts_a_new_run_from_the_weights_and_resumes_its_own(tmp_path
                    f"{os.path.realpath(tmp_path / 'other')}; choose an empty --save for this one")
 
 
+def train_in_process(make, extra):
+    """The driver's Trainer ``make(extra)``, trained to its end (or its exit interval) in this process."""
+    t = make(extra)
+    try:
+        assert t.train() == 0
+    finally:
+        t.close(0)
+
+
 def bf16_trainer(extra):
     """The driver's Trainer in bf16 on CPU (its GPU check is the submit host's here:
     check_args(this_machine=False)); GPAS gates stay fp32 in the bf16 model."""
