@@ -9,7 +9,8 @@ One process; the variants run one after another, each a fresh Trainer (--mock-da
 mid-warmup + GPAS, dropout 0.1, bf16 on a GPU, 2 microbatches per step). Per variant:
   step ms        median of --steps timed Trainer.train_step calls after one warm-up step
   kept MiB       what autograd keeps after one microbatch's forward (the driver's forward_step and
-                 loss, no backward): the unique non-parameter storages saved for backward
+                 loss, no backward): the unique non-parameter storages saved for backward, at
+                 their size after the forward
   peak MiB       the most autograd held at once during a whole train_step, backward's recompute
                  included: live saved storages at their current size (megatron's layernorm
                  recompute empties its outputs' storages after use; they are counted empty then)
@@ -49,15 +50,15 @@ def _params(model) -> set:
 
 def saved_in_forward(trainer) -> int:
     """Bytes autograd keeps after one microbatch's forward and loss through the driver's
-    forward_step (unique storages, parameters excluded); the graph is then dropped."""
-    params, seen, total = _params(trainer.model), set(), 0
+    forward_step: the unique storages saved for backward (parameters excluded) at their size after
+    the forward (megatron's norm recompute empties its outputs' storages once they are used); the
+    graph is then dropped."""
+    params, kept = _params(trainer.model), {}
 
     def pack(t):
-        nonlocal total
         s = t.untyped_storage()
-        if s.data_ptr() not in params and s.data_ptr() not in seen:
-            seen.add(s.data_ptr())
-            total += s.nbytes()
+        if s.data_ptr() not in params:
+            kept.setdefault(s._cdata, s)  # the storage itself: an emptied one's address is reused
         return t
 
     for chunk in trainer.model:
@@ -65,6 +66,7 @@ def saved_in_forward(trainer) -> int:
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out, loss_func = trainer.forward_step(trainer.train_iter, trainer.model[0])
         loss, _ = loss_func(out)
+    total = sum(s.nbytes() for s in kept.values())
     del out, loss
     return total
 
@@ -79,7 +81,7 @@ class LiveSaved:
     class _Held:
         def __init__(self, owner, t):
             self.owner, self.t = owner, t
-            self.ptr = t.untyped_storage().data_ptr()
+            self.ptr = t.untyped_storage()._cdata  # the storage itself: an emptied one's address is reused
             storage, count = owner.live.get(self.ptr, (t.untyped_storage(), 0))
             owner.live[self.ptr] = (storage, count + 1)
             owner.peak = max(owner.peak, sum(s.nbytes() for s, _ in owner.live.values()))
