@@ -72,7 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seq-length", type=int, required=True)
     g.add_argument("--max-position-embeddings", type=int, default=None,
                    help="accepted for Megatron compatibility; RoPE needs none (must be >= seq length)")
-    g.add_argument("--normalization", choices=NORMALIZATIONS, default=_MODEL.normalization)
+    g.add_argument("--normalization", choices=NORMALIZATIONS, default=None, help=f"default {_MODEL.normalization}")
     g.add_argument("--norm-epsilon", type=float, default=_MODEL.norm_epsilon)
     g.add_argument("--rotary-base", type=float, default=_MODEL.rotary_base,
                    help="RoPE theta (Llama 2: 10000, Llama 3: 500000)")
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("Megatron-LM flags that state what this model always is (accepted, no effect)")
     for flag, what in MEGATRON_STATEMENTS.items():
         g.add_argument(flag, action="store_true", help=what)
-    g.add_argument("--position-embedding-type", choices=["rope"], default="rope", help="RoPE (the only one)")
+    g.add_argument("--position-embedding-type", choices=["rope"], default=None, help="RoPE (the only one)")
     g.add_argument("--distributed-backend", choices=["nccl"], default="nccl",
                    help="NCCL on GPUs (a CPU run uses gloo)")
     g.add_argument("--use-flash-attn", action="store_true",
@@ -322,6 +322,7 @@ def check_args(args, this_machine: bool = True) -> None:
                                                               f"must be a finite number")
         need(ok(v), f"--{flag.replace('_', '-')} {v} is not valid; it must be {what}")
     _check_training_length(args)
+    _check_megatron_recipe(args)
     _check_split(args.split)
     need(0 <= args.min_lr <= args.lr, f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}]")
     need(args.mock_data or args.data_path,
@@ -378,6 +379,37 @@ def check_args(args, this_machine: bool = True) -> None:
     _check_wandb(args, this_machine)
     if args.bf16 and this_machine:
         need(torch.cuda.is_available(), "--bf16 needs a GPU; the CPU path trains in fp32 (drop --bf16)")
+
+
+# What a Megatron-LM recipe builds when it leaves a flag out, where that differs from this model:
+# (how the flag is given here, what it states, what its absence means in Megatron-LM)
+_MEGATRON_DEFAULTS = (
+    (lambda a: a.swiglu, "--swiglu", "a GeLU MLP"),
+    (lambda a: a.disable_bias_linear, "--disable-bias-linear", "linear layers with biases"),
+    (lambda a: a.untie_embeddings_and_output_weights or a.tie_embeddings_and_output_weights,
+     "--untie-embeddings-and-output-weights (or --tie-embeddings-and-output-weights)",
+     "an output layer tied to the embedding"),
+    (lambda a: a.position_embedding_type or a.use_rotary_position_embeddings, "--position-embedding-type rope",
+     "learned absolute positions"),
+    (lambda a: a.normalization, "--normalization RMSNorm (or LayerNorm)", "LayerNorm"),
+    (lambda a: a.group_query_attention or a.num_query_groups is None, "--group-query-attention",
+     "--num-query-groups ignored (every head its own keys and values)"),
+)
+
+
+def _check_megatron_recipe(args) -> None:
+    """A command that gives Megatron-LM's model-statement flags reads as a Megatron-LM recipe: every
+    flag whose absence would build another model there must then be given (one line naming them)."""
+    given = [f for f in MEGATRON_STATEMENTS if getattr(args, f[2:].replace("-", "_"))]
+    given += ["--position-embedding-type"] * bool(args.position_embedding_type) + ["--use-flash-attn"] * args.use_flash_attn
+    if not given:
+        return
+    missing = [(flag, there) for stated, flag, there in _MEGATRON_DEFAULTS if not stated(args)]
+    if missing:
+        raise ConfigError(f"this command reads as a Megatron-LM recipe (it gives {given[0]}), where leaving out "
+                          + ", ".join(f"{flag} means {there}" for flag, there in missing)
+                          + "; add " + " ".join(flag.split(" (")[0] for flag, _ in missing)
+                          + " to state this model (or drop the Megatron-LM flags)")
 
 
 # the LR schedule's lengths: in steps with --train-iters, in samples with --train-samples (Megatron-LM's)
@@ -517,7 +549,8 @@ def model_config(args, vocab_size: int) -> ModelConfig:
         num_attention_heads=args.num_attention_heads, num_query_groups=args.num_query_groups,
         ffn_hidden_size=args.ffn_hidden_size, vocab_size=vocab_size, seq_length=args.seq_length,
         make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
-        normalization=args.normalization, norm_epsilon=args.norm_epsilon, rotary_base=args.rotary_base,
+        normalization=args.normalization or _MODEL.normalization, norm_epsilon=args.norm_epsilon,
+        rotary_base=args.rotary_base,
         rope_scaling_factor=args.rope_scaling_factor if args.use_rope_scaling else None,
         tie_embeddings=args.tie_embeddings_and_output_weights,
         init_method_std=args.init_method_std, hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,

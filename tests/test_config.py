@@ -150,6 +150,41 @@ def test_a_megatron_lm_llama_recipe_is_accepted():
         assert message in str(e.value) and "\n" not in str(e.value), str(e.value)
 
 
+@pytest.mark.parametrize("dropped, meaning", [
+    (["--swiglu"], "--swiglu means a GeLU MLP"),
+    (["--disable-bias-linear"], "--disable-bias-linear means linear layers with biases"),
+    (["--untie-embeddings-and-output-weights"], "--untie-embeddings-and-output-weights (or "
+                                                "--tie-embeddings-and-output-weights) means an output layer tied"),
+    (["--position-embedding-type", "--use-rotary-position-embeddings"],
+     "--position-embedding-type rope means learned absolute positions"),
+    (["--normalization"], "--normalization RMSNorm (or LayerNorm) means LayerNorm"),
+    (["--group-query-attention"], "--group-query-attention means --num-query-groups ignored"),
+])
+def test_a_megatron_lm_recipe_that_leaves_out_a_model_flag_is_refused(dropped, meaning):
+    """In Megatron-LM, leaving one of these flags out builds another model (GeLU, biases, tied
+    output layer, learned positions, LayerNorm, no GQA): a recipe that gives Megatron-LM's model
+    flags must give all of them here, or it would train another model than it did there."""
+    from megatron_prores.arguments import check_recipe
+
+    recipe = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
+              "--group-query-attention", "--seq-length", "32", "--swiglu", "--disable-bias-linear",
+              "--untie-embeddings-and-output-weights", "--position-embedding-type", "rope",
+              "--use-rotary-position-embeddings", "--normalization", "RMSNorm", "--micro-batch-size", "1",
+              "--global-batch-size", "8", "--train-iters", "10", "--lr", "3e-4", "--mock-data", "--vocab-size", "128"]
+    check_recipe(recipe, 8)
+    valued = ("--position-embedding-type", "--normalization")  # flags that take a value
+    cut = [f for i, f in enumerate(recipe) if f not in dropped and not (recipe[i - 1] in dropped
+                                                                          and recipe[i - 1] in valued)]
+    with pytest.raises(ConfigError) as e:
+        check_recipe(cut, 8)
+    assert "reads as a Megatron-LM recipe" in str(e.value) and meaning in str(e.value), str(e.value)
+    assert "\n" not in str(e.value)
+    plain = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+             "--micro-batch-size", "1", "--global-batch-size", "8", "--train-iters", "10", "--lr", "3e-4",
+             "--mock-data", "--vocab-size", "128"]
+    check_recipe(plain, 8)  # this project's own flags alone state nothing of Megatron-LM's
+
+
 def test_lr_warmup_fraction_follows_megatron_lm(single_process):
     """--lr-warmup-fraction f: the warmup is f x the decay length in samples, not rounded to whole
     iterations (Megatron-LM's rule), then cosine: the driver's scheduler against it written out."""
