@@ -322,6 +322,8 @@ def check_args(args, this_machine: bool = True) -> None:
                                                               f"must be a finite number")
         need(ok(v), f"--{flag.replace('_', '-')} {v} is not valid; it must be {what}")
     _check_training_length(args)
+    need(not (args.tie_embeddings_and_output_weights and args.untie_embeddings_and_output_weights),
+         "--tie-embeddings-and-output-weights and --untie-embeddings-and-output-weights exclude each other; give one")
     _check_megatron_recipe(args)
     _check_split(args.split)
     need(0 <= args.min_lr <= args.lr, f"--min-lr {args.min_lr} must be in [0, --lr {args.lr}]")
@@ -343,8 +345,6 @@ def check_args(args, this_machine: bool = True) -> None:
                                                 f"must be in [0, 1)")
         need(args.lr_warmup_iters == 0, "--lr-warmup-fraction and --lr-warmup-iters exclude each other; give one")
         need(args.lr_warmup_samples == 0, "--lr-warmup-fraction and --lr-warmup-samples exclude each other; give one")
-    need(not (args.tie_embeddings_and_output_weights and args.untie_embeddings_and_output_weights),
-         "--tie-embeddings-and-output-weights and --untie-embeddings-and-output-weights exclude each other; give one")
     if args.kv_channels is not None:
         need(args.kv_channels * args.num_attention_heads == args.hidden_size,
              f"--kv-channels {args.kv_channels} is not --hidden-size {args.hidden_size} / --num-attention-heads "

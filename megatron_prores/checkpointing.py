@@ -177,8 +177,8 @@ def _restore_adam_step(optimizer, steps: int) -> None:
     """Set Adam's step count (bias correction) of a DistributedOptimizer after loading.
 
     megatron-core's dp_reshardable optimizer format, without apex/TE, does not bring back torch
-    Adam's per-parameter 'step' (it stays what the fresh optimizer had). It is derivable: the number
-    of optimizer steps taken, i.e. iterations minus skipped (non-finite) iterations.
+    Adam's per-parameter 'step' (it stays what the fresh optimizer had). The train state records it
+    (``adam_steps``: the optimizer steps since the Adam state was last fresh).
     """
     for opt in _torch_adam_distributed(optimizer):
         for state in opt.optimizer.state.values():
@@ -467,9 +467,13 @@ def load_checkpoint(directory: str, model, optimizer, scheduler, model_args: dic
     if use_optim:
         with torch.no_grad():  # the distributed optimizer copies into views of the parameters
             optimizer.load_state_dict(state["optimizer"])
-        _restore_adam_step(optimizer, train_state["iteration"] - train_state.get("skipped_iters", 0))
-    elif optimizer is not None:  # bf16: the fp32 main copies were taken from the initial weights
-        optimizer.reload_model_params()
+        # the steps this Adam state has taken (older checkpoints: all steps, as they had no fresh restart)
+        _restore_adam_step(optimizer, train_state.get("adam_steps",
+                                                      train_state["iteration"] - train_state.get("skipped_iters", 0)))
+    else:
+        train_state = dict(train_state, adam_steps=0)  # the Adam state starts fresh
+        if optimizer is not None:  # bf16: the fp32 main copies were taken from the initial weights
+            optimizer.reload_model_params()
     if scheduler is not None and common.get("scheduler") is not None and has_optim:
         scheduler.load_state_dict(common["scheduler"])
     rng = os.path.join(directory, f"rng_rank{dist.get_rank():05d}.pt")

@@ -52,6 +52,7 @@ def run_flags(args) -> dict:
     else:
         flags["lr_decay_samples"] = args.lr_decay_samples or args.train_samples
     flags["use_distributed_optimizer"] = bool(args.use_distributed_optimizer)
+    flags["bf16"] = bool(args.bf16)  # what the optimizer state holds (fp32 main copies or the weights)
     flags["weight_decay_groups"] = args.weight_decay_groups
     return flags
 
@@ -151,8 +152,8 @@ def finetune_resumes(args) -> Optional[str]:
     held = _holds_checkpoints(args.save)
     if held is None:
         return None
-    return (f"--finetune: --save {args.save} holds this fine-tuning run's checkpoints (up to iteration {held}): "
-            f"resuming it ({args.load} is not read again)")
+    return (f"--finetune: --save {args.save} already holds checkpoints (up to iteration {held}): resuming them as "
+            f"this fine-tuning run ({args.load} is not read again)")
 
 
 def verify_or_hint(directory: str, iteration: int, world_size: Optional[int] = None,
@@ -238,6 +239,10 @@ def check_flags(saved: Optional[dict], args, iteration: int) -> str:
                           f"uses {kinds[now['use_distributed_optimizer']]}; use the same setting of "
                           f"--use-distributed-optimizer, or pass --no-load-optim to load the weights with a fresh "
                           f"Adam state")
+    if changed(["bf16"]) and not args.no_load_optim:
+        was = "with" if saved["bf16"] else "without"
+        raise ConfigError(f"the checkpoint was trained {was} --bf16 (its optimizer state is laid out for that); "
+                          f"resume {was} --bf16, or pass --no-load-optim to load the weights with a fresh Adam state")
     if changed(["weight_decay_groups"]) and not args.no_load_optim:
         raise ConfigError(f"--weight-decay-groups is {now['weight_decay_groups']!r} but the checkpoint was saved with "
                           f"{saved['weight_decay_groups']!r} (other optimizer parameter groups); give "

@@ -26,23 +26,27 @@ from megatron_prores.metrics import MetricsLogger, SpikeScore, StreamRMS
 
 @dataclass
 class TrainState:
-    """Progress that a checkpoint carries: iteration, samples consumed, skipped steps, the loss
-    history the spike score needs (bounded), the run's wandb run id (a requeued job continues it)."""
+    """Progress that a checkpoint carries: iteration, samples consumed, skipped steps, the optimizer
+    steps the Adam state has taken (0 again after a fresh Adam state: --no-load-optim, a model-only
+    checkpoint), the loss history the spike score needs (bounded), the run's wandb run id (a
+    requeued job continues it)."""
 
     iteration: int = 0
     consumed_samples: int = 0
     skipped_iters: int = 0
+    adam_steps: int = 0
     spike: SpikeScore = field(default_factory=lambda: SpikeScore(0))
     wandb_run_id: Optional[str] = None
 
     def state_dict(self) -> dict:
-        return dict(consumed_samples=self.consumed_samples, skipped_iters=self.skipped_iters,
+        return dict(consumed_samples=self.consumed_samples, skipped_iters=self.skipped_iters, adam_steps=self.adam_steps,
                     **self.spike.state_dict(), **({"wandb_run_id": self.wandb_run_id} if self.wandb_run_id else {}))
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration = int(state["iteration"])
         self.consumed_samples = int(state["consumed_samples"])
         self.skipped_iters = int(state.get("skipped_iters", 0))
+        self.adam_steps = int(state.get("adam_steps", self.iteration - self.skipped_iters))  # older: derived
         self.spike.load_state_dict(state)
         self.wandb_run_id = state.get("wandb_run_id")
 
@@ -290,9 +294,12 @@ class Trainer:
             return common
         saved = common.get("run_flags")
         source = (saved or {}).get("finetune_from")
-        if source and a.finetune and source != self.run_flags["finetune_from"]:
-            raise ConfigError(f"--save {a.save!r} holds a fine-tuning run of {source}, not of "
-                              f"{self.run_flags['finetune_from']}; choose an empty --save for this one")
+        if a.finetune and source != self.run_flags["finetune_from"]:  # a requeued fine-tuning job's --save
+            ft = self.run_flags["finetune_from"]
+            raise ConfigError(f"--save {a.save!r} holds a fine-tuning run of {source}, not of {ft}; choose an empty "
+                              f"--save for this one" if source else
+                              f"--save {a.save!r} holds a run not started with --finetune, not a fine-tuning run of "
+                              f"{ft}; choose an empty --save for this one, or resume that run without --finetune")
         world = (saved or {}).get("world_size")
         if self._same_ranks(saved) and not a.no_load_rng:  # each process restores its own RNG file
             resume.verify_or_hint(directory, iteration, world, only_rng=True)
@@ -440,6 +447,7 @@ class Trainer:
             if self.gate_clip_after is not None:
                 gate_norm = self.gate_clip_after.norm
             self.scheduler.step(increment=a.global_batch_size)
+            self.state.adam_steps += 1
         else:
             self.state.skipped_iters += 1
         self.state.iteration = step + 1

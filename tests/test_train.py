@@ -2,6 +2,7 @@
 
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -360,8 +361,8 @@ def test_finetune_starts_a_new_run_from_the_weights_and_resumes_its_own(tmp_path
     _, b = train_state(tmp_path / "b")
     assert b["train_state"]["iteration"] == 2 and b["train_state"]["consumed_samples"] == 16
     code, out = run(ft + ["--save", tmp_path / "b"], 1)  # the requeued job: the same command
-    assert code == 0 and "holds this fine-tuning run's checkpoints (up to iteration 2): resuming it" in out, \
-        out[-3000:]
+    assert code == 0 and "already holds checkpoints (up to iteration 2): resuming them as this fine-tuning run" \
+        in out, out[-3000:]
     assert "resumed from" in out and "at iteration 2" in out
     assert train_state(tmp_path / "b")[1]["train_state"]["losses"] == \
         train_state(tmp_path / "full")[1]["train_state"]["losses"]
@@ -373,6 +374,9 @@ def test_finetune_starts_a_new_run_from_the_weights_and_resumes_its_own(tmp_path
     one_line_error(*run(ft + ["--load", tmp_path / "other", "--save", tmp_path / "b"], 1),
                    f"holds a fine-tuning run of {os.path.realpath(tmp_path / 'a')}, not of "
                    f"{os.path.realpath(tmp_path / 'other')}; choose an empty --save for this one")
+    # a --save that holds a run not started with --finetune (a pretraining run) is not resumed as one
+    one_line_error(*run(ft + ["--save", tmp_path / "other"], 1),
+                   f"holds a run not started with --finetune, not a fine-tuning run of {os.path.realpath(tmp_path / 'a')}")
 
 
 def train_in_process(make, extra):
@@ -384,7 +388,7 @@ def train_in_process(make, extra):
         t.close(0)
 
 
-def bf16_trainer(extra):
+def bf16_trainer(extra, bf16=True):
     """The driver's Trainer in bf16 on CPU (its GPU check is the submit host's here:
     check_args(this_machine=False)); GPAS gates stay fp32 in the bf16 model."""
     from megatron_prores.arguments import build_parser, check_args
@@ -393,7 +397,7 @@ def bf16_trainer(extra):
     args = build_parser().parse_args(list(map(str, [
         "--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "16",
         "--micro-batch-size", "2", "--global-batch-size", "2", "--lr", "1e-5", "--mock-data", "--vocab-size", "128",
-        "--eval-iters", "0", "--gpas", "--bf16", "--log-interval", "1"] + extra)))
+        "--eval-iters", "0", "--gpas", "--log-interval", "1"] + ["--bf16"] * bf16 + extra)))
     check_args(args, this_machine=False)
     return Trainer(args)
 
@@ -578,3 +582,43 @@ def test_eod_mask_loss_leaves_out_the_tokens_after_a_document_end(dataset, singl
         assert abs(per_token.mean().item() - want.item()) > 1e-4  # the masked tokens change the mean
     finally:
         trainer.close()
+
+
+def test_adam_steps_count_from_a_fresh_adam_state(tmp_path, single_process):
+    """The distributed optimizer's Adam step count (its bias correction) is not in megatron-core's
+    checkpoint: it is restored from the train state's count of steps since the Adam state was last
+    fresh. A --no-load-optim resume at 4 (fresh moments) stopped at 6 and resumed to 8 gives the
+    losses of the same run uninterrupted, bitwise (with the count taken as iteration - skipped it
+    restarted Adam's bias correction at step 6 instead of 2)."""
+    from tests.test_recompute import trainer
+
+    flags = ["--use-distributed-optimizer", "--adam-beta2", "0.999", "--train-iters", "8", "--gpas"]
+
+    def train(extra):
+        train_in_process(trainer, flags + extra)
+
+    train(["--save", tmp_path / "a", "--exit-interval", "4"])
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    train(["--load", tmp_path / "a", "--save", tmp_path / "a", "--no-load-optim"])
+    train(["--load", tmp_path / "b", "--save", tmp_path / "b", "--no-load-optim", "--exit-interval", "6"])
+    train(["--load", tmp_path / "b", "--save", tmp_path / "b"])
+    a, b = train_state(tmp_path / "a")[1]["train_state"], train_state(tmp_path / "b")[1]["train_state"]
+    assert len(a["losses"]) == 8 and a["losses"] == b["losses"]
+    assert a["adam_steps"] == b["adam_steps"] == 4
+
+
+def test_bf16_switch_needs_a_fresh_adam_state(tmp_path, single_process):
+    """--bf16 on or off at a resume changes what the optimizer state holds (fp32 main copies of bf16
+    weights, or the fp32 weights themselves): refused in one line unless --no-load-optim (it ended
+    in a megatron-core traceback)."""
+    from megatron_prores.config import ConfigError
+
+    flags = ["--train-iters", "4", "--save", tmp_path / "a"]
+    train_in_process(bf16_trainer, flags + ["--exit-interval", "2"])
+    with pytest.raises(ConfigError, match=r"^the checkpoint was trained with --bf16 \(its optimizer state is laid out"):
+        bf16_trainer(flags + ["--load", tmp_path / "a"], bf16=False).close(0)
+    t = bf16_trainer(flags + ["--load", tmp_path / "a", "--no-load-optim"], bf16=False)
+    try:
+        assert t.state.iteration == 2 and t.state.adam_steps == 0
+    finally:
+        t.close(0)
