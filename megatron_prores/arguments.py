@@ -358,6 +358,18 @@ def check_args(args, this_machine: bool = True) -> None:
     if args.lr_decay_style == "WSD":
         need(args.lr_wsd_decay_samples if args.train_samples else args.lr_wsd_decay_iters,
              f"--lr-decay-style WSD needs --lr-wsd-decay-{'samples' if args.train_samples else 'iters'}")
+    need(args.lr_warmup_init <= args.lr, f"--lr-warmup-init {args.lr_warmup_init} must be at most --lr {args.lr}")
+    lengths = schedule_samples(args)
+    unit = "samples" if args.train_samples else "iters"
+    need(lengths["warmup"] < lengths["decay"],
+         f"the LR warmup ({lengths['warmup']:g} samples) must be shorter than its decay ({lengths['decay']:g} samples); "
+         f"shorten --lr-warmup-{unit} or lengthen --lr-decay-{unit}")
+    need(lengths["wsd"] is None or lengths["wsd"] <= lengths["decay"],
+         f"--lr-wsd-decay-{unit} is longer than the LR decay (--lr-decay-{unit}, default the training length)")
+    need(not (args.tie_embeddings_and_output_weights and args.pipeline_model_parallel_size > 1
+              and args.use_distributed_optimizer and args.gpas),
+         "--tie-embeddings-and-output-weights with pipeline parallelism, the distributed optimizer and --gpas fails "
+         "to save (megatron-core's optimizer layout); drop one of them (e.g. use the plain optimizer)")
     need(not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
          "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other; give one")
     need(args.ckpt_step is None or args.load, "--ckpt-step needs --load DIR (the run to resume from)")

@@ -227,6 +227,10 @@ def check_flags(saved: Optional[dict], args, iteration: int) -> str:
     saved = {**{k: v for k, v in _ADDED_LATER.items() if "lr" in saved}, **saved}
     changed = lambda keys: [k for k in keys if k in saved and saved[k] != now[k]]  # noqa: E731
     data = changed(DATA_FLAGS)
+    if "global_batch_size" in data and args.train_samples is not None:
+        raise ConfigError(f"--global-batch-size is {now['global_batch_size']} but the checkpoint was trained with "
+                          f"{saved['global_batch_size']}; with --train-samples the training length in steps follows "
+                          f"it: give {saved['global_batch_size']} again")
     if data and not args.override_data_flags:
         k = data[0]
         raise ConfigError(f"{_flag(k)} is {now[k]!r} but the checkpoint (iteration {iteration}) was trained with "

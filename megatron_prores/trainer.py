@@ -243,7 +243,9 @@ class Trainer:
             self.scheduler.use_checkpoint_opt_param_scheduler = True
             saved = common.get("run_flags") or {}
             wsd = saved.get("lr_wsd_decay_samples") or (saved.get("lr_wsd_decay_iters") or 0) * a.global_batch_size
-            if mode == "checkpoint" and wsd:  # not in megatron's scheduler state
+            if mode == "checkpoint":  # not in megatron's scheduler state
+                self.scheduler.init_lr = saved.get("lr_warmup_init", 0.0)
+            if mode == "checkpoint" and wsd:
                 self.scheduler.wsd_decay_steps = wsd
                 self.scheduler.lr_wsd_decay_style = saved["lr_wsd_decay_style"]
         saved_world = (common.get("run_flags") or {}).get("world_size")
