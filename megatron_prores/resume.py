@@ -89,18 +89,21 @@ def _holds_checkpoints(root: Optional[str]) -> Optional[int]:
     return max(found) if found else None
 
 
-def _fallback_hint(root: str, below: int) -> str:
+def _fallback_hint(root: str, below: int, how: str = "--ckpt-step {it}") -> str:
+    """Names the newest complete checkpoint under ``root`` older than ``below`` and the flags that
+    resume from it (``how``, formatted with ``it``)."""
     for it in reversed([i for i in checkpoint_check.iterations(root) if i < below]):
         try:
             checkpoint_check.verify(os.path.join(root, f"iter_{it:07d}"))
         except ConfigError:
             continue
-        return f"; the newest complete older checkpoint is iteration {it}: resume from it with --ckpt-step {it}"
+        return f"; the newest complete older checkpoint is iteration {it}: resume from it with {how.format(it=it)}"
     return "; no complete older checkpoint exists under it"
 
 
-def starting_point(args) -> Optional[Tuple[str, int]]:
-    """(checkpoint directory, iteration) to resume from, or None for a fresh start."""
+def starting_point(args, how: str = "--ckpt-step {it}") -> Optional[Tuple[str, int]]:
+    """(checkpoint directory, iteration) to resume from, or None for a fresh start (``how``: the
+    flags that resume from an older checkpoint, named when the newest is damaged)."""
     load, save, step = args.load, args.save, args.ckpt_step
     if not load:  # (--ckpt-step without --load is refused by arguments.check_args)
         held = _holds_checkpoints(save)
@@ -142,7 +145,7 @@ def starting_point(args) -> Optional[Tuple[str, int]]:
     directory = os.path.join(load, f"iter_{iteration:07d}")
     if not os.path.isdir(directory):
         raise CheckpointDamaged(f"{os.path.join(load, LATEST)} names iteration {iteration} but {directory} is "
-                                f"missing{_fallback_hint(load, iteration)}")
+                                f"missing{_fallback_hint(load, iteration, how)}")
     return directory, iteration
 
 
@@ -157,7 +160,7 @@ def finetune_resumes(args) -> Optional[str]:
 
 
 def verify_or_hint(directory: str, iteration: int, world_size: Optional[int] = None,
-                   only_rng: bool = False) -> None:
+                   only_rng: bool = False, how: str = "--ckpt-step {it}") -> None:
     """checkpoint_check.verify (``only_rng``: just the RNG files of ``world_size`` processes), with
     the older complete checkpoint named when this one is damaged."""
     try:
@@ -167,7 +170,7 @@ def verify_or_hint(directory: str, iteration: int, world_size: Optional[int] = N
             checkpoint_check.verify(directory, world_size)
     except CheckpointDamaged as e:
         raise CheckpointDamaged(f"checkpoint iteration {iteration} is damaged: {e}"
-                                f"{_fallback_hint(os.path.dirname(directory), iteration)}") from None
+                                f"{_fallback_hint(os.path.dirname(directory), iteration, how)}") from None
 
 
 def _describe(changed: list, saved: dict, now: dict) -> str:

@@ -210,24 +210,28 @@ class Trainer:
                                               a.use_distributed_optimizer)
         self.run_flags = dict(resume.run_flags(a), world_size=self.world, layout=self._layout(),
                               optimizer_shards=self.shards,
-                              finetune_from=os.path.realpath(a.load) if a.finetune else None)
+                              finetune_from=os.path.realpath(a.load) if a.finetune else None,
+                              finetune_step=None)  # the iteration of --load it started from
         self.lock = RunLock(a.save) if a.save else None
         if self.lock is not None:
             self._say(resume.on_rank0(self.lock.acquire))
-        finetune = a.finetune
+        finetune, self._finetune_step_asked, how = a.finetune, None, "--ckpt-step {it}"
         if finetune:
             requeued = resume.on_rank0(lambda: resume.finetune_resumes(a))
             if requeued:  # the fine-tuning run's own checkpoints, as any resume (flags checked)
                 self._say(requeued)
+                self._finetune_step_asked = a.ckpt_step  # --ckpt-step still names the source's iteration
+                how = f"--load {a.save} --ckpt-step {{it}} and without --finetune (it stays this fine-tuning run)"
                 a.load, a.ckpt_step, finetune = a.save, None, False
-        start = resume.on_rank0(lambda: resume.starting_point(a))
+        start = resume.on_rank0(lambda: resume.starting_point(a, how))
         if start is None:
             if a.load:
                 self._say(f"no checkpoint under {a.load} yet: starting a new run")
             return
         directory, iteration = start
-        common = resume.on_rank0(lambda: self._checked_common(directory, iteration, finetune))
+        common = resume.on_rank0(lambda: self._checked_common(directory, iteration, finetune, how))
         if finetune:
+            self.run_flags["finetune_step"] = iteration
             checkpointing.load_checkpoint(directory, self.model, self.optimizer, None, self.arch, common,
                                           load_optim=False, load_rng=False)
             self._say(f"--finetune: model weights from {directory}; a new run starts at iteration 0 (fresh "
@@ -235,13 +239,15 @@ class Trainer:
                       + (f"; the ProRes warmup ({a.prores_schedule}) restarts too: every block starts at its "
                          f"step-0 value" if a.prores_schedule != "none" else ""))
             return
+        saved = common.get("run_flags") or {}
+        if saved.get("finetune_from"):  # resumed with or without --finetune, it stays a fine-tuning run of its source
+            self.run_flags.update(finetune_from=saved["finetune_from"], finetune_step=saved.get("finetune_step"))
         mode = common.pop("_schedule_mode")
         if mode == "override":
             self.scheduler.override_opt_param_scheduler = True
             self.scheduler.use_checkpoint_opt_param_scheduler = False
         else:  # same values, or the checkpoint's on purpose
             self.scheduler.use_checkpoint_opt_param_scheduler = True
-            saved = common.get("run_flags") or {}
             wsd = saved.get("lr_wsd_decay_samples") or (saved.get("lr_wsd_decay_iters") or 0) * a.global_batch_size
             if mode == "checkpoint":  # not in megatron's scheduler state
                 self.scheduler.init_lr = saved.get("lr_warmup_init", 0.0)
@@ -272,13 +278,15 @@ class Trainer:
                       + f", this run has {self.world} ({_layout_text(self._layout())}): RNG states start from "
                       f"--seed (dropout masks differ from an uninterrupted run)")
 
-    def _checked_common(self, directory: str, iteration: int, finetune: bool = False) -> dict:
+    def _checked_common(self, directory: str, iteration: int, finetune: bool = False,
+                        how: str = "--ckpt-step {it}") -> dict:
         """Rank 0: verify every file of the checkpoint, read its common state, check the flags
-        (``finetune``: only what the model weights need)."""
+        (``finetune``: only what the model weights need; ``how``: the flags that resume from an
+        older checkpoint, named when this one is damaged)."""
         from megatron_prores import checkpoint_check, mcore_compat, resume
 
         a = self.args
-        resume.verify_or_hint(directory, iteration, None)
+        resume.verify_or_hint(directory, iteration, None, how=how)
         if iteration > a.train_iters and not finetune:
             length = "--train-iters" if a.train_samples is None else "--train-samples"
             raise ConfigError(f"{training_length(a)} is below the checkpoint's iteration {iteration}: "
@@ -302,6 +310,11 @@ class Trainer:
                               f"--save for this one" if source else
                               f"--save {a.save!r} holds a run not started with --finetune, not a fine-tuning run of "
                               f"{ft}; choose an empty --save for this one, or resume that run without --finetune")
+        was, asked = (saved or {}).get("finetune_step"), self._finetune_step_asked
+        if a.finetune and None not in (was, asked) and was != asked:
+            raise ConfigError(f"--save {a.save!r} holds a fine-tuning run of {source} iteration {was}, not of "
+                              f"iteration {asked} (--ckpt-step); requeue it with --ckpt-step {was}, or choose an "
+                              f"empty --save for a fine-tuning run of iteration {asked}")
         world = (saved or {}).get("world_size")
         if self._same_ranks(saved) and not a.no_load_rng:  # each process restores its own RNG file
             resume.verify_or_hint(directory, iteration, world, only_rng=True)

@@ -216,6 +216,52 @@ def test_schedule_overrides_and_optimizer_switch(run_dir, tmp_path):
             assert train_state(r)[1]["run_flags"]["use_distributed_optimizer"] is True
 
 
+def _main_refuses(argv, message, capsys, *unchanged):
+    """The driver's ``main`` in this process ends with one ``error:`` line holding ``message`` and
+    leaves every file under ``unchanged`` as it was."""
+    from megatron_prores.train import main
+
+    before = [snapshot(d) for d in unchanged]
+    capsys.readouterr()
+    code = main(list(map(str, argv)))
+    err = capsys.readouterr().err
+    errors = [l for l in err.splitlines() if l.startswith("error:")]
+    assert code == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err, err[-3000:]
+    assert [snapshot(d) for d in unchanged] == before
+
+
+def test_a_requeued_finetune_keeps_its_source_and_its_way_back(run_dir, tmp_path, single_process, capsys):
+    """A fine-tuning run of iteration 2 stopped at 2 and requeued: the requeue naming another
+    --ckpt-step is refused (it would resume a fine-tuning run of another checkpoint); with its
+    newest checkpoint damaged, the refusal names the flags that resume the older one, and those
+    flags (no --finetune) train on bitwise as an uninterrupted fine-tuning run, recorded still as a
+    fine-tuning run of iteration 2 (a later requeue with --finetune accepts it)."""
+    src, f, full = run_dir, tmp_path / "f", tmp_path / "full"
+    ft = TINY + ["--train-iters", "3", "--lr", "2e-3", "--finetune", "--load", src, "--save-interval", "1"]
+    code, out = run(ft + ["--ckpt-step", "2", "--save", full], nproc=1)
+    assert code == 0, out[-3000:]
+    code, out = run(ft + ["--ckpt-step", "2", "--save", f, "--exit-interval", "2"], nproc=1)
+    assert code == 0 and "exiting at iteration 2" in out, out[-3000:]
+    _main_refuses(ft + ["--ckpt-step", "3", "--save", f],
+                  f"holds a fine-tuning run of {os.path.realpath(src)} iteration 2, not of iteration 3 (--ckpt-step); "
+                  f"requeue it with --ckpt-step 2", capsys, f, src)
+    _truncate(f / "iter_0000002" / "__0_0.distcp", 1000)
+    _main_refuses(ft + ["--ckpt-step", "2", "--save", f],
+                  f"the newest complete older checkpoint is iteration 1: resume from it with --load {f} --ckpt-step 1 "
+                  f"and without --finetune", capsys, f, src)
+    plain = [x for x in ft if x not in ("--finetune", src)]
+    plain.remove("--load")
+    code, out = run(plain + ["--load", f, "--save", f, "--ckpt-step", "1"], nproc=1)
+    assert code == 0 and "resumed from" in out and "at iteration 1" in out, out[-3000:]
+    _, got = train_state(f)
+    _, ref = train_state(full)
+    assert got["train_state"]["losses"] == ref["train_state"]["losses"] and len(ref["train_state"]["losses"]) == 3
+    assert (got["run_flags"]["finetune_from"], got["run_flags"]["finetune_step"]) == (os.path.realpath(src), 2)
+    assert ref["run_flags"]["finetune_step"] == 2
+    code, out = run(ft + ["--ckpt-step", "2", "--save", f], nproc=1)  # the original command, requeued again
+    assert code == 0 and "nothing to do" in out, out[-3000:]
+
+
 def test_two_runs_on_one_save_directory(tmp_path):
     """Started together: one trains to the end, the other is refused with one line and writes
     nothing; then the finished run's directory resumes (lock released)."""
