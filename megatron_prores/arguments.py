@@ -460,17 +460,9 @@ def schedule_samples(args) -> dict:
     """The LR schedule's lengths in samples, as megatron's OptimizerParamScheduler counts them:
     warmup (not rounded to whole steps: --lr-warmup-fraction x decay, or --lr-warmup-samples),
     decay, and WSD's final decay (None without one)."""
-    gbs = args.global_batch_size
-    if args.train_samples is not None:
-        decay = args.lr_decay_samples or args.train_samples
-        warmup, wsd = args.lr_warmup_samples, args.lr_wsd_decay_samples
-    else:
-        decay = (args.lr_decay_iters or args.train_iters) * gbs
-        warmup = args.lr_warmup_iters * gbs
-        wsd = args.lr_wsd_decay_iters * gbs if args.lr_wsd_decay_iters else None
-    if args.lr_warmup_fraction is not None:
-        warmup = args.lr_warmup_fraction * decay
-    return {"warmup": warmup, "decay": decay, "wsd": wsd}
+    from megatron_prores.resume import run_flags, schedule_in_samples
+
+    return schedule_in_samples(run_flags(args))
 
 
 def _check_wandb(args, this_machine: bool) -> None:

@@ -57,6 +57,38 @@ def run_flags(args) -> dict:
     return flags
 
 
+def schedule_in_samples(flags: dict) -> dict:
+    """The LR schedule's lengths in samples (as megatron's scheduler counts them) from run flags
+    in steps or in samples: warmup (--lr-warmup-fraction x decay, unrounded), decay, WSD's final
+    decay (None without one)."""
+    if flags.get("lr_decay_samples") is not None:  # --train-samples
+        decay, warmup, wsd = flags["lr_decay_samples"], flags.get("lr_warmup_samples") or 0, flags.get("lr_wsd_decay_samples")
+    else:
+        gbs = flags["global_batch_size"]
+        decay, warmup = flags["lr_decay_iters"] * gbs, (flags.get("lr_warmup_iters") or 0) * gbs
+        wsd = flags["lr_wsd_decay_iters"] * gbs if flags.get("lr_wsd_decay_iters") else None
+    if flags.get("lr_warmup_fraction") is not None:
+        warmup = flags["lr_warmup_fraction"] * decay
+    return {"warmup": warmup, "decay": decay, "wsd": wsd}
+
+
+# the schedule's lengths, in steps or in samples (a run gives them in the unit of its training length)
+_LENGTH_FLAGS = ("lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters", "lr_wsd_decay_iters",
+                 "lr_warmup_samples", "lr_decay_samples", "lr_wsd_decay_samples")
+
+
+def _unit_switch(saved: dict, now: dict, changed: list) -> Optional[str]:
+    """A resume that gives the training length in the other unit (--train-iters <-> --train-samples):
+    '' when the schedule is the same in samples and nothing else changed, else the changes in samples
+    (None: no unit switch, or other schedule flags changed too)."""
+    in_samples = lambda f: f.get("lr_decay_samples") is not None  # noqa: E731
+    if in_samples(saved) == in_samples(now) or any(k not in _LENGTH_FLAGS for k in changed):
+        return None
+    was, new = schedule_in_samples(saved), schedule_in_samples(now)
+    names = {"warmup": "warmup", "decay": "decay length", "wsd": "WSD decay length"}
+    return ", ".join(f"the LR {names[k]} {was[k]} -> {new[k]} samples" for k in was if was[k] != new[k])
+
+
 def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
@@ -265,6 +297,17 @@ def check_flags(saved: Optional[dict], args, iteration: int) -> str:
         return "override"
     if args.use_checkpoint_opt_param_scheduler:
         return "checkpoint"
+    switch = _unit_switch(saved, now, sched) if sched else None
+    if switch == "":  # the same schedule, its lengths in the other unit
+        return "same"
+    if switch:
+        units = ("--train-iters", "--train-samples")[::-1 if saved.get("lr_decay_samples") is not None else 1]
+        raise ConfigError(f"the checkpoint (iteration {iteration}) was trained with {units[0]}, this run gives "
+                          f"{units[1]}; in samples (steps x --global-batch-size {saved['global_batch_size']}) "
+                          f"{switch}: that changes its LR schedule; give lengths that come to the checkpoint's in "
+                          f"samples, or pass --override-opt-param-scheduler (the new "
+                          f"schedule applies from iteration {iteration}) or --use-checkpoint-opt-param-scheduler "
+                          f"(keep the checkpoint's schedule)")
     if sched:
         k = sched[0]
         default = {"lr_decay_iters": ("--train-iters", args.train_iters, args.lr_decay_iters),

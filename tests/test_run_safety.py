@@ -262,6 +262,24 @@ def test_a_requeued_finetune_keeps_its_source_and_its_way_back(run_dir, tmp_path
     assert code == 0 and "nothing to do" in out, out[-3000:]
 
 
+def test_training_length_in_the_other_unit(run_dir, tmp_path, single_process, capsys):
+    """A run trained with --train-iters resumed with --train-samples: the same schedule in samples
+    (3 steps x 4 = 12) trains on bitwise as the uninterrupted run; a longer one is refused with
+    the lengths in samples (it named '--train-iters 3 sets the decay length to None' before)."""
+    r = tmp_path / "run"
+    shutil.copytree(run_dir, r)
+    _, ref = train_state(run_dir)
+    _main_refuses(TINY + ["--train-samples", "16", "--load", r, "--save", r, "--ckpt-step", "2"],
+                  "the checkpoint (iteration 2) was trained with --train-iters, this run gives --train-samples; in "
+                  "samples (steps x --global-batch-size 4) the LR decay length 12 -> 16 samples: that changes its LR "
+                  "schedule", capsys, r)
+    code, out = run(TINY + ["--train-samples", "12", "--load", r, "--save", r, "--ckpt-step", "2"], nproc=1)
+    assert code == 0 and "resumed from" in out and "at iteration 2" in out, out[-3000:]
+    _, got = train_state(r)
+    assert got["train_state"]["losses"] == ref["train_state"]["losses"] and len(ref["train_state"]["losses"]) == 3
+    assert got["run_flags"]["lr_decay_samples"] == 12  # recorded in the unit it now runs in
+
+
 def test_two_runs_on_one_save_directory(tmp_path):
     """Started together: one trains to the end, the other is refused with one line and writes
     nothing; then the finished run's directory resumes (lock released)."""
