@@ -256,3 +256,30 @@ def test_time_limit_signal_saves_requeues_and_resumes_to_the_same_result(slurm, 
     assert "USR1 (time limit near)" in out and f"requeueing job {job_id}" in out
     assert "exiting at iteration" in out and "resumed from" in out
     assert_same_run(reference.checkpoints, tmp_path / "run" / "checkpoints")
+
+
+@pytest.mark.parametrize("recompute, stored, working", [
+    (["--recompute-granularity", "full"], "2 * s * b * h * 4", "one_block"),  # uniform, n = 1: 4 blocks a stage
+    (["--recompute-granularity", "full", "--recompute-num-layers", "2"], "2 * s * b * h * 2", "2 * one_block"),
+    (["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "3"],
+     "2 * s * b * h * 3 + one_block", "one_block"),
+    ([], "4 * one_block", "0"),
+], ids=["uniform-1", "uniform-2", "block-3", "none"])
+def test_memory_estimate_of_recompute(recompute, stored, working):
+    """The activation estimate, written out: each micro batch in flight on the first stage (PP=2
+    and 8 micro batches: 2) keeps what recompute leaves (a block's 2*s*b*h input per recomputed
+    unit), and backward recomputes one unit of one micro batch at a time (its activations once)."""
+    from megatron_prores.arguments import check_recipe
+    from megatron_prores.tools.estimate_memory import estimate
+
+    L, h, heads, groups, f, s, b = 8, 256, 8, 4, 704, 512, 2
+    flags = ["--num-layers", L, "--hidden-size", h, "--num-attention-heads", heads, "--num-query-groups", groups,
+             "--ffn-hidden-size", f, "--seq-length", s, "--max-position-embeddings", s, "--micro-batch-size", b,
+             "--global-batch-size", 16, "--pipeline-model-parallel-size", 2, "--train-iters", 10, "--lr", "1e-3",
+             "--mock-data", "--vocab-size", 1000, "--bf16", "--save", "x", *recompute]
+    args, cfg, dp, num_micro = check_recipe(list(map(str, flags)), 2)
+    assert (dp, num_micro) == (1, 8)
+    kv = groups * h // heads
+    one_block = s * b * (10 * h + 2 * (h + 2 * kv) + 6 * f)  # bf16 bytes of a block's activations (module doc)
+    expect = eval(stored) * 2 + eval(working)
+    assert estimate(args, cfg, dp, num_micro)["bytes"]["activations"] == pytest.approx(expect, rel=1e-12)

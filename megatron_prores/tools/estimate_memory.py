@@ -15,8 +15,9 @@ measurement (what the allocator really holds can be 10-30% more). What the drive
   DotProductAttention or TE's unfused kernel; the default SDPA / TE flash attention keeps none); the stream-sized parts are split
   over TP only with sequence parallelism, everything over CP, except that under CP > 1 each rank
   also keeps the whole sequence's all-gathered K/V (4*s*b*kv/TP); --recompute-granularity full keeps
-  2*s*b*h per recomputed unit plus one unit's activations (uniform: every block, in units of
-  --recompute-num-layers n; block: n blocks per model chunk, the others keep everything);
+  2*s*b*h per recomputed unit (uniform: every block, in units of --recompute-num-layers n; block:
+  n blocks per model chunk, the others keep everything) for each micro batch in flight, and once
+  the activations of the unit being recomputed (backward recomputes one micro batch at a time);
   selective drops what its --recompute-modules recompute: core_attn the unfused attention
   probabilities, layernorm the two pre-norm outputs (4*s*b*h), mlp the MLP's inner 6*s*b*f;
   micro batches in flight on the first pipeline stage: min(PP, microbatches), times
@@ -75,11 +76,12 @@ def estimate(args, cfg, dp: int, num_micro: int) -> dict:
     block = s * b * stream / sp_cp + s * b * split / (tp * cp) + attn + gathered_kv
     unit_input = 2 * s * b * h / sp_cp  # what full recompute keeps of a recomputed unit
     method, n = cfg.recompute_unit()
-    if method == "uniform":  # every unit's input, and one unit's activations while it is recomputed
-        kept = unit_input * per_stage / n + block * n
+    working = 0  # one unit's activations while backward recomputes it: one micro batch at a time
+    if method == "uniform":  # every unit's input
+        kept, working = unit_input * per_stage / n, block * n
     elif method == "block":  # n blocks of each model chunk recomputed, the others keep theirs
-        recomputed = n * vp
-        kept = unit_input * recomputed + block * (per_stage - recomputed + 1)
+        recomputed = min(n * vp, per_stage)
+        kept, working = unit_input * recomputed + block * (per_stage - recomputed), block
     else:
         kept = block * per_stage
     in_flight = min(pp, num_micro) * (1 + (pp - 1) / (pp * vp) if vp > 1 else 1)
@@ -87,7 +89,7 @@ def estimate(args, cfg, dp: int, num_micro: int) -> dict:
         "weights (bf16)": 2 * params,
         "gradients (fp32)": 4 * params,
         "optimizer (fp32 main + Adam)": 12 * params / shard,
-        "activations": kept * in_flight,
+        "activations": kept * in_flight + working,
         "logits + loss": 10 * s * b * vocab / (tp * cp),
         "CUDA context, NCCL, slack": 3 * GIB,
     }
