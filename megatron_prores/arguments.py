@@ -194,6 +194,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "TE spec: Transformer Engine's choice, local = megatron-core's DotProductAttention")
     g.add_argument("--no-bias-dropout-fusion", dest="bias_dropout_fusion", action="store_false",
                    help="run the residual ops eagerly instead of through torch.compile (GPU)")
+    g.add_argument("--no-rope-fusion", dest="rope_fusion", action="store_false",
+                   help="apply RoPE with megatron-core's eager ops instead of a fused kernel (GPU: Transformer "
+                        "Engine's, else a torch.compile'd one)")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", default=None,
@@ -569,6 +572,7 @@ def model_config(args, vocab_size: int) -> ModelConfig:
         fp8_format=args.fp8_format,
         fp8_recipe=args.fp8_recipe, attention_backend=args.attention_backend,
         bias_dropout_fusion=args.bias_dropout_fusion,
+        rope_fusion=args.rope_fusion,
     )
 
 

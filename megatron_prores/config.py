@@ -193,6 +193,7 @@ class ModelConfig:
     fp8_recipe: str = "delayed"  # delayed | tensorwise (current scaling) | mxfp8 | blockwise
     attention_backend: str = "auto"  # auto | flash | fused | unfused | local
     bias_dropout_fusion: bool = True  # compiled residual ops on GPUs
+    rope_fusion: bool = True  # fused RoPE on GPUs: Transformer Engine's, else fused_rope's compiled one
     params_dtype: torch.dtype = torch.float32
     bf16: bool = False
     method: MethodConfig = field(default_factory=MethodConfig)
@@ -393,6 +394,10 @@ class ModelConfig:
         else:  # normal; ds-init scales the per-layer output projections after the build
             out_init = init_method_normal(self.init_method_std)
         on_cpu = not torch.cuda.is_available()
+        if self.rope_fusion and not on_cpu:  # megatron-core checks that a fused RoPE exists
+            from megatron_prores import fused_rope
+
+            fused_rope.install()
         return TransformerConfig(
             num_layers=self.num_layers,
             hidden_size=self.hidden_size,
@@ -423,7 +428,7 @@ class ModelConfig:
             bias_activation_fusion=not on_cpu and self.swiglu,
             bias_dropout_fusion=self.bias_dropout_fusion and not on_cpu,
             masked_softmax_fusion=False,
-            apply_rope_fusion=False,
+            apply_rope_fusion=self.rope_fusion and not on_cpu,
             gradient_accumulation_fusion=False,
             persist_layer_norm=False,
             # gloo mismatches batched isend/irecv pairs that go both ways to one peer

@@ -22,3 +22,20 @@ def test_step_time_worker_times_the_trainers_step(tmp_path):
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert len(res["times_ms"]) == 3 and all(t > 0 for t in res["times_ms"]) and res["peak_gib"] > 0
+
+
+def test_rope_benchmark_runs_and_records(tmp_path, capsys):
+    """benchmarks/rope.py at a tiny size: both variants timed and recorded; the fused RoPE saves
+    only the angles for backward (megatron-core's eager one keeps a cos and a sin per call)."""
+    import json
+
+    from benchmarks.rope import main
+
+    main(["--seq-length", "16", "--micro-batch-size", "1", "--heads", "4", "--groups", "2", "--head-dim", "8",
+          "--steps", "2", "--rounds", "1", "--out", str(tmp_path)])
+    assert "per micro batch of a 24-layer model" in capsys.readouterr().out
+    [path] = tmp_path.iterdir()
+    rows = json.load(open(path))["variants"]
+    assert set(rows) == {"megatron eager", "fused (compiled)"} and all(r["device_ms"] > 0 for r in rows.values())
+    assert rows["fused (compiled)"]["saved_mib"] == 16 * 8 * 4 / 2**20  # freqs [16, 1, 1, 8] fp32, once
+    assert rows["megatron eager"]["saved_mib"] > rows["fused (compiled)"]["saved_mib"]

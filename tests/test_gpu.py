@@ -105,6 +105,36 @@ def test_compiled_residual_op_on_gpu_matches_float64_formula(style):
 
 
 @needs_cuda
+def test_compiled_rope_on_gpu_matches_float64_rotation():
+    """The Triton-compiled RoPE (fused_rope) in bf16 at the 1.3B layout's head shape, 16 query
+    groups: within half a bf16 ulp of the float64 rotation and no worse than megatron-core's eager
+    RoPE; its gradient in fp32 against autograd through the float64 rotation; and a model built on
+    the GPU turns megatron-core's apply_rope_fusion on with it (CPU counterpart: test_fused_rope)."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    from megatron_prores.fused_rope import fused_apply_rotary_pos_emb, rope
+    from tests.test_fused_rope import angles, rotation64
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    freqs = angles(64, positions=2048).cuda()
+    t = torch.randn(2048, 2, 16, 64, device="cuda", generator=gen).bfloat16()
+    ref = rotation64(t, freqs)
+    y = rope(t, freqs)
+    assert ((y.double() - ref).abs() <= ref.abs() * 2.0 ** -8 + 1e-6).all()
+    eager = rope_utils._apply_rotary_pos_emb_bshd(t, freqs)
+    assert (y.double() - ref).abs().max() <= (eager.double() - ref).abs().max()
+    t32 = t.float().requires_grad_()
+    dy = torch.randn(t.shape, device="cuda", generator=gen)
+    rope(t32, freqs).backward(dy)
+    t64 = t.double().requires_grad_()
+    (want,) = torch.autograd.grad((rotation64(t64, freqs) * dy.double()).sum(), t64)
+    torch.testing.assert_close(t32.grad.double(), want, rtol=0, atol=1e-5)
+    assert config("pre", "local").transformer_config().apply_rope_fusion
+    if importlib.util.find_spec("transformer_engine") is None:
+        assert rope_utils.fused_apply_rotary_pos_emb is fused_apply_rotary_pos_emb
+
+
+@needs_cuda
 def test_compiled_residual_op_on_gpu_keeps_only_its_output():
     """Compiled with Triton, the op with GPAS recompute keeps the bf16 output alone (CPU
     counterpart: test_recompute_keeps_no_activation_beyond_the_output)."""

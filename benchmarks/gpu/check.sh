@@ -11,6 +11,7 @@
 #   b. tests/test_gpu.py (Transformer Engine tests skip: TE cannot be brought to the device)
 #   c. driver_resume.py: the driver at ~125M, bf16, ProRes+GPAS; its sync step-20 checkpoint resumed,
 #      and an --async-save run killed with -9 after step 20, resumed; losses vs the uninterrupted run
+#   r. rope.py: megatron-core's eager RoPE against the fused one, forward + backward, 1.3B layout
 #   d. step_time.py at the 1.3B shape (megatron / prores_mid / prores_done / hf; micro batch 8 x 2, hf
 #      4 x 4: the same global batch of 16, hf at micro batch 8 needs ~89 GiB), then the 48x512
 #      shape while the budget lasts; the driver variants print a profile of two steps into the log
@@ -57,6 +58,7 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, keep going whatev
 stage env 60 python3 benchmarks/gpu/env_probe.py --out "$out" "${toy[@]}"
 stage tests 130 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py --junitxml="$out/gpu-tests.xml"
 stage driver-resume 200 python3 benchmarks/gpu/driver_resume.py --out "$out" "${toy[@]}"
+stage rope 60 python3 benchmarks/rope.py --out /tmp/rope-results  # its table goes to check.log
 export STEP_TIME_PROFILE=1
 stage step-time 600 python3 benchmarks/step_time.py --out "$out" --budget $(( $(left) - 15 )) \
     --shapes "${shapes[@]}" "${st[@]}"

@@ -1,0 +1,103 @@
+"""Rotary position embedding in one pass each way, for GPUs without Transformer Engine.
+
+megatron-core applies RoPE to the queries and keys of every layer either through Transformer
+Engine's fused kernel (``config.apply_rope_fusion``) or eagerly: slice, cos, sin, casts, a
+rotate-half (neg + cat), two products, a sum and a final cat, each its own kernel and most of them
+again in backward. Without TE this module provides the fused function megatron-core looks for
+(``rope_utils.fused_apply_rotary_pos_emb``, same signature), so that ``apply_rope_fusion`` works
+as it does with TE. With t1, t2 the two halves of the rotated part of a head, c = cos(freqs),
+s = sin(freqs) (megatron's layout: freqs = cat(theta, theta) per position):
+
+    forward:  y1 = t1 * c1 - t2 * s1,   y2 = t2 * c2 + t1 * s2      (t * cos + rotate_half(t) * sin)
+    backward: dt1 = dy1 * c1 + dy2 * s2,   dt2 = dy2 * c2 - dy1 * s1  (the transpose)
+
+Each direction is one compiled function (one generated kernel on GPUs, as megatron-core's own
+bias-dropout-add is compiled), called from an autograd.Function that saves only ``freqs``: no
+activation is kept for backward. The math runs in fp32 and rounds once to the input's dtype (TE's
+kernel does the same; megatron's eager path rounds cos, sin and each product to bf16 first). The
+part of a head beyond ``freqs``' width (``--rotary-percent`` < 1) passes through unchanged.
+Interleaved RoPE (not a layout this model has) falls back to megatron-core's eager function.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from megatron_prores.fused_residual import RECOMPILE_LIMIT
+
+
+def _forward(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    rot, half = freqs.shape[-1], freqs.shape[-1] // 2
+    w = torch.promote_types(t.dtype, torch.float32)  # fp32 math (fp64 for fp64 tensors)
+    x, f = t[..., :rot].to(w), freqs.to(w)
+    c, s = torch.cos(f), torch.sin(f)
+    y = torch.cat((x[..., :half] * c[..., :half] - x[..., half:] * s[..., :half],
+                   x[..., half:] * c[..., half:] + x[..., :half] * s[..., half:]), dim=-1).to(t.dtype)
+    return y if rot == t.shape[-1] else torch.cat((y, t[..., rot:]), dim=-1)
+
+
+def _backward(g: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    rot, half = freqs.shape[-1], freqs.shape[-1] // 2
+    w = torch.promote_types(g.dtype, torch.float32)
+    d, f = g[..., :rot].to(w), freqs.to(w)
+    c, s = torch.cos(f), torch.sin(f)
+    dt = torch.cat((d[..., :half] * c[..., :half] + d[..., half:] * s[..., half:],
+                    d[..., half:] * c[..., half:] - d[..., :half] * s[..., :half]), dim=-1).to(g.dtype)
+    return dt if rot == g.shape[-1] else torch.cat((dt, g[..., rot:]), dim=-1)
+
+
+_compiled = {}
+
+
+def _kernel(fn, compiled: bool):
+    if not compiled:
+        return fn
+    if fn not in _compiled:
+        import torch._dynamo.config as dynamo_config
+
+        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
+        setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
+        _compiled[fn] = torch.compile(fn)
+    return _compiled[fn]
+
+
+class _RoPE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, t, freqs, compiled):
+        ctx.compiled = compiled
+        ctx.save_for_backward(freqs)
+        return _kernel(_forward, compiled)(t, freqs)
+
+    @staticmethod
+    def backward(ctx, g):
+        (freqs,) = ctx.saved_tensors
+        return _kernel(_backward, ctx.compiled)(g, freqs), None, None
+
+
+def rope(t: torch.Tensor, freqs: torch.Tensor, compiled: bool = True) -> torch.Tensor:
+    """RoPE of ``t`` [s, b, heads, dim] by ``freqs`` [s, 1 or b, 1, rot] (fp32 angles, rot <= dim,
+    megatron's non-interleaved layout)."""
+    return _RoPE.apply(t, freqs.detach(), compiled)
+
+
+def fused_apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, transpose_output_memory: bool = False,
+                               interleaved: bool = False) -> torch.Tensor:
+    """megatron-core's fused-RoPE entry point (the signature of its TE wrapper), compiled."""
+    if interleaved:
+        from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
+
+        return _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=True)
+    return rope(t, freqs)
+
+
+def install() -> str:
+    """Make ``apply_rope_fusion`` usable: TE's fused RoPE where megatron-core found it, else this
+    module's. Returns which one megatron-core's layers will call ('transformer_engine' or
+    'compiled')."""
+    from megatron.core.models.common.embeddings import rope_utils
+
+    current = rope_utils.fused_apply_rotary_pos_emb
+    if current is None or current is fused_apply_rotary_pos_emb:
+        rope_utils.fused_apply_rotary_pos_emb = fused_apply_rotary_pos_emb
+        return "compiled"
+    return "transformer_engine"
