@@ -16,7 +16,9 @@ bias-dropout-add is compiled), called from an autograd.Function that saves only 
 activation is kept for backward. The math runs in fp32 and rounds once to the input's dtype (TE's
 kernel does the same; megatron's eager path rounds cos, sin and each product to bf16 first). The
 part of a head beyond ``freqs``' width (``--rotary-percent`` < 1) passes through unchanged.
-Interleaved RoPE (not a layout this model has) falls back to megatron-core's eager function.
+Interleaved RoPE is not a layout this model has (megatron-core refuses it with the fusion without
+TE >= 2.3); packed (thd) sequences, MLA and mscale != 1 take megatron-core's eager path before
+the hook.
 """
 
 from __future__ import annotations
@@ -83,10 +85,8 @@ def rope(t: torch.Tensor, freqs: torch.Tensor, compiled: bool = True) -> torch.T
 def fused_apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, transpose_output_memory: bool = False,
                                interleaved: bool = False) -> torch.Tensor:
     """megatron-core's fused-RoPE entry point (the signature of its TE wrapper), compiled."""
-    if interleaved:
-        from megatron.core.models.common.embeddings.rope_utils import _apply_rotary_pos_emb_bshd
-
-        return _apply_rotary_pos_emb_bshd(t, freqs, rotary_interleaved=True)
+    if interleaved:  # not a layout of this model; megatron-core refuses it with fusion unless TE >= 2.3
+        raise ValueError("fused_rope: interleaved RoPE is not supported; pass --no-rope-fusion")
     return rope(t, freqs)
 
 

@@ -75,18 +75,35 @@ def schedule_in_samples(flags: dict) -> dict:
 # the schedule's lengths, in steps or in samples (a run gives them in the unit of its training length)
 _LENGTH_FLAGS = ("lr_warmup_iters", "lr_warmup_fraction", "lr_decay_iters", "lr_wsd_decay_iters",
                  "lr_warmup_samples", "lr_decay_samples", "lr_wsd_decay_samples")
+_LENGTH_NAMES = {"warmup": "warmup", "decay": "decay length", "wsd": "WSD decay length"}
 
 
-def _unit_switch(saved: dict, now: dict, changed: list) -> Optional[str]:
-    """A resume that gives the training length in the other unit (--train-iters <-> --train-samples):
-    '' when the schedule is the same in samples and nothing else changed, else the changes in samples
-    (None: no unit switch, or other schedule flags changed too)."""
-    in_samples = lambda f: f.get("lr_decay_samples") is not None  # noqa: E731
-    if in_samples(saved) == in_samples(now) or any(k not in _LENGTH_FLAGS for k in changed):
-        return None
+def _counted_in(flags: dict) -> str:
+    if flags.get("lr_decay_samples") is not None:
+        return "samples"
+    return f"steps of {flags['global_batch_size']} samples"
+
+
+def _recounted_schedule(saved: dict, now: dict, changed: list, iteration: int) -> Optional[str]:
+    """A resume whose schedule lengths count other samples than the checkpoint's (the training
+    length in the other unit, --train-iters <-> --train-samples, or another global batch with
+    --override-data-flags): compared in samples, as megatron's scheduler counts them. '' when the
+    schedule is the same; else the changes, in one line."""
     was, new = schedule_in_samples(saved), schedule_in_samples(now)
-    names = {"warmup": "warmup", "decay": "decay length", "wsd": "WSD decay length"}
-    return ", ".join(f"the LR {names[k]} {was[k]} -> {new[k]} samples" for k in was if was[k] != new[k])
+    if saved.get("lr_decay_style") != "WSD" and now.get("lr_decay_style") != "WSD":
+        was["wsd"] = new["wsd"] = None
+    others = [k for k in changed if k not in _LENGTH_FLAGS]
+    if not others and was == new:
+        return ""
+    parts = [_describe(others, saved, now)] if others else []
+    n = lambda v: "none" if v is None else f"{v:g}"  # noqa: E731
+    lengths = [f"the LR {_LENGTH_NAMES[k]} {n(was[k])} -> {n(new[k])}" for k in was if was[k] != new[k]]
+    if lengths:
+        parts.append(f"in samples, {', '.join(lengths)} (the checkpoint's lengths in {_counted_in(saved)}, this "
+                     f"run's in {_counted_in(now)})")
+    target = ", ".join(f"{_LENGTH_NAMES[k]} {n(v)}" for k, v in was.items() if v is not None)
+    return (f"{'; '.join(parts)}: that changes the LR schedule of the checkpoint (iteration {iteration}); give its "
+            f"schedule (in samples: {target}; --train-samples and --lr-*-samples give lengths in samples)")
 
 
 def _flag(name: str) -> str:
@@ -121,19 +138,24 @@ def _holds_checkpoints(root: Optional[str]) -> Optional[int]:
     return max(found) if found else None
 
 
-def _fallback_hint(root: str, below: int, how: str = "--ckpt-step {it}") -> str:
+def ckpt_step(it) -> str:
+    """The flags that resume a run's own checkpoint ``it`` (its --load is given)."""
+    return f"--ckpt-step {it}"
+
+
+def _fallback_hint(root: str, below: int, how: Callable = ckpt_step) -> str:
     """Names the newest complete checkpoint under ``root`` older than ``below`` and the flags that
-    resume from it (``how``, formatted with ``it``)."""
+    resume from it (``how(it)``)."""
     for it in reversed([i for i in checkpoint_check.iterations(root) if i < below]):
         try:
             checkpoint_check.verify(os.path.join(root, f"iter_{it:07d}"))
         except ConfigError:
             continue
-        return f"; the newest complete older checkpoint is iteration {it}: resume from it with {how.format(it=it)}"
+        return f"; the newest complete older checkpoint is iteration {it}: resume from it with {how(it)}"
     return "; no complete older checkpoint exists under it"
 
 
-def starting_point(args, how: str = "--ckpt-step {it}") -> Optional[Tuple[str, int]]:
+def starting_point(args, how: Callable = ckpt_step) -> Optional[Tuple[str, int]]:
     """(checkpoint directory, iteration) to resume from, or None for a fresh start (``how``: the
     flags that resume from an older checkpoint, named when the newest is damaged)."""
     load, save, step = args.load, args.save, args.ckpt_step
@@ -169,7 +191,7 @@ def starting_point(args, how: str = "--ckpt-step {it}") -> Optional[Tuple[str, i
         if iteration is None:
             if its:
                 raise ConfigError(f"--load {load!r} holds checkpoints (newest iter_{its[-1]:07d}) but no {LATEST}; "
-                                  f"resume from one with --ckpt-step N (e.g. --ckpt-step {its[-1]}) after checking it")
+                                  f"resume from one with {how('N')} (e.g. {how(its[-1])}) after checking it")
             if _same_dir(load, save):
                 return None  # the run's own directory, nothing saved yet
             raise ConfigError(f"--load {load!r} holds no checkpoint ({LATEST} and iter_* are absent); correct the "
@@ -192,7 +214,7 @@ def finetune_resumes(args) -> Optional[str]:
 
 
 def verify_or_hint(directory: str, iteration: int, world_size: Optional[int] = None,
-                   only_rng: bool = False, how: str = "--ckpt-step {it}") -> None:
+                   only_rng: bool = False, how: Callable = ckpt_step) -> None:
     """checkpoint_check.verify (``only_rng``: just the RNG files of ``world_size`` processes), with
     the older complete checkpoint named when this one is damaged."""
     try:
@@ -297,17 +319,13 @@ def check_flags(saved: Optional[dict], args, iteration: int) -> str:
         return "override"
     if args.use_checkpoint_opt_param_scheduler:
         return "checkpoint"
-    switch = _unit_switch(saved, now, sched) if sched else None
-    if switch == "":  # the same schedule, its lengths in the other unit
-        return "same"
-    if switch:
-        units = ("--train-iters", "--train-samples")[::-1 if saved.get("lr_decay_samples") is not None else 1]
-        raise ConfigError(f"the checkpoint (iteration {iteration}) was trained with {units[0]}, this run gives "
-                          f"{units[1]}; in samples (steps x --global-batch-size {saved['global_batch_size']}) "
-                          f"{switch}: that changes its LR schedule; give lengths that come to the checkpoint's in "
-                          f"samples, or pass --override-opt-param-scheduler (the new "
-                          f"schedule applies from iteration {iteration}) or --use-checkpoint-opt-param-scheduler "
-                          f"(keep the checkpoint's schedule)")
+    if _counted_in(saved) != _counted_in(now):
+        recounted = _recounted_schedule(saved, now, sched, iteration)
+        if not recounted:
+            return "same"
+        raise ConfigError(f"{recounted}, or pass --override-opt-param-scheduler (the new schedule applies from "
+                          f"iteration {iteration}) or --use-checkpoint-opt-param-scheduler (keep the checkpoint's "
+                          f"schedule)")
     if sched:
         k = sched[0]
         default = {"lr_decay_iters": ("--train-iters", args.train_iters, args.lr_decay_iters),

@@ -12,10 +12,11 @@ from __future__ import annotations
 import contextlib
 import math
 import os
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -215,13 +216,14 @@ class Trainer:
         self.lock = RunLock(a.save) if a.save else None
         if self.lock is not None:
             self._say(resume.on_rank0(self.lock.acquire))
-        finetune, self._finetune_step_asked, how = a.finetune, None, "--ckpt-step {it}"
+        finetune, self._finetune_step_asked, how = a.finetune, None, resume.ckpt_step
         if finetune:
             requeued = resume.on_rank0(lambda: resume.finetune_resumes(a))
             if requeued:  # the fine-tuning run's own checkpoints, as any resume (flags checked)
                 self._say(requeued)
                 self._finetune_step_asked = a.ckpt_step  # --ckpt-step still names the source's iteration
-                how = f"--load {a.save} --ckpt-step {{it}} and without --finetune (it stays this fine-tuning run)"
+                own = shlex.quote(a.save)
+                how = lambda it: f"--load {own} --ckpt-step {it} and without --finetune (it stays this fine-tuning run)"  # noqa: E731
                 a.load, a.ckpt_step, finetune = a.save, None, False
         start = resume.on_rank0(lambda: resume.starting_point(a, how))
         if start is None:
@@ -248,12 +250,12 @@ class Trainer:
             self.scheduler.use_checkpoint_opt_param_scheduler = False
         else:  # same values, or the checkpoint's on purpose
             self.scheduler.use_checkpoint_opt_param_scheduler = True
-            wsd = saved.get("lr_wsd_decay_samples") or (saved.get("lr_wsd_decay_iters") or 0) * a.global_batch_size
-            if mode == "checkpoint":  # not in megatron's scheduler state
+            if mode == "checkpoint":  # not in megatron's scheduler state: the checkpoint's run flags
                 self.scheduler.init_lr = saved.get("lr_warmup_init", 0.0)
-            if mode == "checkpoint" and wsd:
-                self.scheduler.wsd_decay_steps = wsd
-                self.scheduler.lr_wsd_decay_style = saved["lr_wsd_decay_style"]
+                wsd = resume.schedule_in_samples(saved)["wsd"]  # in its own samples per step
+                if wsd:
+                    self.scheduler.wsd_decay_steps = wsd
+                    self.scheduler.lr_wsd_decay_style = saved["lr_wsd_decay_style"]
         saved_world = (common.get("run_flags") or {}).get("world_size")
         same_ranks = self._same_ranks(common.get("run_flags"))
         loaded = checkpointing.load_checkpoint(directory, self.model, self.optimizer, self.scheduler, self.arch,
@@ -279,13 +281,14 @@ class Trainer:
                       f"--seed (dropout masks differ from an uninterrupted run)")
 
     def _checked_common(self, directory: str, iteration: int, finetune: bool = False,
-                        how: str = "--ckpt-step {it}") -> dict:
+                        how: Optional[Callable] = None) -> dict:
         """Rank 0: verify every file of the checkpoint, read its common state, check the flags
         (``finetune``: only what the model weights need; ``how``: the flags that resume from an
         older checkpoint, named when this one is damaged)."""
         from megatron_prores import checkpoint_check, mcore_compat, resume
 
         a = self.args
+        how = how or resume.ckpt_step
         resume.verify_or_hint(directory, iteration, None, how=how)
         if iteration > a.train_iters and not finetune:
             length = "--train-iters" if a.train_samples is None else "--train-samples"
@@ -317,7 +320,7 @@ class Trainer:
                               f"empty --save for a fine-tuning run of iteration {asked}")
         world = (saved or {}).get("world_size")
         if self._same_ranks(saved) and not a.no_load_rng:  # each process restores its own RNG file
-            resume.verify_or_hint(directory, iteration, world, only_rng=True)
+            resume.verify_or_hint(directory, iteration, world, only_rng=True, how=how)
         if "optimizer" not in common:  # model-only (imported, or an initial checkpoint): nothing to keep
             saved = None
         common["_schedule_mode"] = resume.check_flags(saved, a, iteration)

@@ -74,6 +74,26 @@ def test_gradient_is_the_transposed_rotation(compiled, rot):
     torch.testing.assert_close(t3.grad.double(), want, rtol=0, atol=2e-6)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_strided_key_view(compiled):
+    """megatron-core hands the keys over as a strided view of the fused QKV projection (GQA: one
+    key after each group's queries); the output and gradient are those of a contiguous copy."""
+    from megatron_prores.fused_rope import rope
+
+    freqs = angles(D)
+    qkv = inputs(torch.float32).reshape(S, B, 1, H * D).expand(S, B, 2, H * D).contiguous()
+    k = qkv.view(S, B, 2, H, D)[:, :, :, 1]  # [S, B, 2, D], not contiguous
+    assert not k.is_contiguous()
+    dy = torch.randn(k.shape, generator=torch.Generator().manual_seed(2))
+    k1, k2 = k.contiguous().requires_grad_(), k.detach().requires_grad_()  # a copy, and the view itself
+    assert k1.is_contiguous() and not k2.is_contiguous()
+    y1, y2 = rope(k1, freqs, compiled=compiled), rope(k2, freqs, compiled=compiled)
+    torch.testing.assert_close(y2, y1, rtol=0, atol=0)
+    torch.testing.assert_close(rotation64(k, freqs), y2.double(), rtol=0, atol=2e-6)
+    y1.backward(dy), y2.backward(dy)
+    torch.testing.assert_close(k2.grad, k1.grad, rtol=0, atol=0)
+
+
 def test_keeps_no_activation_for_backward():
     """Only the angles are saved (megatron's eager RoPE saves cos and sin casts; this saves freqs)."""
     from megatron_prores.fused_rope import rope

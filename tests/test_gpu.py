@@ -117,7 +117,8 @@ def test_compiled_rope_on_gpu_matches_float64_rotation():
 
     gen = torch.Generator(device="cuda").manual_seed(0)
     freqs = angles(64, positions=2048).cuda()
-    t = torch.randn(2048, 2, 16, 64, device="cuda", generator=gen).bfloat16()
+    qkv = torch.randn(2048, 2, 16, 4 * 64, device="cuda", generator=gen).bfloat16()  # 2 queries, k, v per group
+    t = qkv[..., 2 * 64:3 * 64]  # the keys: a strided view, as megatron-core hands them over
     ref = rotation64(t, freqs)
     y = rope(t, freqs)
     assert ((y.double() - ref).abs() <= ref.abs() * 2.0 ** -8 + 1e-6).all()
@@ -129,6 +130,9 @@ def test_compiled_rope_on_gpu_matches_float64_rotation():
     t64 = t.double().requires_grad_()
     (want,) = torch.autograd.grad((rotation64(t64, freqs) * dy.double()).sum(), t64)
     torch.testing.assert_close(t32.grad.double(), want, rtol=0, atol=1e-5)
+    tb = t.detach().requires_grad_()  # bf16 backward: within bf16 rounding of the float64 gradient
+    rope(tb, freqs).backward(dy.bfloat16())
+    torch.testing.assert_close(tb.grad.double(), want, rtol=2.0 ** -7, atol=2e-2)
     assert config("pre", "local").transformer_config().apply_rope_fusion
     if importlib.util.find_spec("transformer_engine") is None:
         assert rope_utils.fused_apply_rotary_pos_emb is fused_apply_rotary_pos_emb

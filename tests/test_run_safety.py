@@ -245,10 +245,19 @@ def test_a_requeued_finetune_keeps_its_source_and_its_way_back(run_dir, tmp_path
     _main_refuses(ft + ["--ckpt-step", "3", "--save", f],
                   f"holds a fine-tuning run of {os.path.realpath(src)} iteration 2, not of iteration 3 (--ckpt-step); "
                   f"requeue it with --ckpt-step 2", capsys, f, src)
-    _truncate(f / "iter_0000002" / "__0_0.distcp", 1000)
-    _main_refuses(ft + ["--ckpt-step", "2", "--save", f],
-                  f"the newest complete older checkpoint is iteration 1: resume from it with --load {f} --ckpt-step 1 "
-                  f"and without --finetune", capsys, f, src)
+    damaged = {"no marker": lambda d: os.remove(d / "latest_checkpointed_iteration.txt"),
+               "RNG file": lambda d: os.remove(d / "iter_0000002" / "rng_rank00000.pt"),
+               "shard": lambda d: _truncate(d / "iter_0000002" / "__0_0.distcp", 1000)}
+    for name, damage in damaged.items():  # each refusal names flags that resume the run's own older checkpoint
+        d = f if name == "shard" else tmp_path / name.replace(" ", "_")
+        if d != f:
+            shutil.copytree(f, d)
+        damage(d)
+        _main_refuses(ft + ["--ckpt-step", "2", "--save", d],
+                      f"resume from one with --load {d} --ckpt-step N and without --finetune (it stays this fine-tuning "
+                      f"run) (e.g. --load {d} --ckpt-step 2" if name == "no marker" else
+                      f"the newest complete older checkpoint is iteration 1: resume from it with --load {d} --ckpt-step "
+                      f"1 and without --finetune", capsys, d, src)
     plain = [x for x in ft if x not in ("--finetune", src)]
     plain.remove("--load")
     code, out = run(plain + ["--load", f, "--save", f, "--ckpt-step", "1"], nproc=1)
@@ -265,14 +274,22 @@ def test_a_requeued_finetune_keeps_its_source_and_its_way_back(run_dir, tmp_path
 def test_training_length_in_the_other_unit(run_dir, tmp_path, single_process, capsys):
     """A run trained with --train-iters resumed with --train-samples: the same schedule in samples
     (3 steps x 4 = 12) trains on bitwise as the uninterrupted run; a longer one is refused with
-    the lengths in samples (it named '--train-iters 3 sets the decay length to None' before)."""
+    the lengths in samples (it named '--train-iters 3 sets the decay length to None' before), and
+    so is the same --train-iters at another global batch (megatron loaded the checkpoint's decay
+    length then and WSD's from the new flags)."""
     r = tmp_path / "run"
     shutil.copytree(run_dir, r)
     _, ref = train_state(run_dir)
     _main_refuses(TINY + ["--train-samples", "16", "--load", r, "--save", r, "--ckpt-step", "2"],
-                  "the checkpoint (iteration 2) was trained with --train-iters, this run gives --train-samples; in "
-                  "samples (steps x --global-batch-size 4) the LR decay length 12 -> 16 samples: that changes its LR "
-                  "schedule", capsys, r)
+                  "in samples, the LR decay length 12 -> 16 (the checkpoint's lengths in steps of 4 samples, this "
+                  "run's in samples): that changes the LR schedule of the checkpoint (iteration 2); give its schedule "
+                  "(in samples: warmup 0, decay length 12;", capsys, r)
+    # another global batch (--override-data-flags keeps the data position): the same steps are more samples
+    i = TINY.index("--global-batch-size") + 1
+    _main_refuses(TINY[:i] + ["8"] + TINY[i + 1:] + ["--train-iters", "3", "--load", r, "--save", r, "--ckpt-step", "2",
+                                                    "--override-data-flags"],
+                  "in samples, the LR decay length 12 -> 24 (the checkpoint's lengths in steps of 4 samples, this "
+                  "run's in steps of 8 samples)", capsys, r)
     code, out = run(TINY + ["--train-samples", "12", "--load", r, "--save", r, "--ckpt-step", "2"], nproc=1)
     assert code == 0 and "resumed from" in out and "at iteration 2" in out, out[-3000:]
     _, got = train_state(r)
