@@ -35,15 +35,12 @@ from typing import Optional
 
 import torch
 
+from megatron_prores.compiled import kernel
 from megatron_prores.gpas import gpas_scale
 
 # |s| below this: keep z rather than recompute it. The relative error of y / s does not depend on
 # |s| (y = s * z is rounded once), but at s = 0 z is lost, and near 0 fp16's s * z turns subnormal.
 MIN_RECOMPUTE_SCALE = 2.0 ** -6
-# Every layer shares one compiled function per direction; its variants (training/eval, ProRes
-# on/after warmup, keep z or not, bias, dropout, shapes) must not exceed dynamo's default
-# recompile limit of 8, or the op silently falls back to eager.
-RECOMPILE_LIMIT = 64
 
 
 def _wide(t: torch.Tensor) -> torch.Tensor:
@@ -120,21 +117,6 @@ def _backward(dy, saved, gate, mask, keep: float, a, c: Optional[float], divide:
     return df, db, dg
 
 
-_compiled = {}
-
-
-def _kernel(fn, compiled: bool):
-    if not compiled:
-        return fn
-    if fn not in _compiled:
-        import torch._dynamo.config as dynamo_config
-
-        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-        setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
-        _compiled[fn] = torch.compile(fn)
-    return _compiled[fn]
-
-
 # ---- autograd --------------------------------------------------------------------------------
 class _ResidualOp(torch.autograd.Function):
     @staticmethod
@@ -145,12 +127,12 @@ class _ResidualOp(torch.autograd.Function):
         gate_ = None if gate is None else gate.detach()
         gate_grad = gate is not None and ctx.needs_input_grad[3]  # not in eval, not for a frozen gate
         if post:
-            y = _kernel(_post_forward, compiled)(r_, f_, bias_, mask, keep, a, gate_, c)
+            y = kernel(_post_forward, compiled)(r_, f_, bias_, mask, keep, a, gate_, c)
             saved = r_ if gate_grad else None
             ctx.divide = False
         else:
             keep_z = gate_grad and not recompute
-            y, z = _kernel(_pre_forward, compiled)(r_, f_, bias_, mask, keep, a, gate_, keep_z)
+            y, z = kernel(_pre_forward, compiled)(r_, f_, bias_, mask, keep, a, gate_, keep_z)
             saved = (z if keep_z else y) if gate_grad else None
             ctx.divide = gate_grad and not keep_z
         ctx.save_for_backward(saved, gate_, a, mask)
@@ -165,7 +147,7 @@ class _ResidualOp(torch.autograd.Function):
         c = ctx.c
         need_bias = ctx.bias_dtype is not None and ctx.needs_input_grad[2]
         need_gate = gate is not None and ctx.needs_input_grad[3]
-        df, db, dg = _kernel(_backward, ctx.compiled)(
+        df, db, dg = kernel(_backward, ctx.compiled)(
             dy, saved, gate, mask, ctx.keep, a, c if ctx.post else None, ctx.divide, need_bias, need_gate)
         dr = dy if not ctx.post or c is None else dy * c
         dr = dr.to(ctx.r_dtype)

@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import torch
 
-from megatron_prores.fused_residual import RECOMPILE_LIMIT
+from megatron_prores.compiled import kernel
 
 
 def _forward(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
@@ -48,32 +48,17 @@ def _backward(g: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     return dt if rot == g.shape[-1] else torch.cat((dt, g[..., rot:]), dim=-1)
 
 
-_compiled = {}
-
-
-def _kernel(fn, compiled: bool):
-    if not compiled:
-        return fn
-    if fn not in _compiled:
-        import torch._dynamo.config as dynamo_config
-
-        name = "recompile_limit" if hasattr(dynamo_config, "recompile_limit") else "cache_size_limit"
-        setattr(dynamo_config, name, max(getattr(dynamo_config, name), RECOMPILE_LIMIT))
-        _compiled[fn] = torch.compile(fn)
-    return _compiled[fn]
-
-
 class _RoPE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, t, freqs, compiled):
         ctx.compiled = compiled
         ctx.save_for_backward(freqs)
-        return _kernel(_forward, compiled)(t, freqs)
+        return kernel(_forward, compiled)(t, freqs)
 
     @staticmethod
     def backward(ctx, g):
         (freqs,) = ctx.saved_tensors
-        return _kernel(_backward, ctx.compiled)(g, freqs), None, None
+        return kernel(_backward, ctx.compiled)(g, freqs), None, None
 
 
 def rope(t: torch.Tensor, freqs: torch.Tensor, compiled: bool = True) -> torch.Tensor:

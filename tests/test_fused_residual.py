@@ -250,9 +250,9 @@ def test_model_with_compiled_residual_ops_equals_eager(single_process):
         loss.backward()
         res[fused] = (loss.detach(), [p.grad.clone() for p in model.parameters()])
     model.config.bias_dropout_fusion = False
-    from megatron_prores import fused_residual
+    from megatron_prores import compiled, fused_residual
 
-    assert fused_residual._compiled, "the compiled path was not taken"
+    assert fused_residual._pre_forward in compiled._compiled, "the compiled path was not taken"
     torch.testing.assert_close(res[True][0], res[False][0], rtol=1e-6, atol=0)
     for a, b in zip(res[True][1], res[False][1]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
