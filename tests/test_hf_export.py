@@ -419,6 +419,43 @@ def test_imported_llama_trains_with_its_rope_and_epsilon(single_process, tmp_pat
         assert not torch.allclose(plain, theirs_freq.float(), rtol=1e-3)  # the scaling changes them
 
 
+def test_oldest_claimed_transformers_reads_a_rope_scaled_export(single_process, tmp_path):
+    """A Llama 3.2 (Llama 3 RoPE scaling, factor 32) imported and exported again: transformers
+    4.45.2, which reads the config's ``rope_scaling`` (5 reads ``rope_parameters``), builds the scaled
+    RoPE frequencies transformers 5 built for the original (the plain ones differ by up to 32x; at
+    these 64 positions the logits alone would not show it) and gives its logits."""
+    import json
+
+    from megatron_prores.hf_import import import_llama
+
+    model = saved_llama(tmp_path / "hf", rope_parameters=dict(LLAMA3_SCALING)).eval()
+    import_llama(str(tmp_path / "hf"), str(tmp_path / "ckpt"), seq_length=64, log=lambda *_: None)
+    export(str(tmp_path / "ckpt"), str(tmp_path / "back"), progress=False, log=lambda *_: None)
+    tokens = torch.randint(0, VOCAB, (2, 64), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.save({"tokens": tokens, "logits": model(tokens).logits}, tmp_path / "ref.pt")
+    script = ("import json, sys, torch, transformers\n"
+              "m = transformers.AutoModelForCausalLM.from_pretrained(sys.argv[1], torch_dtype=torch.float32).eval()\n"
+              "ref = torch.load(sys.argv[2])\n"
+              "with torch.no_grad():\n"
+              "    d = (m(ref['tokens']).logits - ref['logits']).abs().max().item()\n"
+              "print(json.dumps({'version': transformers.__version__, 'class': type(m).__name__, "
+              "'inv_freq': m.model.rotary_emb.inv_freq.tolist(), 'logits': d}))\n")
+    target = oldest_transformers()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [target, os.environ.get("PYTHONPATH")])),
+           "HF_HUB_OFFLINE": "1", "PYTHONWARNINGS": "ignore", "TRANSFORMERS_VERBOSITY": "error"}
+    r = subprocess.run([sys.executable, "-c", script, str(tmp_path / "back"), str(tmp_path / "ref.pt")],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert (got["version"], got["class"]) == (OLDEST_TRANSFORMERS, "LlamaForCausalLM")
+    theirs = model.model.rotary_emb.inv_freq.float()
+    assert torch.allclose(torch.tensor(got["inv_freq"]), theirs, rtol=1e-6, atol=0)
+    plain = 1.0 / (500000.0 ** (torch.arange(0, 16, 2, dtype=torch.float32) / 16))
+    assert not torch.allclose(plain, theirs, rtol=1e-3)  # the scaling changes them
+    assert got["logits"] < 1e-4, got["logits"]
+
+
 def test_exported_tokenizer_encodes_like_the_training_tokenizer(single_process, tmp_path):
     from megatron_prores.tokenizer import build_tokenizer
 
