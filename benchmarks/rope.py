@@ -1,5 +1,5 @@
 """RoPE of one layer's queries and keys, forward + backward: megatron-core's eager RoPE against the
-fused one (megatron_prores.fused_rope, what --rope-fusion, the default, runs on GPUs without TE).
+fused one (megatron_prores.fused_rope: what runs on GPUs without TE unless --no-rope-fusion).
 
     python benchmarks/rope.py                     # GPU: the 1.3B layout, bf16; CPU: a small shape, fp32
     python benchmarks/rope.py --micro-batch-size 4 --steps 50
