@@ -56,7 +56,7 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, keep going whatev
 }
 
 stage env 60 python3 benchmarks/gpu/env_probe.py --out "$out" "${toy[@]}"
-stage tests 130 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py --junitxml="$out/gpu-tests.xml"
+stage tests 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py --junitxml="$out/gpu-tests.xml"
 stage driver-resume 200 python3 benchmarks/gpu/driver_resume.py --out "$out" "${toy[@]}"
 stage rope 60 python3 benchmarks/rope.py --out /tmp/rope-results  # its table goes to check.log
 export STEP_TIME_PROFILE=1
