@@ -84,7 +84,7 @@ def _counted_in(flags: dict) -> str:
     return f"steps of {flags['global_batch_size']} samples"
 
 
-def _recounted_schedule(saved: dict, now: dict, changed: list, iteration: int) -> Optional[str]:
+def _recounted_schedule(saved: dict, now: dict, changed: list, iteration: int) -> str:
     """A resume whose schedule lengths count other samples than the checkpoint's (the training
     length in the other unit, --train-iters <-> --train-samples, or another global batch with
     --override-data-flags): compared in samples, as megatron's scheduler counts them. '' when the

@@ -216,12 +216,12 @@ class Trainer:
         self.lock = RunLock(a.save) if a.save else None
         if self.lock is not None:
             self._say(resume.on_rank0(self.lock.acquire))
-        finetune, self._finetune_step_asked, how = a.finetune, None, resume.ckpt_step
+        finetune, asked, how = a.finetune, None, resume.ckpt_step
         if finetune:
             requeued = resume.on_rank0(lambda: resume.finetune_resumes(a))
             if requeued:  # the fine-tuning run's own checkpoints, as any resume (flags checked)
                 self._say(requeued)
-                self._finetune_step_asked = a.ckpt_step  # --ckpt-step still names the source's iteration
+                asked = a.ckpt_step  # --ckpt-step still names the source's iteration
                 own = shlex.quote(a.save)
                 how = lambda it: f"--load {own} --ckpt-step {it} and without --finetune (it stays this fine-tuning run)"  # noqa: E731
                 a.load, a.ckpt_step, finetune = a.save, None, False
@@ -231,7 +231,7 @@ class Trainer:
                 self._say(f"no checkpoint under {a.load} yet: starting a new run")
             return
         directory, iteration = start
-        common = resume.on_rank0(lambda: self._checked_common(directory, iteration, finetune, how))
+        common = resume.on_rank0(lambda: self._checked_common(directory, iteration, finetune, how, asked))
         if finetune:
             self.run_flags["finetune_step"] = iteration
             checkpointing.load_checkpoint(directory, self.model, self.optimizer, None, self.arch, common,
@@ -256,8 +256,8 @@ class Trainer:
                 if wsd:
                     self.scheduler.wsd_decay_steps = wsd
                     self.scheduler.lr_wsd_decay_style = saved["lr_wsd_decay_style"]
-        saved_world = (common.get("run_flags") or {}).get("world_size")
-        same_ranks = self._same_ranks(common.get("run_flags"))
+        saved_world = saved.get("world_size")
+        same_ranks = self._same_ranks(saved)
         loaded = checkpointing.load_checkpoint(directory, self.model, self.optimizer, self.scheduler, self.arch,
                                                common, load_optim=not a.no_load_optim,
                                                load_rng=same_ranks and not a.no_load_rng)
@@ -274,17 +274,18 @@ class Trainer:
         if a.no_load_optim and "optimizer" in common:
             self._say("--no-load-optim: the Adam state starts fresh (moments zero) at this iteration")
         if saved_world is not None and not same_ranks and not a.no_load_rng:
-            saved_layout = (common.get("run_flags") or {}).get("layout")
+            saved_layout = saved.get("layout")
             self._say(f"the checkpoint was written by {saved_world} processes"
                       + (f" ({_layout_text(saved_layout)})" if saved_layout else "")
                       + f", this run has {self.world} ({_layout_text(self._layout())}): RNG states start from "
                       f"--seed (dropout masks differ from an uninterrupted run)")
 
     def _checked_common(self, directory: str, iteration: int, finetune: bool = False,
-                        how: Optional[Callable] = None) -> dict:
+                        how: Optional[Callable] = None, asked: Optional[int] = None) -> dict:
         """Rank 0: verify every file of the checkpoint, read its common state, check the flags
         (``finetune``: only what the model weights need; ``how``: the flags that resume from an
-        older checkpoint, named when this one is damaged)."""
+        older checkpoint, named when this one is damaged; ``asked``: the source iteration a
+        requeued fine-tuning job names with --ckpt-step)."""
         from megatron_prores import checkpoint_check, mcore_compat, resume
 
         a = self.args
@@ -313,7 +314,7 @@ class Trainer:
                               f"--save for this one" if source else
                               f"--save {a.save!r} holds a run not started with --finetune, not a fine-tuning run of "
                               f"{ft}; choose an empty --save for this one, or resume that run without --finetune")
-        was, asked = (saved or {}).get("finetune_step"), self._finetune_step_asked
+        was = (saved or {}).get("finetune_step")
         if a.finetune and None not in (was, asked) and was != asked:
             raise ConfigError(f"--save {a.save!r} holds a fine-tuning run of {source} iteration {was}, not of "
                               f"iteration {asked} (--ckpt-step); requeue it with --ckpt-step {was}, or choose an "
