@@ -8,6 +8,9 @@ The rest of the project calls these helpers instead of testing versions itself. 
   ``dist_checkpointing.load_common_state_dict``, which both releases provide.
 - 0.19's DDP asks for ``torch.cuda.current_stream()`` at every gradient sync: the CPU runtime
   (``cpu_runtime``) answers it; nothing to do on GPUs.
+- 0.19 builds a layer's MLP through ``MLP.as_mlp_submodule``; a ``ModuleSpec(MLP)`` still works
+  there but is rewrapped with a warning per layer (48 lines for a 48-layer model): ``mlp_spec``
+  gives each release the form it expects.
 And one defect that both have:
 - ``tensor_parallel.CheckpointWithoutOutput(fp8=False)`` sets ``fp8 = fp8 is not None``, i.e. True,
   and its forward then calls Transformer Engine's FP8 state manager: selective recompute of the
@@ -32,6 +35,18 @@ def async_save_kwargs() -> dict:
 def load_common_state(directory: str) -> dict:
     """The common (non-sharded) state of a dist_checkpointing checkpoint, any supported release."""
     return dist_checkpointing.load_common_state_dict(directory)
+
+
+def mlp_spec(submodules):
+    """The MLP entry of a TransformerLayer spec, in the form this megatron-core release builds."""
+    import functools
+
+    from megatron.core.transformer.mlp import MLP
+    from megatron.core.transformer.spec_utils import ModuleSpec
+
+    if hasattr(MLP, "as_mlp_submodule"):
+        return functools.partial(MLP.as_mlp_submodule, submodules=submodules)
+    return ModuleSpec(module=MLP, submodules=submodules)
 
 
 def allow_norm_recompute_without_te() -> None:

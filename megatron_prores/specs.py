@@ -19,7 +19,7 @@ from megatron.core.fusions.fused_bias_dropout import get_bias_dropout_add
 from megatron.core.transformer.attention import SelfAttention, SelfAttentionSubmodules
 from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.identity_op import IdentityOp
-from megatron.core.transformer.mlp import MLP, MLPSubmodules
+from megatron.core.transformer.mlp import MLPSubmodules
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
     TransformerBlockSubmodules,
@@ -30,6 +30,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron_prores.block_styles import STYLES
 from megatron_prores.config import ConfigError, MethodConfig
 from megatron_prores.layer import ProResLayerSubmodules, ProResTransformerLayer
+from megatron_prores.mcore_compat import mlp_spec
 
 _FUSED_NORM_KEYS = {
     "input_layernorm.": "self_attention.linear_qkv.layer_norm_",
@@ -114,7 +115,7 @@ def layer_spec(method: MethodConfig, style: str, impl: str = "local",
             self_attn_bda=get_bias_dropout_add,  # replaced by the layer's residual op
             post_self_attn_layernorm=norm_post,
             pre_mlp_layernorm=norm_in,
-            mlp=ModuleSpec(module=MLP, submodules=MLPSubmodules(linear_fc1=input_linear, linear_fc2=m.row)),
+            mlp=mlp_spec(MLPSubmodules(linear_fc1=input_linear, linear_fc2=m.row)),
             mlp_bda=get_bias_dropout_add,
             post_mlp_layernorm=norm_post,
             sharded_state_dict_keys_map=dict(_FUSED_NORM_KEYS) if map_keys else {},

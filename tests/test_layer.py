@@ -167,3 +167,19 @@ def test_init_methods_rescale_the_normal_init_exactly(single_process):
         torch.testing.assert_close(qn[:, 3], q0[:, 3] * bgain, rtol=1e-15, atol=0)
         for name in ("self_attention.linear_proj.weight", "mlp.linear_fc1.weight", "mlp.linear_fc2.weight"):
             torch.testing.assert_close(w(n0, name), w(b0, name) * bgain, rtol=1e-15, atol=0)
+
+
+def test_the_mlp_spec_is_built_as_is_without_a_warning_per_layer(single_process, caplog):
+    """megatron-core 0.19 rewraps a ModuleSpec(MLP) with one warning per layer (48 lines for a
+    48-layer model); the spec must take the form each release builds directly."""
+    from megatron.core.tensor_parallel.layers import ColumnParallelLinear, RowParallelLinear
+    from megatron.core.transformer.mlp import MLP
+
+    caplog.set_level("WARNING")
+    model = build("mix", gpas=True)
+    warnings = [r.getMessage() for r in caplog.records if "mlp" in r.getMessage().lower()]
+    assert warnings == []
+    for layer in model.decoder.layers:
+        assert type(layer.mlp) is MLP
+        assert type(layer.mlp.linear_fc1) is ColumnParallelLinear and type(layer.mlp.linear_fc2) is RowParallelLinear
+        assert tuple(layer.mlp.linear_fc1.weight.shape) == (2 * 48, H)  # SwiGLU: gate and up
