@@ -264,6 +264,26 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-exp-name", default=None, help="the wandb run's name (default: wandb's)")
     g.add_argument("--wandb-save-dir", default=None,
                    help="where wandb keeps its files (default: SAVE/wandb, else ./wandb)")
+    g = p.add_argument_group("profiling and the host (Megatron-LM's flags)")
+    g.add_argument("--profile", action="store_true",
+                   help="profile steps --profile-step-start .. --profile-step-end - 1: for Nsight Systems "
+                        "(cudaProfilerStart/Stop and NVTX ranges; run under nsys profile "
+                        "--capture-range=cudaProfilerApi), or with --use-pytorch-profiler")
+    g.add_argument("--use-pytorch-profiler", action="store_true",
+                   help="--profile with torch.profiler: a trace per rank in TENSORBOARD_DIR/../torch_profile "
+                        "(./torch_profile without --tensorboard-dir) and the top operators in the log")
+    g.add_argument("--profile-step-start", type=int, default=10, help="first profiled step (0-based)")
+    g.add_argument("--profile-step-end", type=int, default=12, help="the step after the last profiled one")
+    g.add_argument("--profile-ranks", type=int, nargs="+", default=[0], metavar="RANK",
+                   help="the global ranks that profile (default: 0)")
+    g.add_argument("--manual-gc", action="store_true",
+                   help="turn Python's automatic garbage collector off; collect on every rank at the same "
+                        "steps (--manual-gc-interval) and around evaluation")
+    g.add_argument("--manual-gc-interval", type=int, default=0,
+                   help="with --manual-gc: collect after every N-th step (0: not during training)")
+    g.add_argument("--no-manual-gc-eval", dest="manual_gc_eval", action="store_false",
+                   help="with --manual-gc: do not collect before and after each evaluation")
+
     g = p.add_argument_group("Megatron-LM flags that state what this model always is (accepted, no effect)")
     for flag, what in MEGATRON_STATEMENTS.items():
         g.add_argument(flag, action="store_true", help=what)
@@ -391,6 +411,7 @@ def check_args(args, this_machine: bool = True) -> None:
     if args.ddp_bucket_size is not None:
         need(args.overlap_grad_reduce, "--ddp-bucket-size needs --overlap-grad-reduce (without it, all gradients "
                                        "are reduced at once after backward)")
+    _check_profiling(args, this_machine)
     _check_wandb(args, this_machine)
     if args.bf16 and this_machine:
         need(torch.cuda.is_available(), "--bf16 needs a GPU; the CPU path trains in fp32 (drop --bf16)")
@@ -468,6 +489,26 @@ def schedule_samples(args) -> dict:
     return schedule_in_samples(run_flags(args))
 
 
+def _check_profiling(args, this_machine: bool) -> None:
+    if args.use_pytorch_profiler and not args.profile:
+        raise ConfigError("--use-pytorch-profiler is a way of --profile: add --profile")
+    if (args.manual_gc_interval or not args.manual_gc_eval) and not args.manual_gc:
+        raise ConfigError("--manual-gc-interval and --no-manual-gc-eval set --manual-gc's collections: add --manual-gc")
+    if not args.profile:
+        return
+    if args.profile_step_end <= args.profile_step_start:
+        raise ConfigError(f"--profile-step-end {args.profile_step_end} must be after --profile-step-start "
+                          f"{args.profile_step_start} (it is the step after the last profiled one)")
+    if args.profile_step_end > args.train_iters:
+        raise ConfigError(f"--profile-step-end {args.profile_step_end} is past the run's end (--train-iters "
+                          f"{args.train_iters}): the profile would never be written; lower it")
+    if any(r < 0 for r in args.profile_ranks):
+        raise ConfigError(f"--profile-ranks {' '.join(map(str, args.profile_ranks))}: ranks are >= 0")
+    if this_machine and not args.use_pytorch_profiler and not torch.cuda.is_available():
+        raise ConfigError("--profile without --use-pytorch-profiler marks the steps for Nsight Systems, which "
+                          "needs a GPU; on this machine add --use-pytorch-profiler")
+
+
 def _check_wandb(args, this_machine: bool) -> None:
     """The --wandb-* flags need --wandb-project and (on this machine) the wandb package, an
     optional extra."""
@@ -518,6 +559,8 @@ _RANGES = (
     ("exit_duration_in_mins", lambda v: v > 0, "positive"),
     ("exit_interval", lambda v: v > 0, "positive"),
     ("prores_warmup_steps", lambda v: v >= 0, ">= 0"),
+    ("profile_step_start", lambda v: v >= 0, ">= 0"),
+    ("manual_gc_interval", lambda v: v >= 0, ">= 0 (0: no collection during training)"),
 )
 
 
@@ -587,6 +630,9 @@ def check_layout(args, cfg: ModelConfig, world: int) -> tuple:
         raise ConfigError(f"--global-batch-size {args.global_batch_size} is not divisible by "
                           f"--micro-batch-size {args.micro_batch_size} x data-parallel size {dp}")
     num_micro = args.global_batch_size // (args.micro_batch_size * dp)
+    if args.profile and max(args.profile_ranks) >= world:
+        raise ConfigError(f"--profile-ranks {' '.join(map(str, args.profile_ranks))}: this run of {world} "
+                          f"process(es) has ranks 0..{world - 1}")
     if cfg.fp8_format is not None:
         shards = cfg.context_parallel_size * (cfg.tensor_model_parallel_size if cfg.sequence_parallel else 1)
         tokens = cfg.seq_length // shards * args.micro_batch_size

@@ -1,5 +1,5 @@
 """The Trainer: built from the parsed flags, it owns the model chunks, optimizer, data and the
-parts (metrics, evaluation, checkpointing, exit policy); ``train_step`` is the one training step
+parts (metrics, evaluation, checkpointing, exit policy, profiler, host GC); ``train_step`` is the one training step
 that the driver, the tests and the benchmarks all run.
 
 A step (``train_step``): set the ProRes step, forward/backward over the microbatches (megatron's
@@ -22,7 +22,9 @@ import torch
 import torch.distributed as dist
 
 from megatron_prores.config import ConfigError
+from megatron_prores.host_gc import ManualGC
 from megatron_prores.metrics import MetricsLogger, SpikeScore, StreamRMS
+from megatron_prores.profiling import StepProfiler
 
 
 @dataclass
@@ -118,7 +120,7 @@ class Trainer:
 
         self.args = args
         self.exit = exit_policy or ExitPolicy(args)  # first: a signal during set-up is kept
-        self.lock = self.checkpointer = None
+        self.lock = self.checkpointer = self.profiler = self.host_gc = None
         try:
             self._configure()
             self._build_model()
@@ -399,6 +401,8 @@ class Trainer:
                                      block_group=ps.get_pipeline_model_parallel_group() if first_of_stage else None)
         self.stream_rms = StreamRMS(self.model)
         self.checkpointer = Checkpointer(a, self.arch, self.export_config, self.run_flags)
+        self.profiler = StepProfiler(a, dist.get_rank(), self.device.type == "cuda")
+        self.host_gc = ManualGC(a.manual_gc, a.manual_gc_interval, a.manual_gc_eval)  # last: after the set-up
 
     # ---- the step -------------------------------------------------------------------------
     def forward_step(self, data_iterator, chunk):
@@ -503,7 +507,7 @@ class Trainer:
             m.eval()
         losses = {}
         main = [(None, self.valid_ds)] if self.valid_ds is not None else []  # none with a 0 share in --split
-        with self.whole_params():
+        with self.whole_params(), self.host_gc.evaluation():
             for name, dataset in main + self.named_valid_sets:
                 iterator = self.chunk_iterators(dataset, 0)  # the same first samples at every evaluation
                 with torch.no_grad():
@@ -530,8 +534,12 @@ class Trainer:
             return 0
         nonfinite_in_a_row = 0
         while s.iteration < a.train_iters:
-            logging = (s.iteration + 1) % a.log_interval == 0 or s.iteration + 1 == a.train_iters
-            r = self.train_step(s.iteration, measure=logging)
+            step = s.iteration
+            logging = (step + 1) % a.log_interval == 0 or step + 1 == a.train_iters
+            self.profiler.before_step(step)
+            r = self.train_step(step, measure=logging)
+            self.profiler.after_step(step)
+            self.host_gc.after_step(s.iteration)
             nonfinite_in_a_row = 0 if r.finite else nonfinite_in_a_row + 1
             if not r.finite and self._nonfinite_stop(nonfinite_in_a_row):
                 return 3
@@ -592,6 +600,9 @@ class Trainer:
         if exit_code is None:
             exit_code = 1 if sys.exc_info()[0] is not None else 0  # called while an exception propagates
         try:
+            for part in (self.profiler, self.host_gc):
+                if part is not None:
+                    part.close()
             if self.checkpointer is not None and self.checkpointer.saver is not None:
                 self.checkpointer.saver.close()
             if self.lock is not None:

@@ -339,3 +339,32 @@ def test_forward_step_has_no_host_sync(single_process, tmp_path):
         assert torch.isfinite(loss).item()
     finally:
         trainer.close()
+
+
+@needs_cuda
+def test_profile_on_gpu_records_kernels_and_marks_nsight_window(single_process, tmp_path, capsys):
+    """CPU counterpart: test_profile_and_gc (the window, the resumed window, the table)."""
+    import gzip
+    import json
+
+    from megatron_prores.arguments import parse_args
+    from megatron_prores.trainer import Trainer
+
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+            "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--mock-data",
+            "--vocab-size", "128", "--eval-iters", "0", "--bf16", "--train-iters", "4", "--gpas",
+            "--prores-schedule", "linear", "--prores-warmup-steps", "10",
+            "--profile", "--profile-step-start", "1", "--profile-step-end", "3"]
+    for extra in (["--use-pytorch-profiler", "--tensorboard-dir", str(tmp_path / "tb")], []):  # torch / Nsight
+        t = Trainer(parse_args(base + extra))
+        try:
+            assert t.train() == 0
+        finally:
+            t.close(0)
+    with gzip.open(tmp_path / "torch_profile" / "rank-0.json.gz") as f:
+        events = json.load(f)["traceEvents"]
+    assert sorted(e["name"] for e in events if e.get("name", "").startswith("training step")) == [
+        "training step 1", "training step 2"]
+    assert sum(1 for e in events if e.get("cat") == "kernel") > 50  # CUDA kernels, not only host ops
+    out = capsys.readouterr().out
+    assert "operators with the most device self time" in out
