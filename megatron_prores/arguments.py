@@ -400,8 +400,10 @@ def check_args(args, this_machine: bool = True) -> None:
         need(args.load, "--finetune needs --load DIR (the checkpoint whose weights start the new run)")
         need(not args.save or os.path.realpath(args.save) != os.path.realpath(args.load),
              f"--finetune starts a new run at iteration 0: give it a --save other than --load ({args.load})")
-    if args.save_interval is not None:
-        need(args.save, "--save-interval needs --save DIR")
+    for flag in ("save_interval", "exit_interval", "exit_duration_in_mins", "exit_signal_handler", "async_save"):
+        if getattr(args, flag):  # a stop or a save with nowhere to save: the steps trained would be lost
+            need(args.save, f"--{flag.replace('_', '-')} needs --save DIR (the run saves there before it stops)"
+                 if "exit" in flag else f"--{flag.replace('_', '-')} needs --save DIR")
     if args.clip_gate_grad > 0:
         need(args.gpas, "--clip-gate-grad needs --gpas")
     if args.overlap_param_gather:

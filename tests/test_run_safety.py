@@ -444,6 +444,12 @@ def test_a_flag_newer_than_the_checkpoint_counts_as_its_value_then():
     ("--overlap-param-gather", None, "--overlap-param-gather needs --use-distributed-optimizer"),
     ("--ddp-bucket-size", "1000", "--ddp-bucket-size needs --overlap-grad-reduce"),
     ("--rotary-base", "-1", "--rotary-base -1.0 is not valid; it must be a positive number"),
+    # a stop or a background save without --save: the trained steps were thrown away with exit 0
+    ("--exit-interval", "2", "--exit-interval needs --save DIR (the run saves there before it stops)"),
+    ("--exit-duration-in-mins", "1", "--exit-duration-in-mins needs --save DIR"),
+    ("--exit-signal-handler", None, "--exit-signal-handler needs --save DIR"),
+    ("--async-save", None, "--async-save needs --save DIR"),
+    ("--save-interval", "2", "--save-interval needs --save DIR"),
 ])
 def test_bad_flag_values(flag, value, message):
     from megatron_prores.arguments import model_config, parse_args
