@@ -181,6 +181,29 @@ def build_validation_set(tokenizer, prefix: str, num_samples: int, *, seq_length
         raise ConfigError(f"cannot build the validation set from --valid-data-path {prefix!r}: {e}") from None
 
 
+def order_fingerprint(dataset, head: int = 4096) -> str:
+    """A digest of the order in which ``dataset`` yields its samples: for each megatron-core
+    GPTDataset under it, the sizes and first ``head`` entries of its document, sample and shuffle
+    indices, and a blend's first choices of dataset. megatron-core shuffles a dataset over as many
+    epochs as the run's length needs (the length it was built for): a run resumed with another
+    length over a dataset smaller than the run gets another order, whose digest differs."""
+    import hashlib
+
+    h = hashlib.sha256()
+    parts = getattr(dataset, "datasets", None)  # a BlendedDataset (--data-path W1 P1 W2 P2 ...)
+    if parts is not None:  # its choice of dataset per sample: the first ones do not depend on its length
+        for name in ("dataset_index", "dataset_sample_index"):
+            h.update(numpy.ascontiguousarray(getattr(dataset, name)[:head]).tobytes())
+    for d in parts if parts is not None else [dataset]:
+        if getattr(d, "shuffle_index", None) is None:
+            d[0]  # megatron-core memory-maps the indices on the first read
+        for name in ("document_index", "sample_index", "shuffle_index"):
+            index = getattr(d, name)
+            h.update(repr(index.shape).encode())
+            h.update(numpy.ascontiguousarray(index[:head]).tobytes())
+    return h.hexdigest()[:16]
+
+
 def batches(dataset, consumed_samples: int, micro_batch_size: int, dp_rank: int,
             dp_size: int) -> Iterator[dict]:
     """Micro batches of this data-parallel rank, from ``consumed_samples`` on, forever (wraps)."""

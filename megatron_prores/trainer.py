@@ -121,6 +121,7 @@ class Trainer:
         self.args = args
         self.exit = exit_policy or ExitPolicy(args)  # first: a signal during set-up is kept
         self.lock = self.checkpointer = self.profiler = self.host_gc = None
+        self.resumed_flags = None  # the run flags of the checkpoint this run resumes (not a --finetune source)
         try:
             self._configure()
             self._build_model()
@@ -244,6 +245,7 @@ class Trainer:
                          f"step-0 value" if a.prores_schedule != "none" else ""))
             return
         saved = common.get("run_flags") or {}
+        self.resumed_flags = saved if "optimizer" in common else None  # an imported model has no data order
         if saved.get("finetune_from"):  # resumed with or without --finetune, it stays a fine-tuning run of its source
             self.run_flags.update(finetune_from=saved["finetune_from"], finetune_step=saved.get("finetune_step"))
         mode = common.pop("_schedule_mode")
@@ -356,9 +358,9 @@ class Trainer:
         a = self.args
         self.dp_rank = ps.get_data_parallel_rank()  # the CP ranks of a replica read the same samples
         self.cp_rank, self.cp_size = ps.get_context_parallel_rank(), ps.get_context_parallel_world_size()
-        eval_runs = (a.train_iters // a.eval_interval + 1) if a.eval_interval else 1
-        sizes = [a.train_iters * a.global_batch_size,
-                 eval_runs * a.eval_iters * a.global_batch_size if a.eval_iters else 0, 0]
+        # every evaluation reads the same first --eval-iters batches: the validation order must not
+        # depend on the run's length (megatron-core shuffles over the epochs the size asks for)
+        sizes = [a.train_iters * a.global_batch_size, a.eval_iters * a.global_batch_size, 0]
         self.train_ds, self.valid_ds, _ = data.build_datasets(
             self.tokenizer, sizes, data_path=a.data_path, split=a.split, seq_length=a.seq_length, seed=a.seed,
             cache_path=a.data_cache_path, mock=a.mock_data, eod_mask_loss=a.eod_mask_loss)
@@ -366,7 +368,23 @@ class Trainer:
             (name, data.build_validation_set(self.tokenizer, prefix, sizes[1], seq_length=a.seq_length, seed=a.seed,
                                              cache_path=a.data_cache_path, eod_mask_loss=a.eod_mask_loss))
             for name, prefix in data.validation_sets(a.valid_data_path)]
+        self._check_data_order(data.order_fingerprint(self.train_ds))
         self.train_iter = self.chunk_iterators(self.train_ds, self.state.consumed_samples)
+
+    def _check_data_order(self, order: str) -> None:
+        """The training samples come in the checkpoint's run's order: megatron-core builds another
+        order when a resume changes the number of samples the run needs (--train-iters or
+        --train-samples) and the dataset is smaller than the run (it shuffles over all epochs)."""
+        a, saved = self.args, self.resumed_flags
+        self.run_flags.update(data_order=order, data_samples=a.train_iters * a.global_batch_size)
+        if not saved or saved.get("data_order") in (None, order) or a.override_data_flags:
+            return
+        raise ConfigError(
+            f"this run's length ({training_length(a)}: {a.train_iters * a.global_batch_size} samples) makes "
+            f"megatron-core shuffle the training data over another number of epochs than the checkpoint's run "
+            f"({saved.get('data_samples')} samples), so its samples would come in another order (repeated or "
+            f"skipped ones); resume with the checkpoint's training length, or give --override-data-flags to "
+            f"accept the new order")
 
     def chunk_iterators(self, dataset, consumed: int):
         """One iterator per model chunk (virtual pipeline stage), each over the same samples:

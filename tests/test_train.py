@@ -622,3 +622,37 @@ def test_bf16_switch_needs_a_fresh_adam_state(tmp_path, single_process):
         assert t.state.iteration == 2 and t.state.adam_steps == 0
     finally:
         t.close(0)
+
+
+def test_a_resume_with_another_length_keeps_the_data_order_or_is_refused(dataset, tmp_path, single_process):
+    """megatron-core shuffles a dataset over as many epochs as the run needs: raising --train-iters
+    at a resume gave another order over a dataset smaller than the run (samples repeated and skipped,
+    silently; found by an adversarial run). Here ~126 training samples of 512 tokens, 8 per step:
+    within the first epoch a longer run continues the order (its losses equal an uninterrupted run's,
+    bitwise); past it, the resume is refused in one line, unless --override-data-flags."""
+    from megatron_prores.arguments import parse_args
+    from megatron_prores.config import ConfigError
+    from megatron_prores.trainer import Trainer
+
+    def make(extra):
+        return Trainer(parse_args(list(map(str, [
+            "--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2", "--seq-length", "512",
+            "--micro-batch-size", "4", "--global-batch-size", "8", "--lr", "1e-3", "--lr-decay-iters", "60",
+            "--data-path", dataset / "c_text_document", "--tokenizer-model", dataset / "tok.model",
+            "--split", "90,10,0", "--eval-iters", "1", "--log-interval", "1"] + extra))))
+
+    train_in_process(make, ["--train-iters", "6", "--save", tmp_path / "whole"])
+    train_in_process(make, ["--train-iters", "4", "--save", tmp_path / "c"])
+    train_in_process(make, ["--train-iters", "6", "--save", tmp_path / "c", "--load", tmp_path / "c"])
+    assert train_state(tmp_path / "c")[1]["train_state"]["losses"] == \
+        train_state(tmp_path / "whole")[1]["train_state"]["losses"]
+    longer = ["--train-iters", "40", "--save", tmp_path / "c", "--load", tmp_path / "c"]  # 320 samples: 3 epochs
+    with pytest.raises(ConfigError, match=r"^this run's length \(--train-iters 40: 320 samples\) makes megatron-core "
+                                          r"shuffle the training data over another number of epochs than the "
+                                          r"checkpoint's run \(48 samples\)"):
+        make(longer).close(0)
+    t = make(longer + ["--override-data-flags", "--exit-interval", "7"])
+    try:
+        assert t.train() == 0 and t.state.iteration == 7
+    finally:
+        t.close(0)
