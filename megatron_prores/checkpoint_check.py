@@ -80,6 +80,9 @@ def safe_torch_load(path: str, what: str):
             return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        if not found:  # not a refused object but bytes that are no pickle (e.g. "Unsupported operand")
+            raise CheckpointDamaged(f"{path} ({what}) is damaged or truncated (not a torch.save file: "
+                                    f"{_weights_only_reason(e)})") from None
         raise UnsafeCheckpoint(f"{path} ({what}) holds objects this project never writes"
                                f"{' (' + found.group(1) + ')' if found else ''}; refusing to load it: "
                                f"use a checkpoint from a source you trust") from None
@@ -105,6 +108,14 @@ def read_index(directory: str):
     if not hasattr(index, "storage_data") or not hasattr(index, "state_dict_metadata"):
         raise CheckpointDamaged(f"{path} is not a torch.distributed.checkpoint index")
     return index
+
+
+def _weights_only_reason(e: BaseException) -> str:
+    """What torch's weights-only unpickler stumbled on (its message starts with general advice)."""
+    lines = [l.strip() for l in str(e).splitlines() if l.strip()]
+    reason = [l for l in lines if not l.startswith(("Weights only load failed", "Please file an issue",
+                                                    "Check the documentation"))]
+    return (reason[0] if reason else _first_line(e))[:160]
 
 
 def _first_line(e: BaseException) -> str:

@@ -102,6 +102,10 @@ CASES = {
                            "rng_rank00000.pt (RNG state) is damaged or truncated"),
     "RNG file deleted": (lambda r: os.remove(r / IT3 / "rng_rank00000.pt"), ["--load", "R", "--save", "R"],
                          "rng_rank00000.pt is missing (written by each of the 1 processes that saved it)"),
+    # bytes that are no pickle at all: damaged (with the way back), not a refused object
+    "RNG file of random bytes": (lambda r: open(r / IT3 / "rng_rank00000.pt", "wb").write(os.urandom(4770)),
+                                 ["--load", "R", "--save", "R"], "rng_rank00000.pt (RNG state) is damaged or truncated "
+                                 "(not a torch.save file: Unsupported operand"),
     "code in the RNG file": (lambda r: _plant_payload(r / IT3 / "rng_rank00000.pt"), ["--load", "R", "--save", "R"],
                              "holds objects this project never writes (posix.system); refusing to load it"),
     "code in .metadata": (lambda r: _plant_payload(r / IT3 / ".metadata"), ["--load", "R", "--save", "R"],
