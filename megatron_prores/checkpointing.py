@@ -140,6 +140,20 @@ def _set_rng_state(state: dict) -> None:
         tracker.set_states({**tracker.get_states(), **state["cuda_tracker"]})
 
 
+def set_adam_hyperparameters(optimizer, betas: tuple, eps: float) -> Optional[dict]:
+    """Give every parameter group of ``optimizer`` (its inner torch/TE Adam, every chained part)
+    these betas and eps; returns the values the groups held before when they differed (a loaded
+    optimizer state brings its run's values, which megatron's scheduler does not manage)."""
+    before = None
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        for g in getattr(getattr(opt, "optimizer", None), "param_groups", []):
+            held = {"betas": tuple(float(b) for b in g["betas"]), "eps": float(g["eps"])}
+            if held != {"betas": tuple(betas), "eps": eps}:
+                before = before or held
+            g["betas"], g["eps"] = tuple(betas), eps
+    return before
+
+
 def _torch_adam_distributed(optimizer) -> list:
     """The DistributedOptimizers among ``optimizer``'s parts whose inner optimizer is torch's
     Adam/AdamW: the fix-ups below are for torch's Adam state only (Transformer Engine's FusedAdam,

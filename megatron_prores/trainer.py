@@ -266,6 +266,12 @@ class Trainer:
                                                common, load_optim=not a.no_load_optim,
                                                load_rng=same_ranks and not a.no_load_rng)
         self.state.load_state_dict(loaded)
+        # Adam's betas and eps came back with the optimizer state: the flags decide (as for a fresh run)
+        betas = (a.adam_beta1, a.adam_beta2)
+        before = checkpointing.set_adam_hyperparameters(self.optimizer, betas, a.adam_eps)
+        if before is not None:
+            self._say(f"Adam from the flags, not the checkpoint: betas {before['betas']} -> {betas}, eps "
+                      f"{before['eps']:g} -> {a.adam_eps:g} (the moments are kept)")
         if mode == "override":  # the loaded optimizer brought its groups' old LR bounds: the flags' instead
             for g in self.optimizer.param_groups:
                 g["max_lr"], g["min_lr"] = a.lr, a.min_lr

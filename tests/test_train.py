@@ -656,3 +656,40 @@ def test_a_resume_with_another_length_keeps_the_data_order_or_is_refused(dataset
         assert t.train() == 0 and t.state.iteration == 7
     finally:
         t.close(0)
+
+
+@pytest.mark.parametrize("optimizer", [[], ["--use-distributed-optimizer"]], ids=["plain", "distributed"])
+def test_adam_flags_given_at_a_resume_apply_from_there(tmp_path, single_process, capsys, optimizer):
+    """--adam-beta1/--adam-beta2/--adam-eps at a resume: the loaded optimizer state brought the
+    checkpoint's values back and the flags were ignored without a word (found by an adversarial
+    run). The flags now apply from the resume on, said in one line: unchanged, the resume is bitwise
+    the uninterrupted run; changed, every group holds the flags' values and the losses after the
+    resume's first update differ while those before it are the same."""
+    from tests.test_recompute import trainer
+
+    flags = ["--train-iters", "6", "--gpas"] + optimizer
+
+    def losses(d):
+        return train_state(d)[1]["train_state"]["losses"]
+
+    train_in_process(trainer, flags + ["--save", tmp_path / "whole"])
+    train_in_process(trainer, flags + ["--save", tmp_path / "a", "--exit-interval", "3"])
+    shutil.copytree(tmp_path / "a", tmp_path / "b")
+    capsys.readouterr()
+    train_in_process(trainer, flags + ["--save", tmp_path / "a", "--load", tmp_path / "a"])
+    assert "Adam from the flags" not in capsys.readouterr().out
+    assert losses(tmp_path / "a") == losses(tmp_path / "whole")
+    t = trainer(flags + ["--save", tmp_path / "b", "--load", tmp_path / "b", "--adam-eps", "1e-3",
+                         "--adam-beta2", "0.9"])
+    try:
+        groups = [g for opt in getattr(t.optimizer, "chained_optimizers", [t.optimizer])
+                  for g in opt.optimizer.param_groups]
+        assert groups and all(g["betas"] == (0.9, 0.9) and g["eps"] == 1e-3 for g in groups)
+        assert ("Adam from the flags, not the checkpoint: betas (0.9, 0.95) -> (0.9, 0.9), eps 1e-08 -> 0.001 "
+                "(the moments are kept)") in capsys.readouterr().out
+        assert t.train() == 0
+    finally:
+        t.close(0)
+    changed, whole = losses(tmp_path / "b"), losses(tmp_path / "whole")
+    # step 4's loss is computed with the weights of step 3, before the first update with the new values
+    assert changed[:4] == whole[:4] and all(x != y for x, y in zip(changed[4:], whole[4:]))
