@@ -213,6 +213,31 @@ def finetune_resumes(args) -> Optional[str]:
             f"this fine-tuning run ({args.load} is not read again)")
 
 
+def check_rewind(load: str, step: int) -> Optional[str]:
+    """--ckpt-step STEP older than --load's latest checkpoint: the line that says so; refused when
+    the latest checkpoint already continues a run resumed from STEP (a requeued job that kept
+    --ckpt-step in its command would go back to STEP at every requeue and overwrite what it trained
+    since). A damaged latest checkpoint is what going back is for: no refusal."""
+    from megatron_prores import mcore_compat
+
+    latest = checkpoint_check.read_latest(load)
+    if latest is None or latest <= step:
+        return None
+    newest = os.path.join(load, f"iter_{latest:07d}")
+    try:
+        checkpoint_check.verify(newest, None)
+        flags = mcore_compat.load_common_state(newest).get("run_flags") or {}
+    except (CheckpointDamaged, checkpoint_check.UnsafeCheckpoint):
+        return f"--ckpt-step {step}: going back from the latest checkpoint {latest}, which is damaged"
+    if flags.get("rewound_to") == step:
+        raise ConfigError(f"--ckpt-step {step}: the latest checkpoint (iteration {latest}) already continues the run "
+                          f"resumed from iteration {step}; going back again would overwrite iterations {step + 1}-"
+                          f"{latest}. Drop --ckpt-step to resume from {latest} (a requeued job keeps its command: "
+                          f"take --ckpt-step out of the job script)")
+    return (f"--ckpt-step {step}: going back from the latest checkpoint ({latest}); the run overwrites the "
+            f"checkpoints after {step} as it passes them")
+
+
 def verify_or_hint(directory: str, iteration: int, world_size: Optional[int] = None,
                    only_rng: bool = False, how: Callable = ckpt_step) -> None:
     """checkpoint_check.verify (``only_rng``: just the RNG files of ``world_size`` processes), with

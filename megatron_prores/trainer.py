@@ -235,6 +235,9 @@ class Trainer:
             return
         directory, iteration = start
         common = resume.on_rank0(lambda: self._checked_common(directory, iteration, finetune, how, asked))
+        if a.ckpt_step is not None and not finetune:  # a run taken back to an older checkpoint
+            self._say(resume.on_rank0(lambda: resume.check_rewind(a.load, iteration)))
+            self.run_flags["rewound_to"] = iteration
         if finetune:
             self.run_flags["finetune_step"] = iteration
             checkpointing.load_checkpoint(directory, self.model, self.optimizer, None, self.arch, common,
@@ -248,6 +251,8 @@ class Trainer:
         self.resumed_flags = saved if "optimizer" in common else None  # an imported model has no data order
         if saved.get("finetune_from"):  # resumed with or without --finetune, it stays a fine-tuning run of its source
             self.run_flags.update(finetune_from=saved["finetune_from"], finetune_step=saved.get("finetune_step"))
+        if self.run_flags.get("rewound_to") is None:  # its later checkpoints still continue that rewind
+            self.run_flags["rewound_to"] = saved.get("rewound_to")
         mode = common.pop("_schedule_mode")
         if mode == "override":
             self.scheduler.override_opt_param_scheduler = True

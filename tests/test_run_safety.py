@@ -188,6 +188,37 @@ def test_the_latest_checkpoint_resumes_bitwise_and_a_finished_run_does_nothing(r
     assert snapshot(r) == before
 
 
+def test_a_run_taken_back_with_ckpt_step_is_not_taken_back_again_by_its_requeue(run_dir, tmp_path, single_process,
+                                                                                 capsys):
+    """--ckpt-step N older than the latest checkpoint takes the run back to N (said in one line) and
+    trains on bitwise as before. A requeued job keeps its command: with --ckpt-step N still in it,
+    every requeue went back to N and overwrote what the run had trained since (found by an
+    adversarial run); the checkpoints of a run taken back record it, and the same --ckpt-step is then
+    refused in one line; without it the run resumes from its latest."""
+    from megatron_prores.train import main
+
+    r = tmp_path / "run"
+    shutil.copytree(run_dir, r)
+    _, ref = train_state(r)
+    cmd = list(map(str, TINY + ["--train-iters", "3", "--save-interval", "1", "--load", r, "--save", r]))
+    capsys.readouterr()
+    assert main(cmd + ["--ckpt-step", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "--ckpt-step 1: going back from the latest checkpoint (3); the run overwrites the checkpoints after 1" in out
+    _, got = train_state(r)
+    assert got["train_state"]["losses"] == ref["train_state"]["losses"]  # iterations 2 and 3 again, bitwise
+    before = snapshot(r)
+    assert main(cmd + ["--ckpt-step", "1"]) == 2  # the requeue with the same command
+    errors = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert errors == ["error: --ckpt-step 1: the latest checkpoint (iteration 3) already continues the run resumed "
+                      "from iteration 1; going back again would overwrite iterations 2-3. Drop --ckpt-step to resume "
+                      "from 3 (a requeued job keeps its command: take --ckpt-step out of the job script)"]
+    assert snapshot(r) == before
+    assert main(cmd) == 0 and "already trained to iteration 3" in capsys.readouterr().out
+    assert main(cmd + ["--ckpt-step", "2"]) == 0  # another step back is a new decision: allowed
+    assert "--ckpt-step 2: going back from the latest checkpoint (3)" in capsys.readouterr().out
+
+
 def _cosine_lr(lr, min_lr, step, decay):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * step / decay))
 
