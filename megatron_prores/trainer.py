@@ -32,7 +32,8 @@ class TrainState:
     """Progress that a checkpoint carries: iteration, samples consumed, skipped steps, the optimizer
     steps the Adam state has taken (0 again after a fresh Adam state: --no-load-optim, a model-only
     checkpoint), the loss history the spike score needs (bounded), the run's wandb run id (a
-    requeued job continues it)."""
+    requeued job continues it), the losses of the log window under way (the first line after a
+    resume averages the same steps as the uninterrupted run's)."""
 
     iteration: int = 0
     consumed_samples: int = 0
@@ -40,9 +41,11 @@ class TrainState:
     adam_steps: int = 0
     spike: SpikeScore = field(default_factory=lambda: SpikeScore(0))
     wandb_run_id: Optional[str] = None
+    log_window: tuple = (0.0, 0)  # lm-loss sum and count of the steps since the last log line
 
     def state_dict(self) -> dict:
         return dict(consumed_samples=self.consumed_samples, skipped_iters=self.skipped_iters, adam_steps=self.adam_steps,
+                    log_window=list(self.log_window),
                     **self.spike.state_dict(), **({"wandb_run_id": self.wandb_run_id} if self.wandb_run_id else {}))
 
     def load_state_dict(self, state: dict) -> None:
@@ -52,6 +55,7 @@ class TrainState:
         self.adam_steps = int(state.get("adam_steps", self.iteration - self.skipped_iters))  # older: derived
         self.spike.load_state_dict(state)
         self.wandb_run_id = state.get("wandb_run_id")
+        self.log_window = tuple(state.get("log_window", (0.0, 0)))
 
 
 @dataclass
@@ -87,6 +91,7 @@ class Checkpointer:
             trainer._say(f"not saving at iteration {it}: its step was skipped (non-finite loss or gradient); "
                          f"the latest checkpoint stays the last good one")
             return True
+        trainer.state.log_window = (trainer.metrics.loss_sum, trainer.metrics.loss_n)  # the next log line's part
         with trainer.whole_params():
             return self._save(trainer, t0, it)
 
@@ -428,6 +433,7 @@ class Trainer:
                                      wandb_run_id=self.state.wandb_run_id if a.wandb_project else None,
                                      wandb_here=is_last and first_of_stage,
                                      block_group=ps.get_pipeline_model_parallel_group() if first_of_stage else None)
+        self.metrics.loss_sum, self.metrics.loss_n = self.state.log_window  # a resume's first line: the whole window
         self.stream_rms = StreamRMS(self.model)
         self.checkpointer = Checkpointer(a, self.arch, self.export_config, self.run_flags)
         self.profiler = StepProfiler(a, dist.get_rank(), self.device.type == "cuda")

@@ -693,3 +693,27 @@ def test_adam_flags_given_at_a_resume_apply_from_there(tmp_path, single_process,
     changed, whole = losses(tmp_path / "b"), losses(tmp_path / "whole")
     # step 4's loss is computed with the weights of step 3, before the first update with the new values
     assert changed[:4] == whole[:4] and all(x != y for x, y in zip(changed[4:], whole[4:]))
+
+
+def test_the_first_log_line_after_a_resume_averages_the_whole_window(tmp_path, single_process, capsys):
+    """With --log-interval 3 a run stopped at 5 and resumed logged at 6 the loss of step 6 alone,
+    where the uninterrupted run logs the mean of steps 4-6 (found by an adversarial run): the window
+    under way is checkpointed. Every logged loss of the resumed run equals the uninterrupted run's."""
+    import re
+
+    from tests.test_recompute import trainer
+
+    flags = ["--train-iters", "9", "--log-interval", "3", "--gpas"]
+
+    def logged(out):
+        return dict(re.findall(r"iteration\s+(\d+)/\s*\d+ \|.*?lm loss: (\S+)", out))
+
+    capsys.readouterr()
+    train_in_process(trainer, flags + ["--save", tmp_path / "whole"])
+    whole = logged(capsys.readouterr().out)
+    train_in_process(trainer, flags + ["--save", tmp_path / "a", "--exit-interval", "5"])
+    first = logged(capsys.readouterr().out)
+    train_in_process(trainer, flags + ["--save", tmp_path / "a", "--load", tmp_path / "a"])
+    second = logged(capsys.readouterr().out)
+    assert sorted(whole) == ["3", "6", "9"] and sorted(first) == ["3"] and sorted(second) == ["6", "9"]
+    assert second == {k: whole[k] for k in ("6", "9")} and first["3"] == whole["3"]
