@@ -241,7 +241,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write checkpoints in a background process while training goes on; a checkpoint "
                         "becomes the latest only once every rank has finished writing it")
     g.add_argument("--exit-signal-handler", action="store_true",
-                   help="SIGTERM/SIGUSR1: save at the next step boundary and exit 0")
+                   help="SIGTERM/SIGUSR1 or a first Ctrl-C: save at the next step boundary and exit 0")
     g.add_argument("--exit-duration-in-mins", type=float, default=None,
                    help="save and exit 0 once the run has lasted this long")
     g.add_argument("--exit-interval", type=int, default=None,

@@ -13,18 +13,27 @@ from megatron_prores import early_signals
 
 
 class ExitRequest:
-    """SIGTERM/SIGUSR1 (SLURM preemption, --signal) -> save at the next step boundary, exit 0."""
+    """SIGTERM/SIGUSR1 (SLURM preemption, --signal) and a first Ctrl-C (SIGINT) -> save at the next
+    step boundary, exit 0; a second Ctrl-C stops at once (KeyboardInterrupt)."""
 
     def __init__(self, enabled: bool):
         self.received = enabled and bool(early_signals.received)
         if enabled:
             for sig in (signal.SIGTERM, signal.SIGUSR1):
                 signal.signal(sig, self._handler)
+            signal.signal(signal.SIGINT, self._interrupt)
         elif signal.getsignal(signal.SIGUSR1) is not signal.SIG_DFL:
             signal.signal(signal.SIGUSR1, signal.SIG_DFL)
 
     def _handler(self, signum, frame):
         self.received = True
+
+    def _interrupt(self, signum, frame):
+        if self.received:
+            raise KeyboardInterrupt
+        self.received = True
+        print("Ctrl-C: saving at the end of this step, then exiting (Ctrl-C again stops at once, unsaved)",
+              flush=True)
 
     def any_rank(self) -> bool:
         flag = torch.tensor([1.0 if self.received else 0.0])

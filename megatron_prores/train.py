@@ -44,6 +44,13 @@ def main(argv=None) -> int:
         if rank_and_world()[0] == 0:  # one line, from one rank
             print(f"error: {e}", file=sys.stderr, flush=True)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C without --exit-signal-handler (or twice): one line, not a traceback
+        from megatron_prores.parallel import rank_and_world
+
+        if rank_and_world()[0] == 0:
+            print("interrupted (Ctrl-C): stopped without saving; the latest checkpoint is the last one written "
+                  "(with --exit-signal-handler a first Ctrl-C saves, then exits)", file=sys.stderr, flush=True)
+        return 130
 
 
 def cli():

@@ -117,7 +117,7 @@ def test_resume_after_sigkill_is_bitwise(tmp_path):
     assert_same_weights(tmp_path / "full", tmp_path / "killed")
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_signal_saves_at_step_boundary_and_exits_0(tmp_path, sig):
     args = BASE + ["--train-iters", "200", "--save", tmp_path / "c", "--exit-signal-handler"]
     p = launch(args)
@@ -129,6 +129,20 @@ def test_signal_saves_at_step_boundary_and_exits_0(tmp_path, sig):
     it, state = train_state(tmp_path / "c")
     assert 3 <= it < 200 and state["train_state"]["consumed_samples"] == 8 * it
     assert len(state["train_state"]["losses"]) == it
+
+
+def test_ctrl_c_without_the_handler_is_one_line_and_keeps_the_checkpoints(tmp_path):
+    """Ctrl-C without --exit-signal-handler stops at once: one line and exit 130 (it was a 30-line
+    KeyboardInterrupt traceback); the checkpoints written before stay, the latest is complete."""
+    args = BASE + ["--train-iters", "200", "--save", tmp_path / "c", "--save-interval", "2"]
+    p = launch(args, nproc=1)
+    wait_for(p, "iteration        3/")
+    p.send_signal(signal.SIGINT)
+    out = p.communicate(timeout=300)[0]
+    assert p.returncode == 130, out[-3000:]
+    assert "Traceback" not in out and "interrupted (Ctrl-C): stopped without saving" in out, out[-3000:]
+    it, state = train_state(tmp_path / "c")
+    assert it >= 2 and it % 2 == 0 and len(state["train_state"]["losses"]) == it
 
 
 def test_exit_duration_saves_and_exits_0(tmp_path):
