@@ -48,13 +48,25 @@ class RunLock:
         self._thread: Optional[threading.Thread] = None
 
     def _holder(self) -> Optional[dict]:
+        return self._read(self.path)  # {}: being written, or garbage: judged by its age
+
+    @staticmethod
+    def _read(path: str) -> Optional[dict]:
         try:
-            with open(self.path) as f:
+            with open(path) as f:
                 return json.load(f)
         except FileNotFoundError:
             return None
         except (ValueError, OSError):
-            return {}  # being written, or garbage: judged by its age below
+            return {}
+
+    def _put_back(self, moved: str) -> None:
+        """The lock file renamed by mistake goes back, unless a third run created one meanwhile."""
+        try:
+            os.link(moved, self.path)  # never replaces an existing lock
+        except FileExistsError:
+            pass
+        os.remove(moved)
 
     def _stale(self, holder: dict) -> Optional[str]:
         """Why the lock's holder is gone (None: it may be alive)."""
@@ -90,11 +102,15 @@ class RunLock:
                     raise ConfigError(f"--save {os.path.dirname(self.path)!r} is in use by a live run ({who}); "
                                       f"wait for it to end or pick another --save (if that run is gone, "
                                       f"delete {self.path})")
+                moved = f"{self.path}.stale.{os.getpid()}"
                 try:  # only one of several runs that found it stale wins this rename
-                    os.rename(self.path, f"{self.path}.stale.{os.getpid()}")
-                    os.remove(f"{self.path}.stale.{os.getpid()}")
+                    os.rename(self.path, moved)
                 except FileNotFoundError:
                     continue
+                if self._read(moved) != holder:  # another run took the stale lock over meanwhile: its lock, back
+                    self._put_back(moved)
+                    continue  # (judged again: it is alive)
+                os.remove(moved)
                 note = f"took over the lock of a run that is gone ({why})"
                 continue
             with os.fdopen(fd, "w") as f:

@@ -436,6 +436,34 @@ def test_run_lock_stale_and_live_holders(tmp_path, monkeypatch):
         RunLock(str(tmp_path)).acquire()
 
 
+def test_two_runs_that_find_the_same_stale_lock_do_not_both_take_it(tmp_path, monkeypatch):
+    """Run Y judges a dead run's lock stale; before Y renames it away, run X takes it over and
+    writes its own. Y renamed X's fresh lock away and both ran on one --save (found by an
+    adversarial run, with a pause injected). Now Y sees that it moved another lock, puts it back
+    and is refused; X's lock is intact."""
+    from megatron_prores.config import ConfigError
+    from megatron_prores.run_lock import RunLock
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    (tmp_path / ".lock").write_text(json.dumps(dict(host=socket.gethostname(), pid=dead.pid)))
+    x_lock = dict(host="other-node", pid=4242, slurm_job=None)  # run X, alive on another node
+    judge = RunLock._stale
+
+    def judged_then_overtaken(self, holder):
+        why = judge(self, holder)
+        if holder.get("pid") == dead.pid:  # X takes over between Y's judgement and Y's rename
+            os.remove(tmp_path / ".lock")
+            (tmp_path / ".lock").write_text(json.dumps(x_lock))
+        return why
+
+    monkeypatch.setattr(RunLock, "_stale", judged_then_overtaken)
+    with pytest.raises(ConfigError, match="in use by a live run \\(pid 4242 on other-node\\)"):
+        RunLock(str(tmp_path)).acquire()
+    assert json.loads((tmp_path / ".lock").read_text()) == x_lock
+    assert sorted(os.listdir(tmp_path)) == [".lock"]
+
+
 @pytest.mark.stack
 def test_keep_last_n_never_deletes_the_latest(tmp_path, single_process):
     from megatron_prores.checkpointing import _publish, iteration_dir
