@@ -318,12 +318,13 @@ def export(load: str, output: str, iteration: Optional[int] = None, fold: bool =
     tok_kind, tok_path = _tokenizer_source(tokenizer_model, common["model_config"])
     hf_tok = _hf_tokenizer(tok_path, given=bool(tokenizer_model), vocab=cfg.vocab_size) \
         if tok_kind == "HuggingFaceTokenizer" and tok_path else None
-    if hf_tok is not None:
-        model.token_ids = {"bos_token_id": hf_tok.bos, "eos_token_id": hf_tok.eod}
+    sp_tok = _sentencepiece_tokenizer(tok_path, given=bool(tokenizer_model), vocab=cfg.vocab_size) \
+        if tok_kind == "SentencePieceTokenizer" and tok_path else None
+    model.token_ids = _token_ids(hf_tok or sp_tok, tokenizer_model, common["model_config"], cfg.vocab_size)
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
         raise ConfigError(f"--output {output!r} exists and is not an empty directory; give a new directory")
     tmp = output.rstrip("/") + ".tmp"  # renamed to output when complete; removed on any failure
-    _fresh_dir(tmp, output)
+    _fresh_dir(tmp, output, load)
     try:
         do_fold, reason = fold_decision(cfg, model.gates, fold)
         fold_error = None
@@ -364,7 +365,8 @@ def export(load: str, output: str, iteration: Optional[int] = None, fold: bool =
         with open(os.path.join(tmp, "generation_config.json"), "w") as fh:
             json.dump(model.token_ids, fh, indent=2)
 
-        tok_note = _export_tokenizer(tmp, tok_path, tok_kind, hf_tok)
+        tok_note = _export_tokenizer(tmp, tok_path, tok_kind, hf_tok, sp_tok)
+        os.remove(os.path.join(tmp, MARK))
         if os.path.exists(output):
             os.rmdir(output)  # empty (checked above)
         os.replace(tmp, output)
@@ -386,18 +388,29 @@ def export(load: str, output: str, iteration: Optional[int] = None, fold: bool =
     return report
 
 
-def _fresh_dir(tmp: str, output: str) -> None:
-    """An empty ``tmp``; one left by a killed convert is replaced. One line when that fails."""
-    try:
-        if os.path.isdir(tmp) and not os.path.islink(tmp):
+MARK = ".convert-to-hf-in-progress"  # in the .tmp directory while an export writes it
+
+
+def _fresh_dir(tmp: str, output: str, load: str) -> None:
+    """An empty ``tmp`` marked as this tool's; one that a killed export left (it holds the mark) is
+    replaced. Anything else there (the checkpoint being converted, a user's directory) is never
+    removed: one line. One line when that fails."""
+    if os.path.lexists(tmp):
+        real, src = os.path.realpath(tmp), os.path.realpath(load)
+        if src == real or src.startswith(real + os.sep):
+            raise ConfigError(f"--output {output!r} would be written through {tmp!r}, which holds --load {load!r}; "
+                              f"give another --output")
+        if not (os.path.isdir(tmp) and not os.path.islink(tmp) and os.path.isfile(os.path.join(tmp, MARK))):
+            raise ConfigError(f"--output {output!r}: {tmp!r} exists and was not left by this tool; move it away "
+                              f"or give another --output")
+        try:
             shutil.rmtree(tmp)
-        elif os.path.lexists(tmp):
-            os.remove(tmp)
-    except OSError as e:
-        raise ConfigError(f"--output {output!r}: cannot remove {e.filename or tmp}, left by an earlier convert "
-                          f"({e.strerror}); remove it by hand") from None
+        except OSError as e:
+            raise ConfigError(f"--output {output!r}: cannot remove {e.filename or tmp}, left by an earlier convert "
+                              f"({e.strerror}); remove it by hand") from None
     try:
         os.makedirs(tmp)
+        open(os.path.join(tmp, MARK), "w").close()
     except OSError as e:
         raise ConfigError(f"--output {output!r}: cannot create {e.filename or tmp} ({e.strerror}); give --output "
                           f"in a writable directory") from None
@@ -426,6 +439,8 @@ def _tokenizer_source(given: Optional[str], model_config: dict) -> tuple:
     """(tokenizer type, path): --tokenizer-model (its type from the path), else the run's."""
     from megatron_prores.tokenizer import guess_tokenizer_type
 
+    if given == "none":  # the weights alone
+        return None, None
     if given:
         return guess_tokenizer_type(given), given
     return model_config.get("tokenizer_type"), model_config.get("tokenizer_model")
@@ -447,13 +462,63 @@ def _hf_tokenizer(path: str, given: bool, vocab: int):
     return tok
 
 
-def _export_tokenizer(out: str, model: Optional[str], kind: Optional[str], hf_tok=None) -> str:
+def _token_ids(tok, given: Optional[str], model_config: dict, vocab: int) -> dict:
+    """BOS/EOS ids of config.json and generation_config.json: the exported tokenizer's, else (the
+    weights alone) the run's tokenizer's, else the mock data's EOD (NullTokenizer: the last id)."""
+    from megatron_prores.tokenizer import NullTokenizer
+
+    if tok is None:
+        kind, path = _tokenizer_source(None, model_config)
+        try:
+            if kind == "SentencePieceTokenizer" and path:
+                tok = _sentencepiece_tokenizer(path, given=False, vocab=vocab)
+            elif kind == "HuggingFaceTokenizer" and path:
+                tok = _hf_tokenizer(path, given=False, vocab=vocab)
+        except ConfigError:  # the run's tokenizer is not here: the usual Llama ids
+            return dict(DEFAULT_TOKEN_IDS)
+        if tok is None:
+            return {"bos_token_id": None, "eos_token_id": NullTokenizer(vocab).eod} if kind == "NullTokenizer" \
+                else dict(DEFAULT_TOKEN_IDS)
+    if hasattr(tok, "sp"):  # SentencePiece: its own ids (a model may put EOS anywhere)
+        bos = tok.sp.bos_id()
+        return {"bos_token_id": bos if bos >= 0 else None, "eos_token_id": tok.eod}
+    return {"bos_token_id": tok.bos, "eos_token_id": tok.eod}
+
+
+def _sentencepiece_tokenizer(path: str, given: bool, vocab: int):
+    """The training SentencePiece model, loaded and checked against the model's vocabulary."""
+    from megatron_prores.tokenizer import SentencePieceTokenizer
+
+    try:
+        tok = SentencePieceTokenizer(path)
+    except ConfigError as e:
+        if given:
+            raise
+        raise ConfigError(f"the run's tokenizer: {e}; or give --tokenizer-model PATH") from None
+    if tok.vocab_size > vocab:
+        raise ConfigError(f"tokenizer {path!r} has {tok.vocab_size} tokens but the model only {vocab}; give the "
+                          f"tokenizer the run trained with (--tokenizer-model PATH)")
+    return tok
+
+
+def _export_tokenizer(out: str, model: Optional[str], kind: Optional[str], hf_tok=None, sp_tok=None) -> str:
     if kind == "NullTokenizer" or not model:
-        return "no tokenizer exported (the run used NullTokenizer/mock data; give --tokenizer-model to add one)"
+        return "no tokenizer exported (the run used NullTokenizer/mock data, or --tokenizer-model none)"
     if kind == "HuggingFaceTokenizer":
         return _export_hf_tokenizer(out, hf_tok)
-    if not os.path.isfile(model):
-        raise ConfigError(f"tokenizer model {model!r} not found; give --tokenizer-model PATH")
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as alone:  # converted away from config.json, whose custom model
+        note = _export_sentencepiece(alone, model)  # code would make transformers ask to trust it
+        for name in os.listdir(alone):
+            shutil.copy(os.path.join(alone, name), os.path.join(out, name))
+    if "tokenizer.json" in os.listdir(out):
+        _check_exported_tokenizer(out, sp_tok)
+        note += "; ids checked with transformers"
+    return note
+
+
+def _export_sentencepiece(out: str, model: str) -> str:
     shutil.copy(model, os.path.join(out, "tokenizer.model"))
     conf = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
             "bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "legacy": True,
@@ -544,8 +609,12 @@ def _check_exported_tokenizer(out: str, tok) -> bool:
             continue
         got = exported(text)["input_ids"]
         if got != want:
-            raise ConfigError(f"the exported tokenizer encodes {text!r} as {got[:12]}, the training one as "
-                              f"{want[:12]}; export this tokenizer by hand")
-    if exported.eos_token_id != tok.eod:
-        raise ConfigError(f"the exported tokenizer's EOS id is {exported.eos_token_id}, the training EOD {tok.eod}")
+            i = next(k for k in range(max(len(got), len(want))) if got[k:k + 1] != want[k:k + 1])
+            raise ConfigError(f"the exported tokenizer encodes {text!r} as ...{got[i:i + 6]} from token {i}, the "
+                              f"training one as ...{want[i:i + 6]} (transformers converts this tokenizer "
+                              f"differently); export the weights without it (--tokenizer-model none) and this "
+                              f"tokenizer by hand")
+    eod = tok.eod
+    if exported.eos_token_id != eod:
+        raise ConfigError(f"the exported tokenizer's EOS id is {exported.eos_token_id}, the training EOD {eod}")
     return True

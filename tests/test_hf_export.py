@@ -553,6 +553,7 @@ def test_failed_export_leaves_no_tmp_and_a_stale_tmp_is_replaced(small_checkpoin
 
     def killed_convert():
         tmp.mkdir()
+        (tmp / hf_export.MARK).write_bytes(b"")
         (tmp / "model-00001.safetensors.tmp").write_bytes(b"half a shard")
 
     for error in (OSError(errno.ENOSPC, "No space left on device"),
@@ -589,6 +590,76 @@ def test_failed_export_leaves_no_tmp_and_a_stale_tmp_is_replaced(small_checkpoin
     files = sorted(os.listdir(out))
     assert "config.json" in files and "model-00001-of-00001.safetensors" in files
     assert not [f for f in files if f.endswith(".tmp")], files
+
+
+def test_a_tmp_directory_not_left_by_the_tool_is_never_removed(small_checkpoint, tmp_path, capsys):
+    """OUTPUT.tmp was removed whatever it was: --load itself (named run.tmp) was deleted, and so was
+    a user's directory (found by an adversarial run). Only a .tmp holding the tool's mark (a killed
+    export's) is replaced; anything else is refused in one line and left as it is."""
+    import shutil
+
+    run = tmp_path / "run.tmp"
+    shutil.copytree(small_checkpoint, run)
+    before = sorted(os.listdir(run))
+    code, err = convert_to_hf(capsys, "--load", run, "--output", tmp_path / "run")
+    assert code == 2 and err == (f"error: --output '{tmp_path / 'run'}' would be written through '{run}', which "
+                                 f"holds --load '{run}'; give another --output"), err
+    assert sorted(os.listdir(run)) == before
+    notes = tmp_path / "notes.tmp"
+    notes.mkdir()
+    (notes / "a.txt").write_text("precious")
+    code, err = convert_to_hf(capsys, "--load", small_checkpoint, "--output", tmp_path / "notes")
+    assert code == 2 and "'notes.tmp' exists and was not left by this tool" in err.replace(str(tmp_path) + "/", ""), err
+    assert (notes / "a.txt").read_text() == "precious"
+
+
+def test_sentencepiece_tokenizers_are_checked_and_their_ids_exported(single_process, tmp_path, capsys):
+    """A unigram SentencePiece model (train_tokenizer --model-type unigram) was exported as a BPE
+    tokenizer.json with other ids, a tokenizer larger than the model and a file that is no model were
+    accepted or failed late, and generation_config.json said BOS 1 / EOS 2 whatever the tokenizer
+    (found by an adversarial run). Now: the unigram one is refused in one line naming
+    --tokenizer-model none, which exports the weights alone; the others are refused before anything
+    is written; the EOS id is the tokenizer's (a model with EOS at id 1; the mock data's EOD)."""
+    import sentencepiece
+
+    text = tmp_path / "corpus.txt"
+    with open(os.path.join(ROOT, "README.md")) as f:
+        text.write_text(f.read())
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "tools", "train_tokenizer.py"), "--input", text,
+                        "--model-prefix", tmp_path / "uni", "--vocab-size", "400", "--model-type", "unigram"],
+                       capture_output=True, text=True, env=env, timeout=600)
+    assert r.returncode == 0, r.stderr
+    sentencepiece.SentencePieceTrainer.train(  # train_tokenizer's settings, but EOS at id 1
+        input=str(text), model_prefix=str(tmp_path / "eos1"), vocab_size=450, pad_id=0, eos_id=1, unk_id=2, bos_id=-1,
+        model_type="bpe", remove_extra_whitespaces=False, normalization_rule_name="identity", byte_fallback=True,
+        allow_whitespace_only_pieces=True, split_digits=True, minloglevel=2)
+    sentencepiece.SentencePieceTrainer.train(input=str(text), model_prefix=str(tmp_path / "big"), vocab_size=600,
+                                             minloglevel=2)
+    (tmp_path / "junk.model").write_text("not a tokenizer")
+    cfg = config("pre", vocab=500)
+    save(trained_model(cfg), cfg, tmp_path / "ckpt", tokenizer=str(tmp_path / "uni.model"))
+    ckpt = tmp_path / "ckpt"
+    code, err = convert_to_hf(capsys, "--load", ckpt, "--output", tmp_path / "a")
+    assert code == 2 and "the exported tokenizer encodes" in err and "--tokenizer-model none" in err, err
+    assert not os.path.exists(tmp_path / "a") and not os.path.exists(tmp_path / "a.tmp")
+    for model, message in (("big.model", "tokenizer '{}' has 600 tokens but the model only 500"),
+                           ("junk.model", "--tokenizer-model '{}' is not a SentencePiece model")):
+        code, err = convert_to_hf(capsys, "--load", ckpt, "--output", tmp_path / "b", "--tokenizer-model",
+                                  tmp_path / model)
+        assert code == 2 and message.format(tmp_path / model) in err, err
+        assert not os.path.exists(tmp_path / "b.tmp")
+    assert convert_to_hf(capsys, "--load", ckpt, "--output", tmp_path / "none", "--tokenizer-model", "none")[0] == 0
+    assert not os.path.exists(tmp_path / "none" / "tokenizer.model")
+    uni = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "uni.model"))  # the run's tokenizer
+    assert json.load(open(tmp_path / "none" / "generation_config.json")) == {"bos_token_id": uni.bos_id(),
+                                                                             "eos_token_id": uni.eos_id()}
+    assert convert_to_hf(capsys, "--load", ckpt, "--output", tmp_path / "e", "--tokenizer-model",
+                         tmp_path / "eos1.model")[0] == 0
+    assert json.load(open(tmp_path / "e" / "generation_config.json")) == {"bos_token_id": None, "eos_token_id": 1}
+    hf = transformers.AutoTokenizer.from_pretrained(str(tmp_path / "e"))
+    sp = sentencepiece.SentencePieceProcessor(model_file=str(tmp_path / "eos1.model"))
+    assert hf.eos_token_id == 1 and hf("digits 0123 and 3.14")["input_ids"] == sp.encode("digits 0123 and 3.14")
 
 
 @pytest.mark.stack

@@ -26,7 +26,7 @@ def parse(argv=None):
                    help="keep ProRes values and GPAS gates explicit (ProResForCausalLM), even for Pre-LN")
     p.add_argument("--tokenizer-model", default=None,
                    help="tokenizer to include: a SentencePiece .model, or a Hugging Face tokenizer.json or "
-                        "directory (default: the one the run trained with)")
+                        "directory (default: the one the run trained with); 'none': the weights alone")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
                    help="weights dtype (default: as stored)")
     p.add_argument("--max-shard-size", type=float, default=5.0, help="GB per safetensors shard")
