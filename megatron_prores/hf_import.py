@@ -36,6 +36,11 @@ def _llama_config(directory: str) -> dict:
     if c.get("model_type") != "llama":
         raise ConfigError(f"--input {directory!r} is a {c.get('model_type')!r} model; only Llama models import "
                           f"(export Post-LN/Sandwich/DeepNorm/Mix-LN checkpoints of this project are not Llama)")
+    for key in ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size", "vocab_size"):
+        if not isinstance(c.get(key), int) or isinstance(c.get(key), bool) or c[key] <= 0:
+            raise ConfigError(f"--input {directory!r}: config.json "
+                              + (f"lacks {key!r}" if key not in c else f"has {key} {c[key]!r}, not a positive number")
+                              + "; give the model's complete config.json")
     rope = c.get("rope_parameters") or {}  # transformers >= 5; rope_theta/rope_scaling before
     c["rope_theta"] = rope.get("rope_theta", c.get("rope_theta", 10000.0))
     scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
@@ -80,7 +85,18 @@ def _tensors(directory: str):
                 from None
         for k in h.keys():
             where[k] = h
+    if os.path.isfile(index):  # a tensor the index lists must be in its file (a mixed-up download)
+        for k, name in weight_map.items():
+            if k not in where:
+                raise ConfigError(f"--input {directory!r} lacks the tensor {k} (listed in the index in {name}); "
+                                  f"download it again")
     return where
+
+
+def _stored_dtype(w) -> torch.dtype:
+    name = "model.embed_tokens.weight"
+    stored = w[name].get_slice(name).get_dtype() if name in w else "F32"
+    return {"BF16": torch.bfloat16, "F16": torch.float16}.get(stored, torch.float32)
 
 
 def check_input(input_dir: str) -> None:
@@ -125,6 +141,9 @@ def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,
     w = _tensors(input_dir)
     # tied (e.g. Llama 3.2 1B/3B): the output layer is the embedding matrix, as in the original
     tied = bool(c.get("tie_word_embeddings", False)) or "lm_head.weight" not in w
+    if tied and c.get("tie_word_embeddings") is False:  # config.json says untied: its output layer is missing
+        raise ConfigError(f"--input {input_dir!r} lacks the tensor lm_head.weight (config.json: tie_word_embeddings "
+                          f"false); download it again")
     cfg = ModelConfig(
         num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
         num_attention_heads=c["num_attention_heads"], num_query_groups=c.get("num_key_value_heads"),
@@ -134,17 +153,23 @@ def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,
         norm_epsilon=c.get("rms_norm_eps", 1e-6), rotary_base=c.get("rope_theta", 10000.0),
         rope_scaling_factor=c["rope_scaling_factor"], tie_embeddings=tied, method=method)
     cfg.validate()
-    dtype = getattr(torch, str(c.get("torch_dtype") or c.get("dtype") or "float32").replace("torch.", ""))
+    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+    named = str(c.get("torch_dtype") or c.get("dtype") or "").replace("torch.", "")
+    dtype = dtypes.get(named) or _stored_dtype(w)  # "auto", absent or unknown: as the weights are stored
     cfg = cfg.replace(params_dtype=dtype)
     (chunk,) = build_model(cfg)
     state = chunk.state_dict()
     heads, groups, h = cfg.num_attention_heads, cfg.query_groups, cfg.hidden_size
     d = h // heads
 
-    def get(name):
+    def get(name, shape=None):
         if name not in w:
             raise ConfigError(f"--input {input_dir!r} lacks the tensor {name}")
-        return w[name].get_tensor(name)
+        t = w[name].get_tensor(name)
+        if shape is not None and tuple(t.shape) != shape:
+            raise ConfigError(f"--input {input_dir!r}: {name} has shape {tuple(t.shape)}, but config.json "
+                              f"(hidden {h}, {heads} heads in {groups} key/value groups) asks for {shape}")
+        return t
 
     def put(key, t):
         if key not in state:
@@ -156,18 +181,18 @@ def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,
 
     V = cfg.vocab_size
     emb = torch.zeros_like(state["embedding.word_embeddings.weight"])
-    emb[:V] = get("model.embed_tokens.weight")
+    emb[:V] = get("model.embed_tokens.weight", (V, h))
     put("embedding.word_embeddings.weight", emb)
     if not tied:
         out = torch.zeros_like(state["output_layer.weight"])
-        out[:V] = get("lm_head.weight")
+        out[:V] = get("lm_head.weight", (V, h))
         put("output_layer.weight", out)
     put("decoder.final_layernorm.weight", get("model.norm.weight"))
     for i in range(cfg.num_layers):
         hf, mg = f"model.layers.{i}.", f"decoder.layers.{i}."
-        q = get(hf + "self_attn.q_proj.weight").view(groups, heads // groups * d, h)
-        k = get(hf + "self_attn.k_proj.weight").view(groups, d, h)
-        v = get(hf + "self_attn.v_proj.weight").view(groups, d, h)
+        q = get(hf + "self_attn.q_proj.weight", (heads * d, h)).view(groups, heads // groups * d, h)
+        k = get(hf + "self_attn.k_proj.weight", (groups * d, h)).view(groups, d, h)
+        v = get(hf + "self_attn.v_proj.weight", (groups * d, h)).view(groups, d, h)
         put(mg + "self_attention.linear_qkv.weight", torch.cat([q, k, v], dim=1).reshape(-1, h))
         put(mg + "self_attention.linear_proj.weight", get(hf + "self_attn.o_proj.weight"))
         put(mg + "mlp.linear_fc1.weight", torch.cat([get(hf + "mlp.gate_proj.weight"), get(hf + "mlp.up_proj.weight")]))

@@ -243,6 +243,57 @@ def test_convert_from_hf_damaged_safetensors_one_line(tmp_path, capsys):
     assert not os.path.exists(tmp_path / "ckpt")
 
 
+@pytest.mark.parametrize("case", ["no intermediate_size", "hidden too large", "heads differ", "untied without lm_head",
+                                  "index lists a tensor its file lacks"])
+def test_convert_from_hf_config_and_tensors_that_disagree_one_line(tmp_path, capsys, case, single_process):
+    """A config.json without a field, or whose sizes the tensors do not have, gave KeyError and
+    RuntimeError tracebacks; an untied model without lm_head.weight was imported as tied (found by
+    an adversarial run). One line each, nothing written."""
+    import torch
+    from safetensors.torch import save_file
+
+    from megatron_prores.tools.convert_from_hf import main
+
+    full = {"model.embed_tokens.weight": torch.zeros(32, 8), "model.norm.weight": torch.ones(8),
+            "lm_head.weight": torch.zeros(32, 8),
+            "model.layers.0.self_attn.q_proj.weight": torch.zeros(8, 8),
+            "model.layers.0.self_attn.k_proj.weight": torch.zeros(4, 8),
+            "model.layers.0.self_attn.v_proj.weight": torch.zeros(4, 8),
+            "model.layers.0.self_attn.o_proj.weight": torch.zeros(8, 8),
+            "model.layers.0.mlp.gate_proj.weight": torch.zeros(16, 8),
+            "model.layers.0.mlp.up_proj.weight": torch.zeros(16, 8),
+            "model.layers.0.mlp.down_proj.weight": torch.zeros(8, 16),
+            "model.layers.0.input_layernorm.weight": torch.ones(8),
+            "model.layers.0.post_attention_layernorm.weight": torch.ones(8)}
+    hf = llama_dir(tmp_path / "hf", **full)
+    config = json.loads((hf / "config.json").read_text())
+    config["tie_word_embeddings"] = False
+    if case == "no intermediate_size":
+        del config["intermediate_size"]
+        want = "config.json lacks 'intermediate_size'; give the model's complete config.json"
+    elif case == "hidden too large":
+        config["hidden_size"], config["head_dim"] = 16, 8
+        want = "model.embed_tokens.weight has shape (32, 8), but config.json (hidden 16"
+    elif case == "heads differ":
+        config["num_attention_heads"], config["head_dim"] = 4, 2
+        want = "model.layers.0.self_attn.k_proj.weight has shape (4, 8), but config.json (hidden 8, 4 heads in 1"
+    elif case == "untied without lm_head":
+        save_file({k: v for k, v in full.items() if k != "lm_head.weight"}, str(hf / "model.safetensors"))
+        want = "lacks the tensor lm_head.weight (config.json: tie_word_embeddings false); download it again"
+    else:
+        (hf / "model.safetensors").rename(hf / "model-00001-of-00002.safetensors")
+        save_file({"other": torch.zeros(1)}, str(hf / "model-00002-of-00002.safetensors"))
+        weight_map = {k: "model-00001-of-00002.safetensors" for k in full if k != "lm_head.weight"}
+        weight_map["lm_head.weight"] = "model-00002-of-00002.safetensors"
+        (hf / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        save_file({k: v for k, v in full.items() if k != "lm_head.weight"}, str(hf / "model-00001-of-00002.safetensors"))
+        want = "lacks the tensor lm_head.weight (listed in the index in model-00002-of-00002.safetensors)"
+    (hf / "config.json").write_text(json.dumps(config))
+    err = one_error_line(capsys, run(main, ["--input", str(hf), "--save", str(tmp_path / "ckpt")]))
+    assert want in err, err
+    assert not os.path.exists(tmp_path / "ckpt")
+
+
 def test_convert_from_hf_failure_leaves_no_partial_checkpoint(tmp_path, capsys, monkeypatch):
     """Whatever stops the import once it writes (a failed save, an interrupt), --save is left as it
     was: removed when the convert created it, empty when it was given empty."""
