@@ -49,9 +49,17 @@ def resolve_iteration(load: str, iteration: Optional[int]) -> str:
         raise ConfigError(f"--load {load!r} {'is a file; give the run directory' if os.path.isfile(load) else 'does not exist'}")
     if checkpoint_check.is_legacy_megatron(load):
         raise checkpoint_check.legacy_error(load)
+    name = os.path.basename(os.path.normpath(load))
+    if name.startswith("iter_") and name[5:].isdigit() and os.path.isfile(os.path.join(load, ".metadata")):
+        raise ConfigError(f"--load {load!r} is one iteration's directory; give the run directory and the "
+                          f"iteration: --load {os.path.dirname(os.path.normpath(load)) or '.'} --iteration "
+                          f"{int(name[5:])}")
     done = sorted(int(d[5:]) for d in os.listdir(load) if d.startswith("iter_") and d[5:].isdigit())
     if iteration is None:
-        iteration = read_latest(load)
+        try:
+            iteration = read_latest(load)
+        except ConfigError as e:  # the driver's hint names --ckpt-step; this tool's flag is --iteration
+            raise ConfigError(str(e).replace("--ckpt-step N", "--iteration N")) from None
         if iteration is None:
             raise ConfigError(f"--load {load!r} has no {LATEST} (no complete checkpoint); give --iteration N "
                               f"(present: {done or 'none'})")

@@ -613,6 +613,22 @@ def test_a_tmp_directory_not_left_by_the_tool_is_never_removed(small_checkpoint,
     assert (notes / "a.txt").read_text() == "precious"
 
 
+def test_hints_name_this_tools_flag(small_checkpoint, tmp_path, capsys):
+    """convert_to_hf's hints named the driver's --ckpt-step, and an iteration directory as --load got
+    a hint that could not work (found by an adversarial run)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(small_checkpoint, run)
+    it = int((run / "latest_checkpointed_iteration.txt").read_text())
+    code, err = convert_to_hf(capsys, "--load", run / f"iter_{it:07d}", "--output", tmp_path / "o")
+    assert code == 2 and err == (f"error: --load '{run / f'iter_{it:07d}'}' is one iteration's directory; give the run "
+                                 f"directory and the iteration: --load {run} --iteration {it}"), err
+    (run / "latest_checkpointed_iteration.txt").write_text("abc")
+    code, err = convert_to_hf(capsys, "--load", run, "--output", tmp_path / "o")
+    assert code == 2 and err.endswith("choose one with --iteration N"), err
+
+
 def test_sentencepiece_tokenizers_are_checked_and_their_ids_exported(single_process, tmp_path, capsys):
     """A unigram SentencePiece model (train_tokenizer --model-type unigram) was exported as a BPE
     tokenizer.json with other ids, a tokenizer larger than the model and a file that is no model were
