@@ -324,9 +324,9 @@ def export(load: str, output: str, iteration: Optional[int] = None, fold: bool =
     out_dtype = {None: None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[dtype]
     model = _Model(cfg, reader, step, out_dtype)
     tok_kind, tok_path = _tokenizer_source(tokenizer_model, common["model_config"])
-    hf_tok = _hf_tokenizer(tok_path, given=bool(tokenizer_model), vocab=cfg.vocab_size) \
+    hf_tok = _training_tokenizer(tok_kind, tok_path, given=bool(tokenizer_model), vocab=cfg.vocab_size) \
         if tok_kind == "HuggingFaceTokenizer" and tok_path else None
-    sp_tok = _sentencepiece_tokenizer(tok_path, given=bool(tokenizer_model), vocab=cfg.vocab_size) \
+    sp_tok = _training_tokenizer(tok_kind, tok_path, given=bool(tokenizer_model), vocab=cfg.vocab_size) \
         if tok_kind == "SentencePieceTokenizer" and tok_path else None
     model.token_ids = _token_ids(hf_tok or sp_tok, tokenizer_model, common["model_config"], cfg.vocab_size)
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
@@ -454,12 +454,13 @@ def _tokenizer_source(given: Optional[str], model_config: dict) -> tuple:
     return model_config.get("tokenizer_type"), model_config.get("tokenizer_model")
 
 
-def _hf_tokenizer(path: str, given: bool, vocab: int):
-    """The training Hugging Face tokenizer, loaded and checked against the model's vocabulary."""
-    from megatron_prores.tokenizer import HuggingFaceTokenizer
+def _training_tokenizer(kind: str, path: str, given: bool, vocab: int):
+    """The training tokenizer (``kind``: SentencePieceTokenizer or HuggingFaceTokenizer), loaded
+    and checked against the model's vocabulary (``given``: named by --tokenizer-model)."""
+    from megatron_prores import tokenizer
 
     try:
-        tok = HuggingFaceTokenizer(path)
+        tok = getattr(tokenizer, kind)(path)
     except ConfigError as e:
         if given:
             raise
@@ -478,10 +479,8 @@ def _token_ids(tok, given: Optional[str], model_config: dict, vocab: int) -> dic
     if tok is None:
         kind, path = _tokenizer_source(None, model_config)
         try:
-            if kind == "SentencePieceTokenizer" and path:
-                tok = _sentencepiece_tokenizer(path, given=False, vocab=vocab)
-            elif kind == "HuggingFaceTokenizer" and path:
-                tok = _hf_tokenizer(path, given=False, vocab=vocab)
+            if kind in ("SentencePieceTokenizer", "HuggingFaceTokenizer") and path:
+                tok = _training_tokenizer(kind, path, given=False, vocab=vocab)
         except ConfigError:  # the run's tokenizer is not here: the usual Llama ids
             return dict(DEFAULT_TOKEN_IDS)
         if tok is None:
@@ -491,22 +490,6 @@ def _token_ids(tok, given: Optional[str], model_config: dict, vocab: int) -> dic
         bos = tok.sp.bos_id()
         return {"bos_token_id": bos if bos >= 0 else None, "eos_token_id": tok.eod}
     return {"bos_token_id": tok.bos, "eos_token_id": tok.eod}
-
-
-def _sentencepiece_tokenizer(path: str, given: bool, vocab: int):
-    """The training SentencePiece model, loaded and checked against the model's vocabulary."""
-    from megatron_prores.tokenizer import SentencePieceTokenizer
-
-    try:
-        tok = SentencePieceTokenizer(path)
-    except ConfigError as e:
-        if given:
-            raise
-        raise ConfigError(f"the run's tokenizer: {e}; or give --tokenizer-model PATH") from None
-    if tok.vocab_size > vocab:
-        raise ConfigError(f"tokenizer {path!r} has {tok.vocab_size} tokens but the model only {vocab}; give the "
-                          f"tokenizer the run trained with (--tokenizer-model PATH)")
-    return tok
 
 
 def _export_tokenizer(out: str, model: Optional[str], kind: Optional[str], hf_tok=None, sp_tok=None) -> str:
