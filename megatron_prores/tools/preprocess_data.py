@@ -21,18 +21,17 @@ from __future__ import annotations
 import argparse
 import collections
 import contextlib
-import multiprocessing
 import os
 import struct
 import sys
 import time
-import types
 
 from megatron_prores.errors import ConfigError
 from megatron_prores.corpus_readers import (UNIT_BYTES, check_parquet, count_rows, encode_unit, expand, init_worker,
                                             require_readers, tokenizer_spec, units)
 from megatron_prores.text_corpus import BadLine, Skipped
 from megatron_prores.tools import run
+from megatron_prores.worker_pool import OrderedWorkers, WorkerDied
 
 CHUNK = 32  # the fewest documents worth a worker of their own
 
@@ -97,55 +96,31 @@ def _unit_bytes(sources, nworkers: int) -> int:
     return int(max(16 << 10, min(UNIT_BYTES, total // (16 * nworkers))))
 
 
-@contextlib.contextmanager
-def _light_main():
-    """Worker processes start without re-running this program's ``__main__`` script (what the
-    spawn start method does): the script imports torch through megatron_prores.config, seconds of
-    CPU and 200 MB per worker, and a worker needs only megatron_prores.corpus_readers."""
-    main = sys.modules.get("__main__")
-    sys.modules["__main__"] = types.ModuleType("__main__")
-    try:
-        yield
-    finally:
-        if main is not None:
-            sys.modules["__main__"] = main
-        else:
-            del sys.modules["__main__"]
-
-
 class _Results:
-    """The encoded units in input order: from a pool of worker processes (at most ``ahead`` units
-    in flight: the parent reads compressed or Parquet input only as fast as the workers take it),
-    or from this process."""
+    """The encoded units in input order: from worker processes (megatron_prores.worker_pool; at most
+    2 per worker plus 2 in flight: the parent reads compressed or Parquet input only as fast as the
+    workers take it), or from this process."""
 
     def __init__(self, nworkers, init_args):
         self.pool = None
         if nworkers > 1:
-            with _light_main():
-                self.pool = multiprocessing.get_context("spawn").Pool(nworkers, init_worker, init_args)
-            self.ahead = 2 * nworkers + 2
+            self.pool = OrderedWorkers(nworkers, encode_unit, init_worker, init_args, name="tokenizing worker")
         else:
             init_worker(*init_args)
 
     def __call__(self, units):
-        if self.pool is None:
-            for unit in units:
-                yield unit, encode_unit(unit)
+        if self.pool is not None:
+            try:
+                yield from self.pool(units)
+            except WorkerDied as e:
+                raise ConfigError(str(e)) from None
             return
-        pending = collections.deque()
         for unit in units:
-            pending.append((unit, self.pool.apply_async(encode_unit, (unit,))))
-            while len(pending) >= self.ahead:
-                u, r = pending.popleft()
-                yield u, r.get()
-        while pending:
-            u, r = pending.popleft()
-            yield u, r.get()
+            yield unit, encode_unit(unit)
 
     def close(self):
         if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
+            self.pool.close()
             self.pool = None
 
 
