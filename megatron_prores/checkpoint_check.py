@@ -88,6 +88,9 @@ def safe_torch_load(path: str, what: str):
                                f"use a checkpoint from a source you trust") from None
     except (RuntimeError, EOFError, OSError, ValueError) as e:
         raise CheckpointDamaged(f"{path} ({what}) is damaged or truncated ({_first_line(e)})") from None
+    except Exception as e:  # garbage that parses as opcodes: a memo key or a stack entry that is not there
+        raise CheckpointDamaged(f"{path} ({what}) is damaged or truncated (not a torch.save file: "
+                                f"{type(e).__name__} {_first_line(e)})") from None
 
 
 def read_index(directory: str):
@@ -105,6 +108,8 @@ def read_index(directory: str):
         raise CheckpointDamaged(f"{path} is damaged or truncated ({_first_line(e)})") from None
     except (EOFError, ValueError, TypeError, AttributeError) as e:
         raise CheckpointDamaged(f"{path} is damaged or truncated ({_first_line(e)})") from None
+    except Exception as e:  # garbage that parses as opcodes: a memo key or a stack entry that is not there
+        raise CheckpointDamaged(f"{path} is damaged or truncated ({type(e).__name__} {_first_line(e)})") from None
     if not hasattr(index, "storage_data") or not hasattr(index, "state_dict_metadata"):
         raise CheckpointDamaged(f"{path} is not a torch.distributed.checkpoint index")
     return index
