@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import os
 import sysconfig
+import zlib
 from typing import Iterator, List, Optional, Sequence
 
 from megatron_prores.errors import ConfigError
@@ -53,7 +54,9 @@ def stdlib_documents(root: str = None, extensions=(".py",), max_bytes: int = Non
                      min_chars: int = 64):
     """(relative path, text) of the standard library's files (or of the tree under ``root``), in a
     stable order. A gzip-compressed file counts by its name without ``.gz`` (Debian compresses
-    /usr/share/doc: the kernel documentation of linux-doc is ``*.rst.gz``)."""
+    /usr/share/doc: the kernel documentation of linux-doc is ``*.rst.gz``). Only regular files
+    are read: a FIFO, socket or device (reading one could block forever), a dangling symlink and
+    an unreadable, non-UTF-8 or damaged file are skipped."""
     root = root or sysconfig.get_paths()["stdlib"]
     total = 0
     for dirpath, dirnames, filenames in os.walk(root):
@@ -63,10 +66,12 @@ def stdlib_documents(root: str = None, extensions=(".py",), max_bytes: int = Non
             if not (name[:-3] if gz else name).endswith(tuple(extensions)):
                 continue
             path = os.path.join(dirpath, name)
+            if not os.path.isfile(path):  # follows symlinks: a link to a regular file is read
+                continue
             try:
                 with (gzip.open(path, "rt", encoding="utf-8") if gz else open(path, encoding="utf-8")) as f:
                     text = f.read()
-            except (UnicodeDecodeError, OSError, EOFError):
+            except (UnicodeDecodeError, OSError, EOFError, zlib.error):
                 continue
             if len(text) < min_chars:
                 continue

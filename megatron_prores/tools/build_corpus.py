@@ -4,9 +4,11 @@ files (present on every machine: the quickstart needs no download), or from any 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
+import tempfile
 
 from megatron_prores.errors import ConfigError
 from megatron_prores.text_corpus import stdlib_documents
@@ -23,23 +25,56 @@ def parse(argv=None):
     return p.parse_args(argv)
 
 
+def check_output(flag: str, path: str, example: str, suffixes=("",)) -> None:
+    """One line, before any work, when the files ``path`` + each of ``suffixes`` (``path`` given as
+    ``flag``) cannot be written: one is a directory, a parent is not a directory, or their directory
+    cannot be created or written to. Creates the missing directories."""
+    in_it = f"give a file name in it, e.g. {flag} {os.path.join(path, example)}"
+    if not os.path.basename(path):
+        raise ConfigError(f"{flag} {path!r} names a directory; {in_it}")
+    for name in (path + suffix for suffix in suffixes):
+        if os.path.isdir(name):
+            raise ConfigError(f"{flag} {path!r} is a directory; {in_it}" if name == path else
+                              f"{flag} {path!r}: {name!r} is a directory; give another {flag}")
+    parent = os.path.dirname(os.path.abspath(path))
+    above = parent
+    while not os.path.lexists(above):  # the nearest existing ancestor must be a directory
+        above = os.path.dirname(above)
+    if not os.path.isdir(above):
+        raise ConfigError(f"{flag} {path!r}: {above!r} is not a directory; give {flag} in a directory")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=parent, prefix=".write-test-")
+        os.close(fd)
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path!r}: cannot write in {parent!r} ({e.strerror}); give {flag} in a "
+                          f"writable directory") from None
+
+
 def main(argv=None):
     args = parse(argv)
     if args.source is not None and not os.path.isdir(args.source):
         raise ConfigError(f"--source {args.source!r} is not a directory")
-    out_dir = os.path.dirname(os.path.abspath(args.output))
-    os.makedirs(out_dir, exist_ok=True)
+    check_output("--output", args.output, "corpus.jsonl")
     tmp = args.output + ".tmp"
     docs = size = 0
-    with open(tmp, "w", encoding="utf-8") as f:
-        for rel, text in stdlib_documents(args.source, args.extensions, args.max_bytes, args.min_chars):
-            f.write(json.dumps({"text": text, "path": rel}) + "\n")
-            docs += 1
-            size += len(text.encode("utf-8"))
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            for rel, text in stdlib_documents(args.source, args.extensions, args.max_bytes, args.min_chars):
+                f.write(json.dumps({"text": text, "path": rel}) + "\n")
+                docs += 1
+                size += len(text.encode("utf-8"))
+        if docs:
+            os.replace(tmp, args.output)  # never a half-written corpus under the final name
+    except OSError as e:  # reading skips unreadable files: this is writing (a full disk, a quota)
+        raise ConfigError(f"--output {args.output!r}: cannot write {e.filename or tmp} ({e.strerror or e}); check the "
+                          f"free space and permissions there or give another --output") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)  # moved away on success; otherwise no half-written file is left behind
     if docs == 0:
-        os.remove(tmp)
         raise ConfigError(f"no files ending in {' '.join(args.extensions)} found; check --source/--extensions")
-    os.replace(tmp, args.output)  # never a half-written corpus under the final name
     print(f"wrote {docs} documents, {size / 1e6:.1f} MB of text, to {args.output}")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import io
 import os
 import sys
@@ -10,6 +11,7 @@ import sys
 from megatron_prores.errors import ConfigError
 from megatron_prores.text_corpus import Skipped, iter_texts
 from megatron_prores.tools import run
+from megatron_prores.tools.build_corpus import check_output
 
 
 def parse(argv=None):
@@ -24,9 +26,10 @@ def parse(argv=None):
     p.add_argument("--model-type", choices=["bpe", "unigram"], default="bpe")
     p.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True,
                    help="unknown characters become UTF-8 bytes (no <unk> in practice)")
-    p.add_argument("--character-coverage", type=float, default=0.9995)
+    p.add_argument("--character-coverage", type=float, default=0.9995,
+                   help="share of the characters the vocabulary covers, 0.98 to 1.0 (rarer ones: byte fallback)")
     p.add_argument("--max-sentences", type=int, default=2_000_000,
-                   help="lines sampled for training (input is split into lines)")
+                   help="lines sampled for training (input is split into lines): more than 100, or 0 for all")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip JSONL lines that are not UTF-8, not JSON or not an object (counted at the end) "
                         "instead of stopping at the first")
@@ -39,13 +42,19 @@ def main(argv=None):
 
     if args.vocab_size < 16:
         raise ConfigError(f"--vocab-size {args.vocab_size} is too small; use at least 16")
+    if not 0.98 <= args.character_coverage <= 1.0:  # SentencePiece's range (also rejects nan)
+        raise ConfigError(f"--character-coverage {args.character_coverage} is out of range; give a value from "
+                          f"0.98 to 1.0 (e.g. 0.9995, or 1.0 for every character)")
+    if not (args.max_sentences == 0 or 100 < args.max_sentences < 2 ** 64):  # SentencePiece's range
+        raise ConfigError(f"--max-sentences {args.max_sentences} is out of range; give a number of lines above 100, "
+                          f"or 0 to train on all lines")
+    check_output("--model-prefix", args.model_prefix, "tok", suffixes=(".model", ".vocab"))
     skipped = Skipped() if args.skip_bad_lines else None
     lines = [line for text in iter_texts(args.input, args.json_keys, skipped)
              for line in text.splitlines() if line.strip()]
     if not lines:
         raise ConfigError(f"--input {' '.join(args.input)} holds no text"
                           + (f" ({skipped.summary()})" if skipped and skipped.count else ""))
-    os.makedirs(os.path.dirname(os.path.abspath(args.model_prefix)), exist_ok=True)
     model = io.BytesIO()
     try:
         spm.SentencePieceTrainer.train(
@@ -61,18 +70,34 @@ def main(argv=None):
     except RuntimeError as e:
         msg = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
         raise ConfigError(f"SentencePiece could not train: {msg} (adjust --vocab-size or give more text)") from None
-    tmp = args.model_prefix + ".model.tmp"
-    with open(tmp, "wb") as f:
-        f.write(model.getvalue())
-    os.replace(tmp, args.model_prefix + ".model")
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
-    with open(args.model_prefix + ".vocab", "w", encoding="utf-8") as f:
-        for i in range(sp.GetPieceSize()):
-            f.write(f"{sp.IdToPiece(i)}\t{sp.GetScore(i)}\n")
+    vocab = "".join(f"{sp.IdToPiece(i)}\t{sp.GetScore(i)}\n" for i in range(sp.GetPieceSize()))
+    write_files(args.model_prefix, {".model": model.getvalue(), ".vocab": vocab.encode("utf-8")})
     print(f"trained a {args.model_type} tokenizer of {sp.GetPieceSize()} pieces on {len(lines)} lines: "
           f"{args.model_prefix}.model (eos id {sp.eos_id()})")
     if skipped and skipped.count:
         print(skipped.summary())
+
+
+def write_files(prefix: str, contents: dict) -> None:
+    """PREFIX+ext for each ext: contents, each written to a .tmp first (never a half-written file under
+    its final name); one line, with the .tmp files removed, when writing fails (a full disk)."""
+    tmps = {ext: prefix + ext + ".tmp" for ext in contents}
+    name = prefix
+    try:
+        for ext, data in contents.items():
+            name = tmps[ext]
+            with open(name, "wb") as f:
+                f.write(data)
+        for ext in contents:
+            os.replace(tmps[ext], prefix + ext)
+    except OSError as e:
+        raise ConfigError(f"--model-prefix {prefix!r}: cannot write {e.filename or name} ({e.strerror or e}); "
+                          f"check the free space and permissions there or give another --model-prefix") from None
+    finally:
+        for tmp in tmps.values():
+            with contextlib.suppress(OSError):
+                os.remove(tmp)  # moved away on success
 
 
 def cli():
