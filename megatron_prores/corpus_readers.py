@@ -136,18 +136,45 @@ def _walk(root: str) -> Iterator[str]:
     """Files under ``root`` with a known suffix, hidden files and folders left out."""
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        for name in filenames:
-            if not name.startswith(".") and detect(name, None) is not None:
-                yield os.path.join(dirpath, name)
+        for name in filenames:  # regular files only: a FIFO would block the reader, a dangling link fail it
+            path = os.path.join(dirpath, name)
+            if not name.startswith(".") and detect(name, None) is not None and os.path.isfile(path):
+                yield path
+
+
+_MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd", b"BZh": "bzip2", b"\xfd7zXZ\x00": "xz"}
+_SUFFIX = {"gzip": ".gz", "zstd": ".zst"}
 
 
 def require_readers(sources: Sequence[Source]) -> None:
-    """A one-line ConfigError when a file's format needs a package that is not installed."""
+    """A one-line ConfigError when a file's format needs a package that is not installed, when a
+    JSONL file's first bytes say it is compressed otherwise than its name says (it would be read as
+    lines of bad UTF-8), or when a compressed file is empty (no valid gzip/zstd file is: a failed
+    download or copy)."""
     for s in sources:
         if s.kind == "parquet":
             _pyarrow_parquet(s.path)
-        elif s.compression == "zstd":
+            continue
+        if s.compression == "zstd":
             _zstandard(s.path)
+        if s.kind != "jsonl":
+            continue
+        try:
+            with open(s.path, "rb") as f:
+                head = f.read(6)
+        except OSError as e:
+            raise _error(f"--input {s.path!r}: cannot read it ({e.strerror})") from None
+        if s.compression and not head:
+            raise _error(f"--input {s.path!r} is empty (0 bytes), which no {s.compression} file is; "
+                         f"a failed download or copy? Fetch it again or leave it out")
+        found = next((kind for magic, kind in _MAGIC.items() if head.startswith(magic)), None)
+        if found and found != s.compression:
+            name = os.path.basename(s.path)
+            fix = (f"name it with the {_SUFFIX[found]} suffix (e.g. {name.rsplit('.gz', 1)[0].rsplit('.zst', 1)[0]}"
+                   f"{'' if name.endswith(JSONL_SUFFIXES) else '.jsonl'}{_SUFFIX[found]})" if found in _SUFFIX
+                   else f"decompress it first (e.g. {'bunzip2' if found == 'bzip2' else 'unxz'} -k)")
+            raise _error(f"--input {s.path!r} is {found}-compressed (its first bytes say so) but named as "
+                         f"{s.compression or 'plain'} JSONL; {fix}")
 
 
 def _pyarrow_parquet(path: str):
@@ -212,7 +239,52 @@ def _range_units(index: int, s: Source, unit_bytes: int) -> Iterator[Unit]:
 def _open_compressed(s: Source, raw):
     if s.compression == "gzip":
         return gzip.GzipFile(fileobj=raw, mode="rb")
-    return _zstandard(s.path).ZstdDecompressor().stream_reader(raw, read_across_frames=True)
+    return _ZstdFrames(_zstandard(s.path), raw)
+
+
+class _ZstdFrames:
+    """The decompressed bytes of a zstd file of one or more frames, read(n) at a time. A file that
+    ends inside a frame raises ZstdError, like gzip's EOFError for a cut file (zstandard's
+    ``stream_reader(read_across_frames=True)`` ends there without a word: a cut file read as whole)."""
+
+    def __init__(self, zstandard, raw):
+        self.zstandard, self.raw = zstandard, raw
+        self.dctx = zstandard.ZstdDecompressor()
+        self.frame, self.in_frame = self.dctx.decompressobj(), False
+        self.buf, self.pos = bytearray(), 0
+
+    def read(self, n: int = -1) -> bytes:
+        while n < 0 or len(self.buf) - self.pos < n:
+            chunk = self.raw.read(1 << 18)
+            if not chunk:
+                if self.in_frame:
+                    raise self.zstandard.ZstdError("the file ends inside a zstd frame (truncated)")
+                break
+            self._feed(chunk)
+        end = len(self.buf) if n < 0 else self.pos + n
+        out = bytes(self.buf[self.pos:end])
+        self.pos += len(out)
+        if self.pos > (1 << 22) and self.pos * 2 > len(self.buf):  # drop what was read, now and then
+            del self.buf[:self.pos]
+            self.pos = 0
+        return out
+
+    def _feed(self, chunk: bytes) -> None:
+        while chunk:
+            if self.frame.eof:  # the next frame
+                self.frame = self.dctx.decompressobj()
+            self.buf += self.frame.decompress(chunk)
+            self.in_frame = not self.frame.eof
+            chunk = self.frame.unused_data if self.frame.eof else b""
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
 
 
 def _decompress_errors():
@@ -227,7 +299,7 @@ def _decompress_errors():
 
 
 def _compressed_units(index: int, s: Source, unit_bytes: int) -> Iterator[Unit]:
-    offset, carry, done = 0, b"", 0
+    offset, pending, done = 0, [], 0  # pending: the blocks of a line under way (no newline in them)
     with open(s.path, "rb") as raw:
         stream = _open_compressed(s, raw)
         try:
@@ -239,18 +311,19 @@ def _compressed_units(index: int, s: Source, unit_bytes: int) -> Iterator[Unit]:
                                  f"({_first_line(e)}); decompress it by hand to check") from None
                 if not block:
                     break
-                data = carry + block
-                cut = data.rfind(b"\n") + 1
-                if cut == 0:  # one line longer than the block: read on
-                    carry = data
+                cut = block.rfind(b"\n") + 1
+                if cut == 0:  # a line longer than the block: read on (joined once, at its end)
+                    pending.append(block)
                     continue
-                carry = data[cut:]
+                data = b"".join(pending + [block[:cut]]) if pending else block[:cut]
+                pending = [block[cut:]] if cut < len(block) else []
                 progress, done = raw.tell() - done, raw.tell()
-                yield Unit(index, "lines", s.path, start=offset, data=data[:cut], progress=progress)
-                offset += cut
+                yield Unit(index, "lines", s.path, start=offset, data=data, progress=progress)
+                offset += len(data)
             size = os.path.getsize(s.path)
-            if carry or done < size:  # the last line without its newline; the rest of the progress
-                yield Unit(index, "lines", s.path, start=offset, data=carry, progress=size - done)
+            rest = b"".join(pending)
+            if rest or done < size:  # the last line without its newline; the rest of the progress
+                yield Unit(index, "lines", s.path, start=offset, data=rest, progress=size - done)
         finally:
             stream.close()
 
@@ -274,6 +347,9 @@ def _parquet_columns(s: Source, pf, keys: Sequence[str]) -> None:
         if key not in schema.names:
             raise _error(f"--input {s.path!r}: no column {key!r} (columns there: {', '.join(schema.names) or 'none'}); "
                          f"pick the text columns with --json-keys")
+        if schema.names.count(key) > 1:
+            raise _error(f"--input {s.path!r}: {schema.names.count(key)} columns are named {key!r}; which one is the "
+                         f"text is not clear: rename the others (e.g. with pyarrow) and give that one in --json-keys")
         t = schema.field(key).type
         text = (pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_binary(t)
                 or pa.types.is_large_binary(t) or getattr(pa.types, "is_string_view", lambda _: False)(t)
@@ -375,6 +451,9 @@ def _json_detail(line: str):
         doc = json.loads(line)
     except json.JSONDecodeError as e:
         return None, f"not valid JSON ({e.msg}); fix or remove that line, {SKIP_HINT}"
+    except (ValueError, RecursionError) as e:  # an integer of over 4,300 digits; arrays nested thousands deep
+        why = "nested too deeply" if isinstance(e, RecursionError) else _first_line(e)
+        return None, f"not readable JSON ({why}); fix or remove that line, {SKIP_HINT}"
     if not isinstance(doc, dict):
         return None, f"a JSON object per line is expected; fix or remove that line, {SKIP_HINT}"
     return doc, None
@@ -396,6 +475,8 @@ def unit_rows(unit: Unit, keys: Sequence[str], text_kind: bool = False) -> Itera
         yield 0, [data.decode("utf-8", errors="replace")], None, False  # one text, whatever the keys
         return
     compressed = unit.kind == "lines"
+    if offset == 0 and data.startswith(b"\xef\xbb\xbf"):  # a UTF-8 byte order mark opening the file
+        data, offset = data[3:], 3
     try:
         lines = _split(data.decode("utf-8"))
     except UnicodeDecodeError:
@@ -419,12 +500,32 @@ def unit_rows(unit: Unit, keys: Sequence[str], text_kind: bool = False) -> Itera
                 yield n, None, (f"no key {key!r} (keys there: {', '.join(map(str, doc)) or 'none'}); "
                                 f"pick them with --json-keys"), True
                 return
-            if value is None:
-                yield n, None, f"the {key!r} value is null; fix or remove that line, {SKIP_HINT}", False
+            detail = _text_detail(key, value)
+            if detail is not None:
+                yield n, None, f"{detail}; fix or remove that line, {SKIP_HINT}", False
                 break
-            texts.append(value if isinstance(value, str) else str(value))
+            texts.append(value)
         else:
             yield n, texts, None, False
+
+
+_JSON_KINDS = {dict: "a JSON object", list: "a JSON array", bool: "a JSON boolean", int: "a JSON number",
+               float: "a JSON number"}
+
+
+def _text_detail(key: str, value) -> Optional[str]:
+    """Why a JSON value is no text (null, another type, a lone UTF-16 surrogate), or None."""
+    if value is None:
+        return f"the {key!r} value is null"
+    if not isinstance(value, str):
+        return f"the {key!r} value is {_JSON_KINDS.get(type(value), type(value).__name__)}, not a string"
+    if not value.isascii():
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as e:  # "\ud800" escapes without their pair: no character, no bytes
+            return (f"the {key!r} value holds a lone UTF-16 surrogate (\\u{ord(value[e.start]):04x} at character "
+                    f"{e.start}), which is no text")
+    return None
 
 
 _MISSING = object()

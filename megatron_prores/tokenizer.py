@@ -63,6 +63,10 @@ class HuggingFaceTokenizer:
         self.json_file, self.directory = _locate(path)
         self.config = _special_tokens_config(self.directory)
         self.tok, auto_eos, auto_bos = _load(path, self.json_file, self.directory)
+        # a tokenizer.json saved with truncation or padding on would cut every document (or pad it,
+        # hiding its EOS from _adds_eod); transformers turns both off for a call without them too
+        self.tok.no_truncation()
+        self.tok.no_padding()
         self.eos_token = _eos_token(path, self.tok, self.config.get("eos_token") or auto_eos)
         bos = self.config.get("bos_token") or auto_bos
         self.bos = self.tok.token_to_id(bos) if bos else None

@@ -17,6 +17,7 @@ import collections
 import contextlib
 import multiprocessing
 import multiprocessing.connection
+import os
 import pickle
 import queue
 import signal
@@ -33,7 +34,8 @@ class WorkerDied(RuntimeError):
 
 def _serve(tasks, results, init, init_args, work) -> None:
     """A worker: ``init(*init_args)``, then ``work(unit)`` for every unit sent, in order, until None."""
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the parent's to handle; it kills us
+    for sig in (signal.SIGINT, signal.SIGTERM):  # Ctrl-C, scancel: the parent's to handle; it kills us
+        signal.signal(sig, signal.SIG_IGN)
     inbox = queue.SimpleQueue()
 
     def read():
@@ -54,7 +56,10 @@ def _serve(tasks, results, init, init_args, work) -> None:
                 pickle.loads(pickle.dumps(value[0]))
             except Exception:
                 value = (RuntimeError(f"{type(value[0]).__name__}: {value[0]}"), value[1])
-        results.send((kind, value))
+        try:
+            results.send((kind, value))
+        except OSError:  # the parent is gone (killed): nobody to answer, nothing to print
+            os._exit(0)
 
     try:
         if init is not None:
@@ -105,7 +110,7 @@ class OrderedWorkers:
                     task_r, task_w = ctx.Pipe(duplex=False)
                     result_r, result_w = ctx.Pipe(duplex=False)
                     p = ctx.Process(target=_serve, args=(task_r, result_w, init, init_args, work), daemon=True,
-                                    name=f"{name}-{i}")
+                                    name=f"{name} {i}")
                     p.start()
                     task_r.close()
                     result_w.close()
@@ -169,7 +174,7 @@ class OrderedWorkers:
         code = w.process.exitcode
         how = f"was killed by signal {-code}" if code is not None and code < 0 else f"exited with code {code}"
         hint = " (out of memory? use fewer workers)" if code == -signal.SIGKILL else ""
-        raise WorkerDied(f"{self.name} process {w.process.name} {how} before answering{hint}")
+        raise WorkerDied(f"{w.process.name} {how} before answering{hint}")
 
     def close(self) -> None:
         """Kill the workers and reap them (cannot hang on a worker in any state)."""

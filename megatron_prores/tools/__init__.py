@@ -12,4 +12,7 @@ def run(main, argv=None) -> int:
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C: one line, not the traceback of wherever it landed
+        print("interrupted (Ctrl-C)", file=sys.stderr)
+        return 130
     return 0

@@ -22,8 +22,10 @@ import argparse
 import collections
 import contextlib
 import os
+import signal
 import struct
 import sys
+import threading
 import time
 
 from megatron_prores.errors import ConfigError
@@ -153,6 +155,8 @@ class _Output:
         self.lengths.append(lengths)
 
     def finish(self) -> None:
+        """Write the ``.idx`` under its temporary name; ``publish`` renames both files (every key's
+        files are finished before any is published: a failure leaves no key's dataset behind)."""
         import numpy
 
         self.file.close()
@@ -170,14 +174,85 @@ class _Output:
             f.write(lengths.astype(numpy.int32).tobytes())
             f.write(pointers.tobytes())
             f.write(numpy.arange(lengths.size + 1, dtype=numpy.int64).tobytes())
+
+    def publish(self) -> None:
         os.replace(self.prefix + ".bin.tmp", self.prefix + ".bin")
         os.replace(self.prefix + ".idx.tmp", self.prefix + ".idx")
 
     def discard(self) -> None:
-        self.file.close()
+        with contextlib.suppress(OSError):  # a full disk fails the close's flush too
+            self.file.close()
         for ext in (".bin.tmp", ".idx.tmp"):
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.prefix + ext)
+
+
+def _check_keys(keys) -> None:
+    """A key names the output files (PREFIX_KEY_document.bin): no path separators, no empty name."""
+    for k in keys:
+        if not k or k in (".", "..") or "/" in k or os.sep in k or "\0" in k or "\n" in k:
+            raise ConfigError(f"--json-keys {k!r}: a key is part of the output file names (PREFIX_KEY_document.bin), "
+                              f"so it cannot be empty or hold '/' or a newline; rename that field in the input")
+    if len(set(keys)) < len(keys):
+        raise ConfigError(f"--json-keys {' '.join(keys)}: a key is given twice; give each once")
+
+
+def _check_not_inputs(prefix: str, keys, sources) -> None:
+    """The outputs must not be any input (a run reading p_text_document.bin into itself)."""
+    inputs = {os.path.realpath(s.path) for s in sources}
+    for k in keys:
+        for ext in (".bin", ".idx", ".bin.tmp", ".idx.tmp"):
+            path = f"{prefix}_{k}_document{ext}"
+            if os.path.realpath(path) in inputs:
+                raise ConfigError(f"--output-prefix {prefix!r} would write {path}, which is an --input; give another "
+                                  f"--output-prefix")
+
+
+class _OutputLock:
+    """PREFIX.lock, held (flock) while this run writes PREFIX_*: a second run on the same prefix is
+    refused, not interleaved with this one into a dataset whose .idx does not match its .bin. The
+    lock dies with its process; the file is removed at the end."""
+
+    def __init__(self, prefix: str):
+        import fcntl
+
+        self.path = prefix + ".lock"
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.file.seek(0)
+            holder = self.file.read().strip() or "?"
+            self.file.close()
+            raise ConfigError(f"--output-prefix {prefix!r} is being written by another preprocess_data (pid "
+                              f"{holder}, lock {self.path}); wait for it or give another --output-prefix") from None
+        self.file.seek(0)
+        self.file.truncate()
+        self.file.write(str(os.getpid()))
+        self.file.flush()
+
+    def release(self) -> None:
+        if self.file is not None:
+            with contextlib.suppress(OSError):
+                os.remove(self.path)
+            self.file.close()
+            self.file = None
+
+
+def _write_error(e: OSError, prefix: str, sources=()) -> ConfigError:
+    """An OSError of writing the outputs (an unwritable directory, a full disk) as one line; one of
+    reading an input (removed while read) names that file."""
+    if e.filename and os.path.realpath(e.filename) in {os.path.realpath(s.path) for s in sources}:
+        return ConfigError(f"cannot read {e.filename} ({e.strerror or e}); check the --input files (nothing was kept)")
+    where = e.filename or f"{prefix}_*"
+    return ConfigError(f"--output-prefix {prefix!r}: cannot write {where} ({e.strerror or e}); give an "
+                       f"--output-prefix in a writable directory with free space (nothing was kept)")
+
+
+def _on_sigterm(signum, frame):
+    """SIGTERM (scancel, timeout, kill) ends the run like an error: its temporary files are removed."""
+    print("stopped by SIGTERM; nothing was kept", file=sys.stderr, flush=True)
+    raise SystemExit(128 + signum)
 
 
 def main(argv=None):
@@ -186,7 +261,9 @@ def main(argv=None):
         raise ConfigError(f"--workers {args.workers} is not valid; give at least 1 (tokenizing processes)")
     if args.log_interval < 1:
         raise ConfigError(f"--log-interval {args.log_interval} is not valid; give at least 1 (documents)")
+    _check_keys(args.json_keys)
     sources = expand(_inputs(args))
+    _check_not_inputs(args.output_prefix, args.json_keys, sources)
     require_readers(sources)
     for s in sources:
         if s.kind == "parquet":  # its columns are checked before any output is written
@@ -195,24 +272,41 @@ def main(argv=None):
     from megatron_prores.tokenizer import build_tokenizer
 
     tok = build_tokenizer(args.tokenizer_type, args.tokenizer_model, args.vocab_size)
+    if tok.vocab_size > 2 ** 31 - 1:
+        raise ConfigError(f"a vocabulary of {tok.vocab_size:,} tokens does not fit megatron-core's int32 token files; "
+                          f"give a vocabulary below 2,147,483,648")
     eod = tok.eod if args.append_eod and not getattr(tok, "adds_eod", False) else None
     dtype = optimal_dtype(tok.vocab_size)
-    results = _Results(nworkers, (tokenizer_spec(tok), args.json_keys, eod, dtype, args.skip_bad_lines))
-    outputs = {}
     try:
         os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
+        lock = _OutputLock(args.output_prefix)
+    except OSError as e:
+        raise _write_error(e, args.output_prefix) from None
+    previous = signal.signal(signal.SIGTERM, _on_sigterm) if threading.current_thread() is threading.main_thread() \
+        else None
+    outputs, results = {}, None
+    try:
+        results = _Results(nworkers, (tokenizer_spec(tok), args.json_keys, eod, dtype, args.skip_bad_lines))
         for k in args.json_keys:
             outputs[k] = _Output(f"{args.output_prefix}_{k}_document", dtype)
         docs, tokens, skipped, dt = _run(args, sources, nworkers, results, outputs)
         results.close()
         for out in outputs.values():
             out.finish()
-    except BaseException:
+        for out in outputs.values():
+            out.publish()
+    except BaseException as e:
         for out in outputs.values():
             out.discard()
+        if isinstance(e, OSError):
+            raise _write_error(e, args.output_prefix, sources) from None
         raise
     finally:
-        results.close()
+        if results is not None:
+            results.close()
+        lock.release()
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
     files = f" (from {len(sources)} files)" if len(sources) > 1 else ""
     print(f"wrote {docs} documents, {tokens:,} tokens ({dtype}) to "
           f"{', '.join(o.prefix + '.bin/.idx' for o in outputs.values())} in {dt:.1f}s: "
