@@ -1,4 +1,4 @@
-"""Estimate GPU memory per device and tokens per step of a training recipe (bf16 on GPUs).
+"""Estimate GPU memory per device and tokens per step of a training recipe (bf16 with --bf16, else fp32).
 
     megatron-prores-estimate-memory --world-size 16 -- --num-layers 24 --hidden-size 2048 ...
     megatron-prores-estimate-memory --world-size 16 -- @recipe.txt
@@ -24,6 +24,10 @@ measurement (what the allocator really holds can be 10-30% more). What the drive
   (1 + (PP-1)/(PP*VPP)) for the interleaved schedule;
   logits and the fp32 cross entropy on the last stage: 10 bytes x s*b*vocab / (TP x CP);
   plus 3 GiB for the CUDA context, NCCL buffers and allocator slack.
+Without --bf16 the driver trains in fp32: weights fp32 (4 B/param), gradients fp32 (4 B/param),
+optimizer the Adam moments only (8 B/param, divided as above; the fp32 weights are the main
+weights), activations twice the bytes above (4 B a value), logits + loss 8 bytes x s*b*vocab /
+(TP x CP) (the logits are fp32 already: the cross entropy makes no fp32 copy of them).
 """
 
 from __future__ import annotations
@@ -45,6 +49,7 @@ def estimate(args, cfg, dp: int, num_micro: int) -> dict:
     kv = cfg.query_groups * (h // cfg.num_attention_heads)
     m = cfg.method
     vocab = cfg.padded_vocab_size
+    bf16 = cfg.bf16  # the driver's precision: --bf16, else fp32 throughout
     sandwich = m.norm_type == "sandwich"
 
     norms = (4 if sandwich else 2) * h
@@ -85,23 +90,43 @@ def estimate(args, cfg, dp: int, num_micro: int) -> dict:
     else:
         kept = block * per_stage
     in_flight = min(pp, num_micro) * (1 + (pp - 1) / (pp * vp) if vp > 1 else 1)
-    parts = {
-        "weights (bf16)": 2 * params,
-        "gradients (fp32)": 4 * params,
-        "optimizer (fp32 main + Adam)": 12 * params / shard,
-        "activations": kept * in_flight + working,
-        "logits + loss": 10 * s * b * vocab / (tp * cp),
-        "CUDA context, NCCL, slack": 3 * GIB,
-    }
+    activations = kept * in_flight + working  # bf16 bytes
+    if bf16:
+        parts = {
+            "weights (bf16)": 2 * params,
+            "gradients (fp32)": 4 * params,
+            "optimizer (fp32 main + Adam)": 12 * params / shard,
+            "activations": activations,
+            "logits + loss": 10 * s * b * vocab / (tp * cp),
+        }
+    else:  # fp32: no main copy (the optimizer updates the weights themselves), 4-byte activations
+        parts = {
+            "weights (fp32)": 4 * params,
+            "gradients (fp32)": 4 * params,
+            "optimizer (Adam, fp32)": 8 * params / shard,
+            "activations": 2 * activations,
+            "logits + loss": 8 * s * b * vocab / (tp * cp),
+        }
+    parts["CUDA context, NCCL, slack"] = 3 * GIB
     parts["total"] = sum(parts.values())
     return {"bytes": parts, "tokens_per_step": args.global_batch_size * s, "params_per_gpu": params,
-            "dp": dp, "microbatches": num_micro}
+            "dp": dp, "microbatches": num_micro, "precision": "bf16" if bf16 else "fp32"}
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """Training flags without the ``--`` before them: one line saying so (not argparse's usage)."""
+        if message.startswith("unrecognized arguments: "):
+            first = message.split(": ", 1)[1].split()[0]
+            raise ConfigError(f"{first} is not a flag of this tool; put -- before the training flags "
+                              f"(estimate_memory.py --world-size N -- --num-layers ...)")
+        super().error(message)
 
 
 def main(argv=None):
     from megatron_prores.arguments import check_recipe
 
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = _Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--world-size", type=int, required=True, help="GPUs of the job (nodes x GPUs per node)")
     p.add_argument("--vocab-size", type=int, default=32000, help="tokenizer size when the flags give none")
     p.add_argument("flags", nargs=argparse.REMAINDER, help="-- then the training flags (or @recipe.txt)")
@@ -114,6 +139,7 @@ def main(argv=None):
     flags = flags + ["--save", "<not used>"]  # recipes save (the launcher adds --save); nothing is written here
     args, cfg, dp, num_micro = check_recipe(flags, a.world_size, a.vocab_size)
     r = estimate(args, cfg, dp, num_micro)
+    print("precision: " + ("bf16 (--bf16)" if args.bf16 else "fp32 (no --bf16: the driver trains in fp32)"))
     for name, v in r["bytes"].items():
         print(f"{name:32s} {v / GIB:8.1f} GiB")
     print(f"parameters per GPU (worst stage)  {r['params_per_gpu'] / 1e9:.3f} B; data parallel {dp}, "
