@@ -60,7 +60,7 @@ _MODEL = ModelConfig()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(prog="megatron-prores-train", fromfile_prefix_chars="@",
+    p = _Parser(prog="megatron-prores-train", fromfile_prefix_chars="@", allow_abbrev=False,
                 description="Pretrain a GPT with ProRes/GPAS on megatron-core. Flags may come "
                             "from a file: megatron-prores-train @recipe.txt")
     g = p.add_argument_group("model")
@@ -395,6 +395,10 @@ def check_args(args, this_machine: bool = True) -> None:
          "to save (megatron-core's optimizer layout); drop one of them (e.g. use the plain optimizer)")
     need(not (args.override_opt_param_scheduler and args.use_checkpoint_opt_param_scheduler),
          "--override-opt-param-scheduler and --use-checkpoint-opt-param-scheduler exclude each other; give one")
+    for flag in ("save", "load", "tensorboard_dir", "data_cache_path"):
+        value = getattr(args, flag)
+        need(value is None or value.strip(), f"--{flag.replace('_', '-')} is empty (an unset shell variable?); give a "
+                                             f"directory or leave the flag out")
     need(args.ckpt_step is None or args.load, "--ckpt-step needs --load DIR (the run to resume from)")
     if args.finetune:
         need(args.load, "--finetune needs --load DIR (the checkpoint whose weights start the new run)")
@@ -432,6 +436,10 @@ _MEGATRON_DEFAULTS = (
     (lambda a: a.normalization, "--normalization RMSNorm (or LayerNorm)", "LayerNorm"),
     (lambda a: a.group_query_attention or a.num_query_groups is None, "--group-query-attention",
      "--num-query-groups ignored (every head its own keys and values)"),
+    (lambda a: not a.group_query_attention or a.num_query_groups is not None,
+     "--num-query-groups (with --group-query-attention)", "one key/value group (multi-query attention)"),
+    (lambda a: a.ffn_hidden_size is not None, "--ffn-hidden-size",
+     "4 x --hidden-size, or with --swiglu 8/3 x --hidden-size rounded down to a multiple of 64"),
 )
 
 
@@ -531,7 +539,8 @@ _RANGES = (
     ("micro_batch_size", lambda v: v > 0, "positive"),
     ("global_batch_size", lambda v: v > 0, "positive"),
     ("train_iters", lambda v: v > 0, "positive"),
-    ("distributed_timeout_minutes", lambda v: v > 0, "positive"),
+    ("distributed_timeout_minutes", lambda v: 0 < v <= 10 ** 6, "positive, at most 1,000,000"),
+    ("seed", lambda v: 0 <= v <= 2 ** 31, "in [0, 2**31] (each rank adds a small offset; torch takes < 2**32)"),
     ("train_samples", lambda v: v > 0, "positive"),
     ("lr_warmup_samples", lambda v: v >= 0, ">= 0"),
     ("lr_decay_samples", lambda v: v > 0, "positive"),
@@ -589,8 +598,9 @@ def parse_data_path(data_path):
         weights = [float(w) for w in data_path[0::2]]
     except ValueError:
         raise ConfigError("--data-path with several prefixes takes pairs WEIGHT PREFIX") from None
-    if any(w <= 0 for w in weights):
-        raise ConfigError("--data-path weights must be positive")
+    for w in weights:
+        if not (math.isfinite(w) and w > 0):
+            raise ConfigError(f"--data-path weight {w} is not valid; the weights must be positive finite numbers")
     return list(data_path[1::2]), weights
 
 

@@ -448,8 +448,21 @@ def architecture_flags(model_args: dict) -> str:
     return " ".join(text for how, text in fixes if how == "with")
 
 
+def _in_effect(model_args: dict) -> dict:
+    """The recorded architecture without the flags that change nothing in it: --gpas-gate without
+    --gpas, --lns-gain without --norm-type lns (a preset such as slurm/official_code.args gives
+    them for every run)."""
+    args = dict(model_args)
+    if not args.get("gpas", True):
+        args.pop("gpas_gate", None)
+    if args.get("norm_type", "lns") != "lns":
+        args.pop("lns_gain", None)
+    return args
+
+
 def check_model_args(saved: dict, current: dict, where: str) -> None:
-    """Only the recorded keys are compared (older checkpoints lack some)."""
+    """Only the recorded keys in effect are compared (older checkpoints lack some)."""
+    saved, current = _in_effect(saved), _in_effect(current)
     diff = [k for k in current if k in saved and saved[k] != current[k]]
     if diff:
         what = ", ".join(f"{k} is {saved[k]!r} there but {current[k]!r} now" for k in diff)

@@ -224,6 +224,23 @@ class ModelConfig:
             self.pipeline_model_parallel_size * self.num_layers_per_virtual_pipeline_stage
         )
 
+    def _check_kernel_runs_here(self) -> None:
+        """A forced PyTorch attention kernel that cannot run this model on this machine is refused
+        now, not by an error at the first step: the memory-efficient kernel on a CPU, flash with
+        attention dropout on a CPU, flash on a GPU without --bf16 (it takes fp16/bf16 only)."""
+        import torch
+
+        gpu = torch.cuda.is_available()
+        if self.attention_backend == "fused" and not gpu:
+            raise ConfigError("--attention-backend fused (the memory-efficient kernel) needs a GPU; on the CPU use "
+                              "--attention-backend auto")
+        if self.attention_backend == "flash" and not gpu and self.attention_dropout > 0:
+            raise ConfigError(f"--attention-backend flash on the CPU takes no --attention-dropout "
+                              f"({self.attention_dropout}); use --attention-backend auto or --attention-dropout 0")
+        if self.attention_backend == "flash" and gpu and not self.bf16:
+            raise ConfigError("--attention-backend flash (or --use-flash-attn) needs --bf16 on a GPU: the flash "
+                              "kernel takes fp16/bf16 inputs only")
+
     def validate(self, check_installed: bool = True) -> None:
         """Raise ConfigError for the first bad value; call before building any model.
         ``check_installed=False`` skips what depends on this machine (Transformer Engine present)."""
@@ -256,6 +273,8 @@ class ModelConfig:
                                   "(FP8 GEMMs come from Transformer Engine)")
             if not self.bf16:
                 raise ConfigError("--fp8-format needs --bf16 (FP8 GEMMs run inside a bf16 model)")
+        if check_installed and self.transformer_impl == "local":
+            self._check_kernel_runs_here()
         if check_installed and self.transformer_impl == "transformer_engine" and not _have_te():
             raise ConfigError(
                 "--transformer-impl transformer_engine needs Transformer Engine, which is not "

@@ -30,9 +30,11 @@ class _TokenizerForDataset:
 IDX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core's .idx: magic, version 1, dtype code, #sequences, #documents + 1
 
 
-def check_prefix(prefix: str, flag: str = "--data-path") -> None:
+def check_prefix(prefix: str, flag: str = "--data-path", vocab_size: Optional[int] = None) -> None:
     """A clear error for a missing, empty or broken .bin/.idx pair, found before megatron-core opens it
-    (its IndexedDataset, failing half way, adds 'Exception ignored in ... __del__' noise)."""
+    (its IndexedDataset, failing half way, adds 'Exception ignored in ... __del__' noise); with
+    ``vocab_size``, also for token ids the model has no embedding for (data made with another
+    tokenizer: an index error mid-run on the CPU, a device assert on a GPU)."""
     import struct
 
     from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
@@ -87,6 +89,23 @@ def check_prefix(prefix: str, flag: str = "--data-path") -> None:
         IndexedDataset(prefix, mmap=True)
     except Exception as e:
         raise ConfigError(f"{flag} {prefix!r}: unreadable index ({type(e).__name__}: {e}); {rerun}") from None
+    if vocab_size is not None:
+        top = largest_token(prefix + ".bin", numpy.dtype(DType.dtype_from_code(code)))
+        if top >= vocab_size:
+            raise ConfigError(f"{flag} {prefix!r} holds token id {top:,} but the model's vocabulary has {vocab_size:,} "
+                              f"ids: it was tokenized with another tokenizer; give the --tokenizer-model it was made "
+                              f"with (or re-run tools/preprocess_data.py with this one)")
+
+
+def largest_token(path: str, dtype, chunks: int = 8, chunk_bytes: int = 256 << 10) -> int:
+    """The largest token id in ``chunks`` evenly spaced pieces of a .bin (all of a small file): 2 MB
+    read whatever its size. A file from another tokenizer has ids above the vocabulary throughout."""
+    tokens = numpy.memmap(path, dtype=dtype, mode="r")
+    per = max(1, chunk_bytes // dtype.itemsize)
+    if tokens.size <= chunks * per:
+        return int(tokens.max())
+    starts = numpy.linspace(0, tokens.size - per, chunks).astype(numpy.int64)
+    return max(int(tokens[s:s + per].max()) for s in starts)
 
 
 def _check_splits(prefixes, split_matrix, num_samples, split) -> None:
@@ -109,11 +128,12 @@ def _check_splits(prefixes, split_matrix, num_samples, split) -> None:
 
 def build_datasets(tokenizer, num_samples: List[int], *, data_path: Optional[List[str]], split: str,
                    seq_length: int, seed: int, cache_path: Optional[str] = None, mock: bool = False,
-                   eod_mask_loss: bool = False):
+                   eod_mask_loss: bool = False, vocab_size: Optional[int] = None):
     """(train, valid, test) megatron-core datasets of at least ``num_samples`` samples each, from
     ``data_path`` (--data-path: PREFIX or WEIGHT PREFIX ...) split by ``split`` (--split), or
     megatron-core's mock dataset with ``mock`` (--mock-data). ``eod_mask_loss`` (--eod-mask-loss):
-    no loss where the input token is the end-of-document token (megatron-core's rule)."""
+    no loss where the input token is the end-of-document token (megatron-core's rule). ``vocab_size``:
+    the model's, which every token id of the files must be below."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
@@ -121,7 +141,7 @@ def build_datasets(tokenizer, num_samples: List[int], *, data_path: Optional[Lis
     if not mock:
         prefixes, weights = parse_data_path(data_path)
         for prefix in prefixes:
-            check_prefix(prefix)
+            check_prefix(prefix, vocab_size=vocab_size)
         blend = (prefixes, weights)
     config = GPTDatasetConfig(
         random_seed=seed,
@@ -144,6 +164,10 @@ def build_datasets(tokenizer, num_samples: List[int], *, data_path: Optional[Lis
         return builder.build()
     except (AssertionError, ValueError) as e:
         raise ConfigError(f"cannot build the datasets from --data-path/--split: {e}") from None
+    except Exception as e:  # e.g. an index for 10^11 samples: out of memory
+        raise ConfigError(f"cannot build the datasets for {num_samples[0]:,} training and {num_samples[1]:,} validation "
+                          f"samples (--train-iters/--eval-iters x --global-batch-size): {type(e).__name__}: "
+                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
 
 
 def validation_sets(valid_data_path: Optional[List[str]]) -> List[tuple]:
@@ -163,13 +187,14 @@ def validation_sets(valid_data_path: Optional[List[str]]) -> List[tuple]:
 
 
 def build_validation_set(tokenizer, prefix: str, num_samples: int, *, seq_length: int, seed: int,
-                         cache_path: Optional[str] = None, eod_mask_loss: bool = False):
+                         cache_path: Optional[str] = None, eod_mask_loss: bool = False,
+                         vocab_size: Optional[int] = None):
     """A held-out validation set: every document of ``prefix`` (no split), at least ``num_samples``
     samples (documents repeat in another order when the file holds fewer)."""
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    check_prefix(prefix, "--valid-data-path")
+    check_prefix(prefix, "--valid-data-path", vocab_size)
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend_per_split=[None, ([prefix], None), None],
         path_to_cache=cache_path, tokenizer=_TokenizerForDataset(tokenizer), reset_position_ids=False,
@@ -177,7 +202,7 @@ def build_validation_set(tokenizer, prefix: str, num_samples: int, *, seq_length
     builder = BlendedMegatronDatasetBuilder(GPTDataset, [0, num_samples, 0], lambda: True, config)
     try:
         return builder.build()[1]
-    except (AssertionError, ValueError) as e:
+    except Exception as e:
         raise ConfigError(f"cannot build the validation set from --valid-data-path {prefix!r}: {e}") from None
 
 

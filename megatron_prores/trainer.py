@@ -119,6 +119,20 @@ class Checkpointer:
                 self._saved(done, 0.0)
 
 
+def _check_writable_dir(flag: str, path: str) -> None:
+    """One line, before the model is built, when the directory ``path`` (given as ``flag``) cannot be
+    created or written to."""
+    if os.path.isfile(path):
+        raise ConfigError(f"{flag} {path!r} is a file; give a directory")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".write_test_{os.getpid()}")
+        open(probe, "w").close()
+        os.remove(probe)
+    except OSError as e:
+        raise ConfigError(f"{flag} {path!r} is not writable ({e.strerror}); pick another directory") from None
+
+
 class Trainer:
     def __init__(self, args, exit_policy=None):
         from megatron_prores.exits import ExitPolicy
@@ -155,14 +169,10 @@ class Trainer:
         self.cfg.validate()
         self.world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
         self.dp_size, self.num_micro = check_layout(a, self.cfg, self.world)
-        if a.save:
-            try:
-                os.makedirs(a.save, exist_ok=True)
-                probe = os.path.join(a.save, f".write_test_{os.getpid()}")
-                open(probe, "w").close()
-                os.remove(probe)
-            except OSError as e:
-                raise ConfigError(f"--save {a.save!r} is not writable ({e.strerror}); pick another directory") from None
+        for flag, path in (("--save", a.save), ("--tensorboard-dir", a.tensorboard_dir),
+                           ("--data-cache-path", a.data_cache_path)):
+            if path:
+                _check_writable_dir(flag, path)
 
     def _build_model(self) -> None:
         """Process groups, model chunks (one per virtual pipeline stage) in DDP, optimizer."""
@@ -379,10 +389,11 @@ class Trainer:
         sizes = [a.train_iters * a.global_batch_size, a.eval_iters * a.global_batch_size, 0]
         self.train_ds, self.valid_ds, _ = data.build_datasets(
             self.tokenizer, sizes, data_path=a.data_path, split=a.split, seq_length=a.seq_length, seed=a.seed,
-            cache_path=a.data_cache_path, mock=a.mock_data, eod_mask_loss=a.eod_mask_loss)
+            cache_path=a.data_cache_path, mock=a.mock_data, eod_mask_loss=a.eod_mask_loss, vocab_size=self.cfg.vocab_size)
         self.named_valid_sets = [  # --valid-data-path: held-out sets evaluated and logged on their own
             (name, data.build_validation_set(self.tokenizer, prefix, sizes[1], seq_length=a.seq_length, seed=a.seed,
-                                             cache_path=a.data_cache_path, eod_mask_loss=a.eod_mask_loss))
+                                             cache_path=a.data_cache_path, eod_mask_loss=a.eod_mask_loss,
+                                             vocab_size=self.cfg.vocab_size))
             for name, prefix in data.validation_sets(a.valid_data_path)]
         self._check_data_order(data.order_fingerprint(self.train_ds))
         self.train_iter = self.chunk_iterators(self.train_ds, self.state.consumed_samples)
@@ -613,18 +624,22 @@ class Trainer:
         return True
 
     def _finish(self, last_step_finite: bool) -> int:
+        # the last checkpoint is written before the last evaluation (Megatron-LM's order): an
+        # evaluation that fails (a validation set the model cannot read) loses no training
         a, it = self.args, self.state.iteration
-        if not (a.eval_interval and it % a.eval_interval == 0):
-            self.evaluate()
         if not last_step_finite:
             if dist.get_rank() == 0:
                 print(f"error: the run ended in non-finite steps (iteration {it}); not saving: the latest checkpoint "
                       f"stays the last good one", file=sys.stderr, flush=True)
             self.checkpointer.poll(blocking=True)
+            if not (a.eval_interval and it % a.eval_interval == 0):
+                self.evaluate()
             return 3
         if a.save and not (a.save_interval and it % a.save_interval == 0):
             if not self.checkpointer.save(self):
                 return 3
+        if not (a.eval_interval and it % a.eval_interval == 0):
+            self.evaluate()
         self.checkpointer.poll(blocking=True)
         self.metrics.finish(it, self.state.spike.score())
         return 0

@@ -159,6 +159,8 @@ def test_a_megatron_lm_llama_recipe_is_accepted():
      "--position-embedding-type rope means learned absolute positions"),
     (["--normalization"], "--normalization RMSNorm (or LayerNorm) means LayerNorm"),
     (["--group-query-attention"], "--group-query-attention means --num-query-groups ignored"),
+    (["--num-query-groups"], "--num-query-groups (with --group-query-attention) means one key/value group"),
+    (["--ffn-hidden-size"], "--ffn-hidden-size means 4 x --hidden-size, or with --swiglu 8/3 x --hidden-size"),
 ])
 def test_a_megatron_lm_recipe_that_leaves_out_a_model_flag_is_refused(dropped, meaning):
     """In Megatron-LM, leaving one of these flags out builds another model (GeLU, biases, tied
@@ -166,13 +168,13 @@ def test_a_megatron_lm_recipe_that_leaves_out_a_model_flag_is_refused(dropped, m
     flags must give all of them here, or it would train another model than it did there."""
     from megatron_prores.arguments import check_recipe
 
-    recipe = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--num-query-groups", "2",
-              "--group-query-attention", "--seq-length", "32", "--swiglu", "--disable-bias-linear",
+    recipe = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "176", "--num-attention-heads", "4",
+              "--num-query-groups", "2", "--group-query-attention", "--seq-length", "32", "--swiglu", "--disable-bias-linear",
               "--untie-embeddings-and-output-weights", "--position-embedding-type", "rope",
               "--use-rotary-position-embeddings", "--normalization", "RMSNorm", "--micro-batch-size", "1",
               "--global-batch-size", "8", "--train-iters", "10", "--lr", "3e-4", "--mock-data", "--vocab-size", "128"]
     check_recipe(recipe, 8)
-    valued = ("--position-embedding-type", "--normalization")  # flags that take a value
+    valued = ("--position-embedding-type", "--normalization", "--num-query-groups", "--ffn-hidden-size")  # with values
     cut = [f for i, f in enumerate(recipe) if f not in dropped and not (recipe[i - 1] in dropped
                                                                           and recipe[i - 1] in valued)]
     with pytest.raises(ConfigError) as e:
