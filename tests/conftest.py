@@ -6,6 +6,46 @@ import sys
 import pytest
 
 
+def kill_process_tree(p):
+    """SIGKILL ``p`` and every process under it (torchrun's ranks may sit in sessions of their own)."""
+    import psutil
+
+    try:
+        procs = psutil.Process(p.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        procs = []
+    for proc in [*procs, psutil.Process(p.pid) if p.poll() is None else None]:
+        try:
+            proc and proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+
+
+def finish(p, timeout):
+    """``p.communicate(timeout=...)``; past the timeout ``p`` and all its children are killed (a hung
+    driver would otherwise hold a core through the rest of the suite) and the test fails, showing the
+    end of what the process wrote."""
+    try:
+        return p.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_process_tree(p)
+        try:
+            out, err = p.communicate(timeout=30)
+        except subprocess.TimeoutExpired:  # a process that escaped still holds the pipes
+            p.kill()
+            out, err = "(its output could not be read: a process outside its tree holds the pipe)", ""
+        pytest.fail(f"{p.args!r:.300} ran past {timeout} s; killed with its children. Its output ends:\n"
+                    f"{(out or '')[-3000:]}\n{(err or '')[-3000:]}", pytrace=False)
+
+
+def run_tree(cmd, timeout, **popen):
+    """``subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)`` that kills the whole
+    process tree on a timeout (``subprocess.run`` kills the child only: torchrun's ranks ran on)."""
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    out, err = finish(p, timeout)
+    return subprocess.CompletedProcess(cmd, p.returncode, out, err)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

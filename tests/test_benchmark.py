@@ -3,8 +3,9 @@
 import importlib.util
 import json
 import os
-import subprocess
 import sys
+
+from tests.conftest import run_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -16,9 +17,8 @@ def test_step_time_worker_times_the_trainers_step(tmp_path):
     flags = step_time.driver_flags("prores_mid", (2, 32, 4, 2, 48, 16), 2, 2, 5, "")
     out = tmp_path / "r.json"
     env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "step_time.py"), "--driver-worker",
-                        json.dumps([flags, 2, str(out)])], capture_output=True, text=True, timeout=600,
-                       env={**env, "PYTHONWARNINGS": "ignore"})
+    r = run_tree([sys.executable, os.path.join(ROOT, "benchmarks", "step_time.py"), "--driver-worker",
+                  json.dumps([flags, 2, str(out)])], 600, env={**env, "PYTHONWARNINGS": "ignore"})
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     res = json.loads(out.read_text())
     assert len(res["times_ms"]) == 3 and all(t > 0 for t in res["times_ms"]) and res["peak_gib"] > 0

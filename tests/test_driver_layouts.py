@@ -153,14 +153,12 @@ def test_tied_copies_start_equal_under_pipeline_parallelism(init):
     """A fresh tied model at PP=2: megatron-core copies the first stage's initial embedding matrix to
     the last stage while building the model; --embedding-init then rescales the first stage's and
     must rescale the copy alike (it did not: std 0.116 against 0.021)."""
-    import subprocess
     import sys
 
-    from tests.conftest import free_port
+    from tests.conftest import free_port, run_tree
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
-                        f"--master-port={free_port()}", os.path.join(root, "tests", "tied_copies_check.py"),
-                        "--embedding-init", init], capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": root})
+    r = run_tree([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2",
+                  f"--master-port={free_port()}", os.path.join(root, "tests", "tied_copies_check.py"),
+                  "--embedding-init", init], 300, env={**os.environ, "PYTHONWARNINGS": "ignore", "PYTHONPATH": root})
     assert r.returncode == 0 and "copies equal: True" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:]

@@ -3,10 +3,11 @@
 
 import os
 import re
-import subprocess
 import sys
 
 import pytest
+
+from tests.conftest import run_tree
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -14,9 +15,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 @pytest.mark.exhaustive  # 8-15 minutes on 2 cores: behind the marker to keep CI inside its 90 minutes
 def test_quickstart(tmp_path):
     run_dir = tmp_path / "qs"
-    out = subprocess.run(["bash", os.path.join(ROOT, "examples", "quickstart.sh")], capture_output=True,
-                         text=True, timeout=1200,
-                         env={**os.environ, "RUN_DIR": str(run_dir),  # the script's `python` is this one
+    out = run_tree(["bash", os.path.join(ROOT, "examples", "quickstart.sh")], 1200,
+                   env={**os.environ, "RUN_DIR": str(run_dir),  # the script's `python` is this one
                               "PATH": os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"]})
     log = out.stdout + out.stderr
     assert out.returncode == 0, log[-4000:]

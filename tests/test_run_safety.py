@@ -20,6 +20,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from tests.conftest import finish
 from tests.test_train import launch, run, train_state
 
 TINY = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
@@ -361,7 +362,7 @@ def test_two_runs_on_one_save_directory(tmp_path):
     nothing; then the finished run's directory resumes (lock released)."""
     args = TINY + ["--train-iters", "6", "--save-interval", "2", "--save", tmp_path / "c", "--load", tmp_path / "c"]
     a, b = launch(args, nproc=1), launch(args, nproc=1)
-    outs = [p.communicate(timeout=600)[0] for p in (a, b)]
+    outs = [finish(p, 600)[0] for p in (a, b)]
     codes = sorted([a.returncode, b.returncode])
     assert codes == [0, 2], outs
     refused = outs[[a.returncode, b.returncode].index(2)]
@@ -551,11 +552,11 @@ def test_bad_flag_values(flag, value, message):
 def test_torchrun_launcher_keeps_the_one_line_promise(tmp_path):
     """megatron-prores-torchrun (torchrun's arguments): a refused start on 2 ranks ends with the
     driver's one error line and exit code 2, without torchrun's ChildFailedError traceback."""
-    from tests.conftest import free_port
+    from tests.conftest import free_port, run_tree
 
     cmd = [sys.executable, "-m", "megatron_prores.launch", "--nproc-per-node", "2", f"--master-port={free_port()}",
            "-m", "megatron_prores.train", *TINY, "--train-iters", "3", "--load", str(tmp_path / "typo")]
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    p = run_tree(cmd, 600, env={**os.environ, "PYTHONWARNINGS": "ignore"})
     out = p.stdout + p.stderr
     errors = [l for l in out.splitlines() if l.startswith("error:")]
     assert p.returncode == 2 and len(errors) == 1 and "typo' does not exist" in errors[0], out[-3000:]

@@ -11,7 +11,7 @@ import time
 import pytest
 import torch
 
-from tests.conftest import free_port
+from tests.conftest import finish, free_port
 
 BASE = ["--num-layers", "4", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
         "--micro-batch-size", "2", "--global-batch-size", "8", "--lr", "3e-3", "--mock-data",
@@ -34,7 +34,7 @@ def launch(args, nproc=2, **popen):
 
 def run(args, nproc=2):
     p = launch(args, nproc)
-    out, _ = p.communicate(timeout=600)
+    out, _ = finish(p, 600)
     return p.returncode, out
 
 
@@ -123,7 +123,7 @@ def test_signal_saves_at_step_boundary_and_exits_0(tmp_path, sig):
     p = launch(args)
     wait_for(p, "iteration        3/")
     kill_tree(p, sig, launcher=False)  # as srun delivers --signal to every task
-    out = p.communicate(timeout=300)[0]
+    out = finish(p, 300)[0]
     assert p.returncode == 0, out[-3000:]
     assert "exiting at iteration" in out
     it, state = train_state(tmp_path / "c")
@@ -140,7 +140,7 @@ def test_ctrl_c_without_the_handler_is_one_line_and_keeps_the_checkpoints(tmp_pa
     p = launch(args, nproc=1, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     wait_for(p, "iteration        3/")
     p.send_signal(signal.SIGINT)
-    out = p.communicate(timeout=300)[0]
+    out = finish(p, 300)[0]
     assert p.returncode == 130, out[-3000:]
     assert "Traceback" not in out and "interrupted (Ctrl-C): stopped without saving" in out, out[-3000:]
     it, state = train_state(tmp_path / "c")
