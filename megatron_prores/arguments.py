@@ -40,10 +40,27 @@ from megatron_prores.schedules import SCHEDULES, WARMUP_SPACINGS
 from megatron_prores.tokenizer import TOKENIZER_TYPES
 
 
+def _uncommented(line: str) -> str:
+    """``line`` up to a ``#`` that starts a word outside quotes (a shell comment): ``--norm-type lns
+    # LNS`` drops the comment, ``--data-path a#b`` and ``"# x"`` keep theirs."""
+    quote, escaped = None, False
+    for i, ch in enumerate(line):
+        if escaped:
+            escaped = False
+        elif ch == "\\" and quote != "'":
+            escaped = True
+        elif quote:
+            quote = None if ch == quote else quote
+        elif ch in "'\"":
+            quote = ch
+        elif ch == "#" and (i == 0 or line[i - 1].isspace()):
+            return line[:i]
+    return line
+
+
 class _Parser(argparse.ArgumentParser):
-    def convert_arg_line_to_args(self, line):
-        line = line.split("#", 1)[0] if line.lstrip().startswith("#") else line
-        return shlex.split(line)
+    def convert_arg_line_to_args(self, line):  # an @file line: shell words, # comments anywhere
+        return shlex.split(_uncommented(line))
 
     def error(self, message):  # one line, exit 2 (argparse's own usage dump is long)
         raise ConfigError(message)
@@ -52,6 +69,19 @@ class _Parser(argparse.ArgumentParser):
 # argparse reads "-1e-3" as an option (its negative-number pattern has no exponent): accept any
 # number here, so that a negative value reaches the range checks below and gets their message.
 _NUMBER = re.compile(r"^-(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?$|^-(inf|nan)$", re.IGNORECASE)
+
+
+class _Stated(argparse.Action):
+    """A plain value flag that also records that the command gave it (``args._stated``): for
+    defaults that differ from Megatron-LM's, which a Megatron-LM recipe must then state."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, values)
+        namespace.__dict__.setdefault("_stated", set()).add(self.dest)
+
+
+def stated(args, dest: str) -> bool:
+    return dest in getattr(args, "_stated", ())
 
 
 # The method flags' defaults are MethodConfig's (one place); their names are its field names.
@@ -78,14 +108,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="RoPE theta (Llama 2: 10000, Llama 3: 500000)")
     g.add_argument("--use-rope-scaling", action="store_true",
                    help="Llama 3.x RoPE scaling (low/high frequency factors 1/4, original context 8192)")
-    g.add_argument("--rope-scaling-factor", type=float, default=8.0,
+    g.add_argument("--rope-scaling-factor", type=float, default=8.0, action=_Stated,
                    help="with --use-rope-scaling (Llama 3.1: 8, Llama 3.2: 32)")
     g.add_argument("--tie-embeddings-and-output-weights", action="store_true",
                    help="the output layer is the word embedding matrix (Megatron-LM's default, e.g. Llama 3.2 "
                         "1B/3B); default here: an output layer of its own")
     g.add_argument("--init-method-std", type=float, default=_MODEL.init_method_std)
-    g.add_argument("--hidden-dropout", type=float, default=_MODEL.hidden_dropout)
-    g.add_argument("--attention-dropout", type=float, default=_MODEL.attention_dropout)
+    g.add_argument("--hidden-dropout", type=float, default=_MODEL.hidden_dropout, action=_Stated)
+    g.add_argument("--attention-dropout", type=float, default=_MODEL.attention_dropout, action=_Stated)
 
     g = p.add_argument_group("ProRes / GPAS (this project)")
     g.add_argument("--norm-type", choices=NORM_TYPES, default=_METHOD["norm_type"])
@@ -133,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "--lr-wsd-decay-samples)")
     g.add_argument("--lr", type=float, required=True)
     g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "WSD"], default="cosine")
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "WSD"], default="cosine",
+                   action=_Stated)
     g.add_argument("--lr-warmup-iters", type=int, default=0)
     g.add_argument("--lr-warmup-init", type=float, default=0.0, help="the LR the warmup starts from")
     g.add_argument("--lr-warmup-fraction", type=float, default=None,
@@ -145,9 +176,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--lr-wsd-decay-samples", type=int, default=None, help="with --train-samples: WSD's final decay")
     g.add_argument("--lr-wsd-decay-style", choices=["linear", "cosine", "exponential", "minus_sqrt"],
                    default="linear")
-    g.add_argument("--weight-decay", type=float, default=0.1)
+    g.add_argument("--weight-decay", type=float, default=0.1, action=_Stated)
     g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.95)
+    g.add_argument("--adam-beta2", type=float, default=0.95, action=_Stated)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
     g.add_argument("--bf16", action="store_true")
@@ -357,7 +388,8 @@ def check_args(args, this_machine: bool = True) -> None:
          "--valid-data-path needs evaluation: give --eval-iters > 0 (with --eval-interval N to evaluate every N steps)")
     if args.tokenizer_type == "NullTokenizer" or args.mock_data:
         need(args.vocab_size or args.tokenizer_model,
-             "--mock-data/--tokenizer-type NullTokenizer need --vocab-size")
+             "--mock-data/--tokenizer-type NullTokenizer need --vocab-size" if args.vocab_size is None else
+             f"--vocab-size {args.vocab_size} is not valid; it must be >= 2")
     else:
         need(args.tokenizer_model, f"--tokenizer-type {args.tokenizer_type} needs --tokenizer-model")
     if args.max_position_embeddings is not None:
@@ -372,6 +404,9 @@ def check_args(args, this_machine: bool = True) -> None:
         need(args.kv_channels * args.num_attention_heads == args.hidden_size,
              f"--kv-channels {args.kv_channels} is not --hidden-size {args.hidden_size} / --num-attention-heads "
              f"{args.num_attention_heads}: this model's head size is hidden / heads; drop --kv-channels")
+    need(args.use_rope_scaling or not stated(args, "rope_scaling_factor"),
+         f"--rope-scaling-factor {args.rope_scaling_factor:g} does nothing without --use-rope-scaling (RoPE would "
+         f"stay unscaled); add --use-rope-scaling or drop the factor")
     need(args.rotary_percent == 1.0, f"--rotary-percent {args.rotary_percent}: this model applies RoPE to the whole "
                                      f"head (1.0); drop the flag")
     if args.use_flash_attn:
@@ -440,6 +475,12 @@ _MEGATRON_DEFAULTS = (
      "--num-query-groups (with --group-query-attention)", "one key/value group (multi-query attention)"),
     (lambda a: a.ffn_hidden_size is not None, "--ffn-hidden-size",
      "4 x --hidden-size, or with --swiglu 8/3 x --hidden-size rounded down to a multiple of 64"),
+    # defaults of this project that differ from Megatron-LM's (here: dropout 0, wd 0.1, beta2 0.95, cosine)
+    (lambda a: stated(a, "hidden_dropout"), "--hidden-dropout", "0.1"),
+    (lambda a: stated(a, "attention_dropout"), "--attention-dropout", "0.1"),
+    (lambda a: stated(a, "weight_decay"), "--weight-decay", "0.01"),
+    (lambda a: stated(a, "adam_beta2"), "--adam-beta2", "0.999"),
+    (lambda a: stated(a, "lr_decay_style"), "--lr-decay-style", "linear"),
 )
 
 
@@ -455,7 +496,7 @@ def _check_megatron_recipe(args) -> None:
         raise ConfigError(f"this command reads as a Megatron-LM recipe (it gives {given[0]}), where leaving out "
                           + ", ".join(f"{flag} means {there}" for flag, there in missing)
                           + "; add " + " ".join(flag.split(" (")[0] for flag, _ in missing)
-                          + " to state this model (or drop the Megatron-LM flags)")
+                          + " to state this model and its training (or drop the Megatron-LM flags)")
 
 
 # the LR schedule's lengths: in steps with --train-iters, in samples with --train-samples (Megatron-LM's)

@@ -90,6 +90,7 @@ def _load(sharded: dict, directory: str) -> dict:
     # LOG_ALL: keys the checkpoint lacks are left out instead of failing here; _load_model then
     # accepts only Transformer Engine's _extra_state (FP8 metadata) among them, so a local-spec
     # checkpoint loads into a TE model.
+    mcore_compat.tolerate_tensor_strides()
     return dist_checkpointing.load(sharded, directory, strict=StrictHandling.LOG_ALL)
 
 

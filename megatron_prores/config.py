@@ -137,6 +137,9 @@ class MethodConfig:
                 f"use GPAS with {', '.join(gpas_norm_types()[:-1])} or {gpas_norm_types()[-1]}"
             )
         if self.norm_type in MIXED:
+            if num_layers < 2:
+                raise ConfigError(f"--norm-type mix needs at least 2 layers (Post-LN blocks, then Pre-LN "
+                                  f"ones); --num-layers is {num_layers}")
             k = self.post_layers(num_layers)
             if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_layers - 1:
                 raise ConfigError(
@@ -298,6 +301,12 @@ class ModelConfig:
             raise ConfigError(
                 f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads {heads}"
             )
+        if (self.hidden_size // heads) % 2:  # RoPE rotates pairs of channels (it failed at step 1)
+            raise ConfigError(
+                f"the head size {self.hidden_size // heads} (--hidden-size {self.hidden_size} / "
+                f"--num-attention-heads {heads}) is odd, and RoPE rotates pairs of channels; pick sizes "
+                f"whose quotient is even"
+            )
         if heads % groups:
             raise ConfigError(
                 f"--num-attention-heads {heads} is not divisible by --num-query-groups {groups}"
@@ -331,6 +340,12 @@ class ModelConfig:
                 raise ConfigError(
                     f"--num-layers-per-virtual-pipeline-stage {vl} does not divide the {L // pp} "
                     f"layers of each pipeline stage (--num-layers {L} / pipeline size {pp})"
+                )
+            if vl == L // pp:  # one chunk per stage: megatron-core's interleaved schedule failed at step 1
+                raise ConfigError(
+                    f"--num-layers-per-virtual-pipeline-stage {vl} is all {L // pp} layers of each pipeline "
+                    f"stage (--num-layers {L} / pipeline size {pp}): no virtual pipeline; drop the flag or "
+                    f"give a smaller divisor"
                 )
         if self.sequence_parallel and tp < 2:
             raise ConfigError(

@@ -11,7 +11,11 @@ The rest of the project calls these helpers instead of testing versions itself. 
 - 0.19 builds a layer's MLP through ``MLP.as_mlp_submodule``; a ``ModuleSpec(MLP)`` still works
   there but is rewrapped with a warning per layer (48 lines for a 48-layer model): ``mlp_spec``
   gives each release the form it expects.
-And one defect that both have:
+And defects that every supported release has:
+- torch 2.15 added a ``strides`` field to DCP's ``TensorProperties``; megatron-core builds a meta
+  copy of every saved tensor with ``torch.empty(size, **properties.__dict__)``, which then fails
+  (``unexpected keyword argument 'strides'``): no checkpoint loads, whichever torch wrote it.
+  ``tolerate_tensor_strides`` hands megatron-core the metadata without that field.
 - ``tensor_parallel.CheckpointWithoutOutput(fp8=False)`` sets ``fp8 = fp8 is not None``, i.e. True,
   and its forward then calls Transformer Engine's FP8 state manager: selective recompute of the
   norms (``--recompute-modules layernorm``) dies with a NameError where TE is not installed.
@@ -20,6 +24,9 @@ And one defect that both have:
 
 from __future__ import annotations
 
+import copy
+import dataclasses
+import functools
 import inspect
 
 from megatron.core import dist_checkpointing
@@ -65,3 +72,41 @@ def allow_norm_recompute_without_te() -> None:
 
     cls.__init__ = __init__
     cls._prores_no_te = True
+
+
+def _without_strides(metadata):
+    """A copy of DCP ``metadata`` whose tensor properties carry no ``strides`` entry (on torch
+    2.15, reading the attribute then gives the dataclass default, None); ``metadata`` is unchanged."""
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    entries = {}
+    for key, item in metadata.state_dict_metadata.items():
+        if isinstance(item, TensorStorageMetadata):
+            props = copy.copy(item.properties)
+            props.__dict__.pop("strides", None)
+            item = dataclasses.replace(item, properties=props)
+        entries[key] = item
+    out = copy.copy(metadata)
+    out.state_dict_metadata = entries
+    return out
+
+
+def tolerate_tensor_strides() -> None:
+    """Let megatron-core read checkpoint metadata under torch >= 2.15 (idempotent). Installed
+    whatever the torch (nothing to drop before 2.15), so every load takes the same path. Only the
+    shapes and dtypes of that metadata are used there; torch reads the tensors themselves."""
+    from megatron.core.dist_checkpointing.strategies import torch as strategies
+
+    cls = strategies.TorchDistLoadShardedStrategy
+    if getattr(cls, "_prores_strides", False):
+        return
+    original = cls.load_tensors_metadata
+
+    @functools.wraps(original)
+    def load_tensors_metadata(self, checkpoint_dir, metadata=None):
+        if metadata is None:
+            metadata = strategies._get_filesystem_reader(checkpoint_dir).read_metadata()
+        return original(self, checkpoint_dir, _without_strides(metadata))
+
+    cls.load_tensors_metadata = load_tensors_metadata
+    cls._prores_strides = True

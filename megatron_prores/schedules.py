@@ -140,3 +140,12 @@ def final_step(schedule: str, layer: int, num_layers: int, warmup: float,
     if schedule == "reverse":
         return warmup_end(num_layers - layer + 1, num_layers, warmup, spacing)
     return warmup_end(layer, num_layers, warmup, spacing)
+
+
+def unfinished_at(step: int, schedule: str, num_layers: int, warmup: float, spacing: str = "even") -> list:
+    """The blocks still warming up at ``step`` (would reach a == 1 only later), as (block, a)."""
+    if not needs_warmup(schedule):
+        return []
+    return [(l, prores_value(schedule, step, l, num_layers, warmup, spacing))
+            for l in range(1, num_layers + 1)
+            if final_step(schedule, l, num_layers, warmup, spacing) > step]

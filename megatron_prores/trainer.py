@@ -372,6 +372,24 @@ class Trainer:
         layout = saved_flags.get("layout")
         return saved_flags.get("world_size") == self.world and (layout is None or layout == self._layout())
 
+    def _prores_past_the_end(self) -> Optional[str]:
+        """A note when the ProRes warmup does not finish within --train-iters (the model keeps scaled
+        residual branches: a warmup meant per block given as the total, or a recipe run shortened)."""
+        from megatron_prores.schedules import unfinished_at
+
+        m, last = self.cfg.method, self.args.train_iters - 1
+        left = unfinished_at(last, m.prores_schedule, self.cfg.num_layers, m.prores_warmup_steps,
+                             m.prores_warmup_spacing)
+        if not left:
+            return None
+        lo, hi = min(v for _, v in left), max(v for _, v in left)
+        what = (f"block {left[0][0]} of {self.cfg.num_layers} is" if len(left) == 1 else
+                f"blocks {left[0][0]}-{left[-1][0]} of {self.cfg.num_layers} are")
+        return (f"note: the ProRes warmup (--prores-warmup-steps {m.prores_warmup_steps:g}) outlasts the run: at its "
+                f"last step ({last}) {what} still warming up (a = {lo:.3g}" + (f" to {hi:.3g}" if hi > lo else "")
+                + "), which its checkpoints and exports keep; lengthen --train-iters or shorten "
+                  "--prores-warmup-steps if that is not meant")
+
     def _say(self, line: Optional[str]) -> None:
         if line and dist.get_rank() == 0:
             print(line, flush=True)
@@ -575,6 +593,7 @@ class Trainer:
                   f"norm {self.cfg.method.norm_type}, "
                   f"ProRes {self.cfg.method.prores_schedule}, GPAS {'on' if self.cfg.method.gpas else 'off'}, "
                   f"on {self.world} {'GPU' if self.device.type == 'cuda' else 'CPU'} process(es)", flush=True)
+        self._say(self._prores_past_the_end())
         if s.iteration >= a.train_iters:
             self._say(f"already trained to iteration {s.iteration} ({training_length(a)}): nothing to do")
             return 0

@@ -51,6 +51,45 @@ def test_reload_mid_warmup_continues_with_same_values(single_process, tmp_path):
     assert torch.equal(logits(restored), logits(original))
 
 
+def test_checkpoint_metadata_with_tensor_strides_loads(single_process, tmp_path, monkeypatch):
+    """torch 2.15 reads every checkpoint's tensor properties with a ``strides`` field, which
+    megatron-core (0.16-0.19) passes on to torch.empty: no checkpoint loaded (TypeError). Here
+    the field is put into the metadata as torch 2.15 reads it; megatron-core's own reader fails
+    on it, the driver's load gives back the saved weights."""
+    from megatron.core.dist_checkpointing.strategies import torch as strategies
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    original = make(seed=1)
+    save_model(original, str(tmp_path / "ckpt"))
+    read = FileSystemReader.read_metadata
+
+    def read_as_torch_2_15(self):
+        metadata = read(self)
+        for item in metadata.state_dict_metadata.values():
+            if isinstance(item, TensorStorageMetadata):
+                # contiguous, as torch 2.15 records it
+                item.properties.__dict__["strides"] = torch.empty(item.size, device="meta").stride()
+        return metadata
+
+    monkeypatch.setattr(FileSystemReader, "read_metadata", read_as_torch_2_15)
+    raw = strategies._get_filesystem_reader(str(tmp_path / "ckpt")).read_metadata()
+    assert all("strides" in i.properties.__dict__ for i in raw.state_dict_metadata.values()
+               if isinstance(i, TensorStorageMetadata))
+    unwrapped = getattr(strategies.TorchDistLoadShardedStrategy.load_tensors_metadata, "__wrapped__", None)
+    if unwrapped is None:  # the driver has not loaded anything yet in this process
+        unwrapped = strategies.TorchDistLoadShardedStrategy.load_tensors_metadata
+    with pytest.raises(TypeError, match="strides"):
+        unwrapped(strategies.TorchDistLoadShardedStrategy(), tmp_path / "ckpt", raw)
+
+    restored = make(seed=2)
+    load_model(restored, str(tmp_path / "ckpt"))
+    assert torch.equal(logits(restored), logits(original))
+    # what megatron-core was handed is a copy: the metadata read keeps its field
+    assert all("strides" in i.properties.__dict__ for i in raw.state_dict_metadata.values()
+               if isinstance(i, TensorStorageMetadata))
+
+
 def test_adam_state_fixups_apply_to_torch_adam_only():
     """The resume fix-ups (prime, restore 'step') are for torch's Adam inside megatron's
     DistributedOptimizer; Transformer Engine's FusedAdam (any other inner optimizer) is left alone."""

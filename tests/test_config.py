@@ -106,9 +106,11 @@ def test_driver_flags_from_a_recipe_file(tmp_path):
     recipe = tmp_path / "recipe.txt"
     recipe.write_text("# a 4-layer recipe\n--num-layers 4 --hidden-size 64\n--num-attention-heads 4\n"
                       "--seq-length 32 --micro-batch-size 2 --global-batch-size 8\n--train-iters 10 --lr 1e-3\n"
-                      "--mock-data --vocab-size 128 --norm-type deepnorm --gpas\n")
+                      "--mock-data --vocab-size 128 --norm-type deepnorm --gpas   # DeepNorm + GPAS\n"
+                      "--data-cache-path 'cache # 1'/a#b  # a comment after a quoted #, and a # inside a word\n")
     args = parse_args([f"@{recipe}", "--lr", "2e-3"])  # later flags override the file
     assert (args.num_layers, args.norm_type, args.gpas, args.lr) == (4, "deepnorm", True, 2e-3)
+    assert args.data_cache_path == "cache # 1/a#b"
     with pytest.raises(ConfigError, match="--norm-type"):
         parse_args([f"@{recipe}", "--norm-type", "rms"])
     with pytest.raises(ConfigError, match="no training data"):
@@ -132,7 +134,8 @@ def test_a_megatron_lm_llama_recipe_is_accepted():
              "--rotary-percent", "1.0", "--ckpt-format", "torch_dist", "--num-workers", "2",
              "--distributed-timeout-minutes", "60", "--no-create-attention-mask-in-dataloader",
              "--micro-batch-size", "1", "--global-batch-size", "8", "--train-iters", "10", "--lr", "3e-4",
-             "--mock-data", "--vocab-size", "128"]
+             "--mock-data", "--vocab-size", "128", "--hidden-dropout", "0.0", "--attention-dropout", "0.0",
+             "--weight-decay", "0.1", "--adam-beta2", "0.95", "--lr-decay-style", "cosine"]
     args, cfg, _, _ = check_recipe(llama + ["--use-flash-attn", "--lr-warmup-fraction", "0.25"], 8)
     assert (cfg.attention_backend, cfg.rotary_base, cfg.norm_epsilon, cfg.query_groups, args.lr_warmup_fraction) == \
         ("flash", 500000.0, 1e-5, 2, 0.25)
@@ -161,20 +164,30 @@ def test_a_megatron_lm_llama_recipe_is_accepted():
     (["--group-query-attention"], "--group-query-attention means --num-query-groups ignored"),
     (["--num-query-groups"], "--num-query-groups (with --group-query-attention) means one key/value group"),
     (["--ffn-hidden-size"], "--ffn-hidden-size means 4 x --hidden-size, or with --swiglu 8/3 x --hidden-size"),
+    # this project's defaults that are not Megatron-LM's (dropout 0.1, wd 0.01, beta2 0.999, linear decay there)
+    (["--hidden-dropout"], "--hidden-dropout means 0.1"),
+    (["--attention-dropout"], "--attention-dropout means 0.1"),
+    (["--weight-decay"], "--weight-decay means 0.01"),
+    (["--adam-beta2"], "--adam-beta2 means 0.999"),
+    (["--lr-decay-style"], "--lr-decay-style means linear"),
 ])
 def test_a_megatron_lm_recipe_that_leaves_out_a_model_flag_is_refused(dropped, meaning):
     """In Megatron-LM, leaving one of these flags out builds another model (GeLU, biases, tied
-    output layer, learned positions, LayerNorm, no GQA): a recipe that gives Megatron-LM's model
-    flags must give all of them here, or it would train another model than it did there."""
+    output layer, learned positions, LayerNorm, no GQA, dropout 0.1) or trains it otherwise (weight
+    decay 0.01, beta2 0.999, linear decay): a recipe that gives Megatron-LM's model flags must give
+    all of them here, or it would train another model than it did there."""
     from megatron_prores.arguments import check_recipe
 
     recipe = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "176", "--num-attention-heads", "4",
               "--num-query-groups", "2", "--group-query-attention", "--seq-length", "32", "--swiglu", "--disable-bias-linear",
               "--untie-embeddings-and-output-weights", "--position-embedding-type", "rope",
               "--use-rotary-position-embeddings", "--normalization", "RMSNorm", "--micro-batch-size", "1",
-              "--global-batch-size", "8", "--train-iters", "10", "--lr", "3e-4", "--mock-data", "--vocab-size", "128"]
+              "--global-batch-size", "8", "--train-iters", "10", "--lr", "3e-4", "--mock-data", "--vocab-size", "128",
+              "--hidden-dropout", "0.0", "--attention-dropout", "0.0", "--weight-decay", "0.1", "--adam-beta2", "0.95",
+              "--lr-decay-style", "cosine"]  # the defaults, stated
     check_recipe(recipe, 8)
-    valued = ("--position-embedding-type", "--normalization", "--num-query-groups", "--ffn-hidden-size")  # with values
+    valued = ("--position-embedding-type", "--normalization", "--num-query-groups", "--ffn-hidden-size",
+              "--hidden-dropout", "--attention-dropout", "--weight-decay", "--adam-beta2", "--lr-decay-style")
     cut = [f for i, f in enumerate(recipe) if f not in dropped and not (recipe[i - 1] in dropped
                                                                           and recipe[i - 1] in valued)]
     with pytest.raises(ConfigError) as e:

@@ -126,6 +126,13 @@ def test_flags_inert_in_a_model_do_not_make_it_another_model():
     (["--tensorboard-dir", ""], "--tensorboard-dir is empty"),
     (["--deepnorm", "official"], "unrecognized arguments: --deepnorm official"),  # no abbreviations (Megatron-LM)
     (["--exit-dur", "1"], "unrecognized arguments: --exit-dur"),
+    # found by an adversarial run: the first two passed every check and failed at step 1 (tracebacks)
+    (["--hidden-size", "60"], "the head size 15 (--hidden-size 60 / --num-attention-heads 4) is odd"),
+    (["--num-layers", "4", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "2"],
+     "--num-layers-per-virtual-pipeline-stage 2 is all 2 layers of each pipeline stage"),
+    (["--rope-scaling-factor", "32"], "--rope-scaling-factor 32 does nothing without --use-rope-scaling"),
+    (["--num-layers", "1", "--norm-type", "mix"], "--norm-type mix needs at least 2 layers"),
+    (["--vocab-size", "0"], "--vocab-size 0 is not valid; it must be >= 2"),
 ])
 def test_bad_values_are_one_line(extra, message):
     from megatron_prores.arguments import model_config, parse_args
@@ -154,3 +161,26 @@ def test_output_directories_that_are_files_are_one_line_before_the_model(single_
             trainer(["--train-iters", "2", flag, tmp_path / "afile"])
     with pytest.raises(ConfigError, match=r"^--tensorboard-dir '/proc/nope/tb' is not writable"):
         trainer(["--train-iters", "2", "--tensorboard-dir", "/proc/nope/tb"])
+
+
+def test_a_prores_warmup_longer_than_the_run_is_noted(single_process):
+    """A warmup that outlasts --train-iters leaves blocks below a = 1 in every checkpoint and
+    export (e.g. a per-block T given as the total W, or a recipe's run shortened): the start says
+    which blocks and where they end; a warmup that ends in time says nothing."""
+    from megatron_prores.schedules import prores_value
+
+    t = trainer(["--train-iters", "6", "--prores-schedule", "linear", "--prores-warmup-steps", "8"])
+    try:
+        note = t._prores_past_the_end()
+    finally:
+        t.close(0)
+    # L = 2, T = W / L = 4: block 1 is done at step 4, block 2 at 8; the last step is 5
+    assert prores_value("linear", 5, 2, 2, 8.0) == 5 / 8
+    assert note.startswith("note: the ProRes warmup (--prores-warmup-steps 8) outlasts the run: at its last step "
+                           "(5) block 2 of 2 is still warming up (a = 0.625), which its checkpoints"), note
+    for extra in (["--train-iters", "9"], ["--train-iters", "6", "--prores-schedule", "fix-L"]):
+        t = trainer(extra + ([] if "fix-L" in extra else ["--prores-schedule", "linear", "--prores-warmup-steps", "8"]))
+        try:
+            assert t._prores_past_the_end() is None
+        finally:
+            t.close(0)
