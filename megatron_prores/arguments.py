@@ -58,11 +58,31 @@ def _uncommented(line: str) -> str:
     return line
 
 
+# Megatron-LM flags this project does not have, with what to give instead (appended to argparse's
+# "unrecognized arguments" line)
+_MEGATRON_ONLY = {
+    "--fp16": "fp16 with loss scaling is not supported: train in bf16 (--bf16, GPUs) or fp32",
+    "--loss-scale": "fp16 loss scaling is not supported: train in bf16 (--bf16, GPUs) or fp32",
+    "--initial-loss-scale": "fp16 loss scaling is not supported: train in bf16 (--bf16, GPUs) or fp32",
+    "--recompute-activations": "Megatron-LM's old name: give --recompute-granularity selective",
+    "--vocab-file": "GPT-2 BPE files are not read: give --tokenizer-type HuggingFaceTokenizer --tokenizer-model "
+                    "tokenizer.json (or its directory)",
+    "--merge-file": "GPT-2 BPE files are not read: give --tokenizer-type HuggingFaceTokenizer --tokenizer-model "
+                    "tokenizer.json (or its directory)",
+    "--apply-residual-connection-post-layernorm": "where norms and residuals go is --norm-type "
+                                                  "(pre, post, sandwich, deepnorm, lns, mix)",
+}
+
+
 class _Parser(argparse.ArgumentParser):
     def convert_arg_line_to_args(self, line):  # an @file line: shell words, # comments anywhere
         return shlex.split(_uncommented(line))
 
     def error(self, message):  # one line, exit 2 (argparse's own usage dump is long)
+        if message.startswith("unrecognized arguments:"):
+            hints = {h for word in message.split()[2:] for flag, h in _MEGATRON_ONLY.items()
+                     if word.split("=")[0] == flag}
+            message += "".join(f" ({h})" for h in sorted(hints))
         raise ConfigError(message)
 
 

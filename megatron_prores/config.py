@@ -123,7 +123,8 @@ class MethodConfig:
         if not needs_warmup(self.prores_schedule) and w:
             raise ConfigError(
                 f"--prores-warmup-steps {w!r} has no effect with --prores-schedule "
-                f"{self.prores_schedule}; choose a warming schedule (e.g. linear) or drop the warmup"
+                f"{self.prores_schedule}; choose a warming schedule (e.g. linear), or give --prores-warmup-steps 0 "
+                f"(after a recipe's value) or drop the flag"
             )
         if needs_warmup(self.prores_schedule):
             if not isinstance(w, (int, float)) or isinstance(w, bool) or not math.isfinite(w) or w <= 0:

@@ -126,6 +126,10 @@ def test_flags_inert_in_a_model_do_not_make_it_another_model():
     (["--tensorboard-dir", ""], "--tensorboard-dir is empty"),
     (["--deepnorm", "official"], "unrecognized arguments: --deepnorm official"),  # no abbreviations (Megatron-LM)
     (["--exit-dur", "1"], "unrecognized arguments: --exit-dur"),
+    (["--fp16"], "unrecognized arguments: --fp16 (fp16 with loss scaling is not supported: train in bf16"),
+    (["--recompute-activations"], "(Megatron-LM's old name: give --recompute-granularity selective)"),
+    (["--vocab-file", "v.json"], "--vocab-file v.json (GPT-2 BPE files are not read: give --tokenizer-type "
+                                 "HuggingFaceTokenizer"),
     # found by an adversarial run: the first two passed every check and failed at step 1 (tracebacks)
     (["--hidden-size", "60"], "the head size 15 (--hidden-size 60 / --num-attention-heads 4) is odd"),
     (["--num-layers", "4", "--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "2"],
