@@ -18,7 +18,9 @@ trust_remote_code=True) with explicit ProRes values and gates.
 from __future__ import annotations
 
 import json
+import math
 import os
+import re
 import shutil
 from typing import Optional
 
@@ -130,8 +132,15 @@ class _ShardWriter:
 
     def add(self, name: str, tensor: torch.Tensor) -> None:
         t = tensor.detach()
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ConfigError(f"the checkpoint's values for {name} hold NaN or inf (the run diverged before this "
+                              f"iteration); export an earlier --iteration")
         if self.dtype is not None and t.is_floating_point():
+            big = t.abs().max().item() if t.numel() else 0.0
             t = t.to(self.dtype)
+            if not torch.isfinite(t).all():  # past float16's range (65504): the export would hold inf
+                raise ConfigError(f"{name} has values up to {big:.4g}, beyond {str(self.dtype).replace('torch.', '')}'s "
+                                  f"range; export with --dtype bfloat16 or float32")
         t = t.contiguous().clone()  # own storage: safetensors refuses views of one buffer (gate/up)
         nbytes = t.numel() * t.element_size()
         if self.current and self.size + nbytes > self.max_bytes:
@@ -190,7 +199,40 @@ class _Model:
         self.styles = [m.block_style(l, L) for l in range(1, L + 1)]
         self.gates = [self.layers.get(i, "gpas_gate").double() for i in range(L)] if m.gpas else []
         self.stored = reader.tensors["embedding.word_embeddings.weight"].properties.dtype
+        self._check_shapes()
         self.token_ids = dict(DEFAULT_TOKEN_IDS)  # the exported tokenizer's, when it is a Hugging Face one
+
+    def _check_shapes(self) -> None:
+        """The tensors against the model configuration the checkpoint records (a mismatch exported a
+        model without its last blocks, or its vocabulary padding as tokens, or failed in a traceback)."""
+        cfg, reader, L = self.cfg, self.reader, self.cfg.num_layers
+        heads, groups, h, f = cfg.num_attention_heads, cfg.query_groups, cfg.hidden_size, cfg.ffn_size
+        d = h // heads
+        want = {"embedding.word_embeddings.weight": (cfg.padded_vocab_size, h)}
+        if not cfg.tie_embeddings:
+            want["output_layer.weight"] = (cfg.padded_vocab_size, h)
+        per_block = {"self_attention.linear_qkv.weight": ((heads + 2 * groups) * d, h),
+                     "self_attention.linear_proj.weight": (h, h), "mlp.linear_fc1.weight": (2 * f, h),
+                     "mlp.linear_fc2.weight": (h, f)}
+        for name, shape in per_block.items():
+            stacked = f"decoder.layers.{name}"
+            if stacked in reader:
+                want[stacked] = (L, *shape)
+            for i in range(L):
+                if f"decoder.layers.{i}.{name}" in reader:
+                    want[f"decoder.layers.{i}.{name}"] = shape
+        blocks = {int(k.split(".")[2]) for k in reader.tensors if re.match(r"decoder\.layers\.\d+\.", k)}
+        extra = sorted(b for b in blocks if b >= L)
+        what = (f"{L} layers, hidden {h}, ffn {f}, {heads} heads in {groups} key/value groups, vocabulary "
+                f"{cfg.vocab_size} padded to {cfg.padded_vocab_size}")
+        if extra:
+            raise ConfigError(f"checkpoint {reader.directory} holds block {extra[0] + 1} but its model configuration "
+                              f"says {what}; it is damaged or was edited: export another --iteration")
+        for key, shape in want.items():
+            if key in reader and reader.shape(key) != shape:
+                raise ConfigError(f"checkpoint {reader.directory}: {key} has shape {reader.shape(key)}, but its "
+                                  f"model configuration ({what}) asks for {shape}; it is damaged or was edited: "
+                                  f"export another --iteration")
 
     def block(self, i: int) -> dict:
         """Block i's tensors under their Hugging Face names (after model.layers.i.), unfolded."""
@@ -268,7 +310,8 @@ class _Model:
     @torch.no_grad()
     def fold_error(self) -> float:
         """max |folded - unfolded logits| / max |unfolded logits| on CALIBRATION_BATCH sequences of
-        min(CALIBRATION_TOKENS, seq_length) fixed-seed random tokens, in float64. Both models run block
+        min(CALIBRATION_TOKENS, seq_length) fixed-seed random tokens and one of the tokens with the
+        smallest embeddings, in float64. Both models run block
         by block from the checkpoint (one block's weights in memory, twice for o_proj and down_proj)."""
         try:
             from megatron_prores.hf.configuration_prores import ProResConfig
@@ -283,8 +326,13 @@ class _Model:
         n = min(CALIBRATION_TOKENS, cfg.seq_length)
         tokens = torch.randint(cfg.vocab_size, (CALIBRATION_BATCH, n),
                                generator=torch.Generator().manual_seed(CALIBRATION_SEED))
-        positions = torch.arange(n)[None].expand(CALIBRATION_BATCH, -1)
-        unfolded = self.reader.read("embedding.word_embeddings.weight")[tokens].double()
+        embedding = self.reader.read("embedding.word_embeddings.weight")[:cfg.vocab_size]
+        # and a sequence of the tokens with the smallest embeddings, smallest first: where the stream
+        # is smallest, the fold's epsilon eps P^2 matters most (random tokens missed a rarely trained one)
+        smallest = embedding.double().norm(dim=1).argsort()[:n]
+        tokens = torch.cat([tokens, smallest.repeat(-(-n // len(smallest)))[:n][None]])
+        positions = torch.arange(n)[None].expand(len(tokens), -1)
+        unfolded = embedding[tokens].double()
         folded, P = unfolded, 1.0
 
         def loaded(weights, cls, *args):
@@ -308,7 +356,8 @@ class _Model:
             rows = rows.double()
             lu, lf = unfolded @ rows.T, folded @ rows.T
             diff, ref = max(diff, (lf - lu).abs().max().item()), max(ref, lu.abs().max().item())
-        return diff / ref
+        error = diff / ref if ref > 0 else math.inf
+        return error if math.isfinite(error) else math.inf  # NaN weights: not folded (the writer names them)
 
 
 def export(load: str, output: str, iteration: Optional[int] = None, fold: bool = True,

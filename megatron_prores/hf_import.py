@@ -33,6 +33,10 @@ def _llama_config(directory: str) -> dict:
     if not os.path.isfile(path):
         raise ConfigError(f"--input {directory!r} has no config.json; give a Hugging Face model directory")
     c = _json(path)
+    archs = c.get("architectures")
+    if isinstance(archs, list) and archs and "LlamaForCausalLM" not in archs:
+        raise ConfigError(f"--input {directory!r} is a {', '.join(map(str, archs))} (config.json: architectures), "
+                          f"not a LlamaForCausalLM; give a causal language model's directory")
     if c.get("model_type") != "llama":
         raise ConfigError(f"--input {directory!r} is a {c.get('model_type')!r} model; only Llama models import "
                           f"(export Post-LN/Sandwich/DeepNorm/Mix-LN checkpoints of this project are not Llama)")
@@ -41,17 +45,22 @@ def _llama_config(directory: str) -> dict:
             raise ConfigError(f"--input {directory!r}: config.json "
                               + (f"lacks {key!r}" if key not in c else f"has {key} {c[key]!r}, not a positive number")
                               + "; give the model's complete config.json")
+    if not isinstance(c.get("tie_word_embeddings", False), bool):
+        raise ConfigError(f"--input {directory!r}: config.json has tie_word_embeddings "
+                          f"{c['tie_word_embeddings']!r}, not true or false; fix config.json")
     rope = c.get("rope_parameters") or {}  # transformers >= 5; rope_theta/rope_scaling before
-    c["rope_theta"] = rope.get("rope_theta", c.get("rope_theta", 10000.0))
+    c["rope_theta"] = rope.get("rope_theta") or c.get("rope_theta") or 10000.0  # null: transformers' default
     scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
+    if scaling and scaling.get("rope_type", scaling.get("type")) == "default":  # stated: no scaling
+        scaling = None
     scaling_type = (scaling or {}).get("rope_type", (scaling or {}).get("type"))
     c["rope_scaling_factor"] = scaling.get("factor") if scaling_type == "llama3" else None
-    problems = [(c.get("hidden_act", "silu") != "silu", "hidden_act is not silu"),
+    problems = [(c.get("hidden_act", "silu") not in ("silu", "swish"), "hidden_act is not silu"),
                 (c.get("attention_bias", False), "attention has biases"),
                 (c.get("mlp_bias", False), "the MLP has biases"),
                 (scaling and (scaling_type != "llama3" or {k: scaling.get(k) for k in LLAMA3_ROPE} != LLAMA3_ROPE),
                  f"its RoPE scaling ({scaling}) is not Llama 3's with {LLAMA3_ROPE} (megatron-core's)"),
-                (c.get("head_dim", c["hidden_size"] // c["num_attention_heads"])
+                ((c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
                  != c["hidden_size"] // c["num_attention_heads"], "head_dim differs from hidden/heads")]
     for bad, what in problems:
         if bad:
@@ -140,19 +149,29 @@ def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,
     method = method or MethodConfig()
     w = _tensors(input_dir)
     # tied (e.g. Llama 3.2 1B/3B): the output layer is the embedding matrix, as in the original
-    tied = bool(c.get("tie_word_embeddings", False)) or "lm_head.weight" not in w
+    head, emb_name = "lm_head.weight", "model.embed_tokens.weight"
+    tied = c.get("tie_word_embeddings", False) or head not in w
     if tied and c.get("tie_word_embeddings") is False:  # config.json says untied: its output layer is missing
         raise ConfigError(f"--input {input_dir!r} lacks the tensor lm_head.weight (config.json: tie_word_embeddings "
                           f"false); download it again")
+    untied_note = ""
+    if tied and head in w and emb_name in w and not torch.equal(w[head].get_tensor(head), w[emb_name].get_tensor(emb_name)):
+        # transformers keeps both matrices then ("will NOT tie them"): so does the import
+        tied, untied_note = False, (" (config.json says tied, but lm_head.weight differs from the embedding: "
+                                    "imported untied, as transformers loads it)")
     cfg = ModelConfig(
         num_layers=c["num_hidden_layers"], hidden_size=c["hidden_size"],
         num_attention_heads=c["num_attention_heads"], num_query_groups=c.get("num_key_value_heads"),
         ffn_hidden_size=c["intermediate_size"], vocab_size=c["vocab_size"],
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        seq_length=seq_length or min(c.get("max_position_embeddings", 4096), 4096),
-        norm_epsilon=c.get("rms_norm_eps", 1e-6), rotary_base=c.get("rope_theta", 10000.0),
+        seq_length=seq_length or min(c.get("max_position_embeddings") or 4096, 4096),
+        norm_epsilon=c.get("rms_norm_eps") or 1e-6, rotary_base=c.get("rope_theta") or 10000.0,
         rope_scaling_factor=c["rope_scaling_factor"], tie_embeddings=tied, method=method)
-    cfg.validate()
+    try:
+        cfg.validate()
+    except ConfigError as e:  # named by the driver's flags: say where the values came from
+        raise ConfigError(f"--input {input_dir!r}: its config.json gives a model this project cannot build: {e}") \
+            from None
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     named = str(c.get("torch_dtype") or c.get("dtype") or "").replace("torch.", "")
     dtype = dtypes.get(named) or _stored_dtype(w)  # "auto", absent or unknown: as the weights are stored
@@ -166,6 +185,9 @@ def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,
         if name not in w:
             raise ConfigError(f"--input {input_dir!r} lacks the tensor {name}")
         t = w[name].get_tensor(name)
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise ConfigError(f"--input {input_dir!r}: {name} holds NaN or inf (a damaged download, or a model "
+                              f"that diverged); download it again")
         if shape is not None and tuple(t.shape) != shape:
             raise ConfigError(f"--input {input_dir!r}: {name} has shape {tuple(t.shape)}, but config.json "
                               f"(hidden {h}, {heads} heads in {groups} key/value groups) asks for {shape}")
@@ -208,7 +230,7 @@ def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,
     directory = save_checkpoint(save, 0, [chunk], None, None, train_state, arch, model_config=export)
     log(f"imported {input_dir} ({cfg.num_layers} layers, hidden {h}, vocab {V}) into {directory}: "
         f"train from it with --load {save} {architecture_flags(arch)} (any TP/PP; a fresh optimizer "
-        f"starts at iteration 0)"
+        f"starts at iteration 0){untied_note}"
         + (f"; tokenizer recorded for export: --tokenizer-type {tokenizer_type} --tokenizer-model "
            f"{os.path.abspath(tokenizer_model)}" if tokenizer_model else ""))
     return directory

@@ -32,6 +32,9 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
+    if args.seq_length is not None and args.seq_length <= 0:
+        raise ConfigError(f"--seq-length {args.seq_length} is not valid; it must be positive (or left out: "
+                          f"config.json's max_position_embeddings, at most 4096)")
     if os.path.exists(args.save) and (not os.path.isdir(args.save) or os.listdir(args.save)):
         raise ConfigError(f"--save {args.save!r} is not an empty directory; give a new directory")
     from megatron_prores.hf_import import check_input, import_tokenizer

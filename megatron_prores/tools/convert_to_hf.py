@@ -11,6 +11,7 @@ any TP/PP layout the checkpoint was saved with.
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 
 from megatron_prores.config import ConfigError
@@ -37,8 +38,10 @@ def main(argv=None):
     args = parse(argv)
     from megatron_prores.hf_export import export
 
-    if args.max_shard_size <= 0:
-        raise ConfigError("--max-shard-size must be positive")
+    if not (math.isfinite(args.max_shard_size) and args.max_shard_size > 0):
+        raise ConfigError(f"--max-shard-size {args.max_shard_size} is not valid; it must be a positive number of GB")
+    if not args.output.strip():
+        raise ConfigError("--output is empty (an unset shell variable?); give the new model directory")
     return export(args.load, args.output, args.iteration, fold=not args.no_fold,
                   tokenizer_model=args.tokenizer_model, dtype=args.dtype,
                   max_shard_bytes=int(args.max_shard_size * 1e9), progress=sys.stderr.isatty())
