@@ -28,6 +28,11 @@ def _json(path: str) -> dict:
         raise ConfigError(f"{path} {DAMAGED.format(f'not valid JSON: {e}')}") from None
 
 
+def _or_default(value, default):
+    """A config.json value; null or absent is transformers' default (0 stays 0, and is refused later)."""
+    return default if value is None else value
+
+
 def _llama_config(directory: str) -> dict:
     path = os.path.join(directory, "config.json")
     if not os.path.isfile(path):
@@ -49,7 +54,7 @@ def _llama_config(directory: str) -> dict:
         raise ConfigError(f"--input {directory!r}: config.json has tie_word_embeddings "
                           f"{c['tie_word_embeddings']!r}, not true or false; fix config.json")
     rope = c.get("rope_parameters") or {}  # transformers >= 5; rope_theta/rope_scaling before
-    c["rope_theta"] = rope.get("rope_theta") or c.get("rope_theta") or 10000.0  # null: transformers' default
+    c["rope_theta"] = _or_default(rope.get("rope_theta"), _or_default(c.get("rope_theta"), 10000.0))
     scaling = c.get("rope_scaling") or (rope if rope.get("rope_type", "default") != "default" else None)
     if scaling and scaling.get("rope_type", scaling.get("type")) == "default":  # stated: no scaling
         scaling = None
@@ -164,8 +169,8 @@ def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,
         num_attention_heads=c["num_attention_heads"], num_query_groups=c.get("num_key_value_heads"),
         ffn_hidden_size=c["intermediate_size"], vocab_size=c["vocab_size"],
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        seq_length=seq_length or min(c.get("max_position_embeddings") or 4096, 4096),
-        norm_epsilon=c.get("rms_norm_eps") or 1e-6, rotary_base=c.get("rope_theta") or 10000.0,
+        seq_length=seq_length or min(_or_default(c.get("max_position_embeddings"), 4096), 4096),
+        norm_epsilon=_or_default(c.get("rms_norm_eps"), 1e-6), rotary_base=c["rope_theta"],
         rope_scaling_factor=c["rope_scaling_factor"], tie_embeddings=tied, method=method)
     try:
         cfg.validate()

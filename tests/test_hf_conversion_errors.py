@@ -139,6 +139,10 @@ def test_import_keeps_an_lm_head_that_differs_from_the_embedding(single_process,
                                                              "architectures), not a LlamaForCausalLM"),
     (dict(num_key_value_heads=3), "its config.json gives a model this project cannot build: --num-attention-heads 4 "
                                   "is not divisible by --num-query-groups 3"),
+    # null takes transformers' default, but 0 is no value to replace silently
+    (dict(rms_norm_eps=0.0), "its config.json gives a model this project cannot build: --norm-epsilon 0.0 is not valid"),
+    (dict(rope_theta=0, rope_parameters={"rope_theta": 0, "rope_type": "default"}),
+     "its config.json gives a model this project cannot build: --rotary-base 0 is not valid"),
 ])
 def test_import_refusals_name_config_json(single_process, tmp_path, changes, message):
     from megatron_prores.hf_import import import_llama
