@@ -188,3 +188,15 @@ def test_a_prores_warmup_longer_than_the_run_is_noted(single_process):
             assert t._prores_past_the_end() is None
         finally:
             t.close(0)
+
+
+def test_the_gpu_tests_driver_command_lines_pass_the_checks():
+    """Each driver command line of tests/test_gpu.py passes the flag checks (those that need no GPU
+    on this machine): a dry run of them on CPU found one without --lr, which would have failed
+    at its first line on a GPU."""
+    from megatron_prores.arguments import build_parser, check_args
+    from tests.test_gpu import GPU_DRIVER_RUNS
+
+    assert len(GPU_DRIVER_RUNS) == 6
+    for argv in GPU_DRIVER_RUNS:
+        check_args(build_parser().parse_args(argv), this_machine=False)

@@ -18,6 +18,29 @@ needs_te = pytest.mark.skipif(
 NORMS = ["pre", "post", "sandwich", "deepnorm", "lns", "mix"]
 
 
+# The driver command lines of the GPU tests below. test_driver_input_checks parses each of them on
+# CPU (without the checks that need a GPU here), so a GPU session is not lost to a flag error.
+RECOMPUTE_RUN = ["--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
+                 "--num-query-groups", "2", "--seq-length", "64", "--micro-batch-size", "2",
+                 "--global-batch-size", "4", "--mock-data", "--vocab-size", "256", "--bf16",
+                 "--prores-schedule", "linear", "--prores-warmup-steps", "10", "--gpas",
+                 "--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--lr", "3e-3",
+                 "--train-iters", "4", "--eval-iters", "0"]
+RECOMPUTE_FLAGS = [["--recompute-granularity", "full"],
+                   ["--recompute-granularity", "selective", "--recompute-modules", "core_attn", "layernorm", "mlp"]]
+HOST_SYNC_RUN = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+                 "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
+                 "--mock-data", "--vocab-size", "256", "--bf16", "--lr", "1e-3", "--prores-schedule", "linear",
+                 "--prores-warmup-steps", "10", "--gpas", "--train-iters", "2", "--eval-iters", "0"]
+PROFILE_RUN = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
+               "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--mock-data",
+               "--vocab-size", "128", "--eval-iters", "0", "--bf16", "--train-iters", "4", "--gpas",
+               "--prores-schedule", "linear", "--prores-warmup-steps", "10",
+               "--profile", "--profile-step-start", "1", "--profile-step-end", "3"]
+GPU_DRIVER_RUNS = ([RECOMPUTE_RUN + extra for extra in [[]] + RECOMPUTE_FLAGS] + [HOST_SYNC_RUN]
+                   + [PROFILE_RUN + ["--use-pytorch-profiler", "--tensorboard-dir", "tb"], PROFILE_RUN])
+
+
 def config(norm, impl, dtype=torch.float32):
     method = MethodConfig(norm_type=norm, prores_schedule="linear", prores_warmup_steps=100,
                           gpas=norm != "post")
@@ -235,9 +258,7 @@ def test_checkpoint_rng_state_includes_the_cuda_rng_tracker(single_process, tmp_
 
 
 @needs_cuda
-@pytest.mark.parametrize("recompute", [["--recompute-granularity", "full"],
-                                       ["--recompute-granularity", "selective", "--recompute-modules", "core_attn",
-                                        "layernorm", "mlp"]], ids=["full", "selective-all"])
+@pytest.mark.parametrize("recompute", RECOMPUTE_FLAGS, ids=["full", "selective-all"])
 def test_recompute_on_gpu_gives_the_run_without_it(single_process, recompute):
     """bf16, the compiled residual op, SDPA, dropout (CUDA generator and megatron's tracker, which
     the recompute restores), ProRes mid-warmup + GPAS: through the driver's step, the first loss is
@@ -247,12 +268,7 @@ def test_recompute_on_gpu_gives_the_run_without_it(single_process, recompute):
     from megatron_prores.trainer import Trainer
 
     def losses(extra):
-        t = Trainer(parse_args(["--num-layers", "4", "--hidden-size", "128", "--num-attention-heads", "4",
-                                "--num-query-groups", "2", "--seq-length", "64", "--micro-batch-size", "2",
-                                "--global-batch-size", "4", "--mock-data", "--vocab-size", "256", "--bf16",
-                                "--prores-schedule", "linear", "--prores-warmup-steps", "10", "--gpas",
-                                "--hidden-dropout", "0.1", "--attention-dropout", "0.1", "--lr", "3e-3",
-                                "--train-iters", "4", "--eval-iters", "0"] + extra))
+        t = Trainer(parse_args(RECOMPUTE_RUN + extra))
         try:
             return [t.train_step(step).loss for step in range(1, 4)]
         finally:
@@ -322,11 +338,7 @@ def test_forward_step_has_no_host_sync(single_process, tmp_path):
     from megatron_prores.arguments import parse_args
     from megatron_prores.trainer import Trainer
 
-    trainer = Trainer(parse_args(["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
-                                  "--seq-length", "32", "--micro-batch-size", "2", "--global-batch-size", "4",
-                                  "--mock-data", "--vocab-size", "256", "--bf16", "--prores-schedule", "linear",
-                                  "--prores-warmup-steps", "10", "--gpas", "--train-iters", "2",
-                                  "--eval-iters", "0"]))
+    trainer = Trainer(parse_args(HOST_SYNC_RUN))
     try:
         trainer.train_step(0)  # compile and allocate first
         torch.cuda.synchronize()
@@ -350,13 +362,8 @@ def test_profile_on_gpu_records_kernels_and_marks_nsight_window(single_process, 
     from megatron_prores.arguments import parse_args
     from megatron_prores.trainer import Trainer
 
-    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "64",
-            "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--mock-data",
-            "--vocab-size", "128", "--eval-iters", "0", "--bf16", "--train-iters", "4", "--gpas",
-            "--prores-schedule", "linear", "--prores-warmup-steps", "10",
-            "--profile", "--profile-step-start", "1", "--profile-step-end", "3"]
     for extra in (["--use-pytorch-profiler", "--tensorboard-dir", str(tmp_path / "tb")], []):  # torch / Nsight
-        t = Trainer(parse_args(base + extra))
+        t = Trainer(parse_args(PROFILE_RUN + extra))
         try:
             assert t.train() == 0
         finally:
