@@ -403,6 +403,10 @@ class ModelConfig:
                                   "--recompute-granularity selective")
             for m in self.recompute_modules:
                 _choice("--recompute-modules", m, RECOMPUTE_MODULES)
+            if "layernorm" in self.recompute_modules and not any(s.pre_norm for s in styles_of(self.method.norm_type)):
+                raise ConfigError(f"--recompute-modules layernorm recomputes the norms on the sublayer inputs, which "
+                                  f"--norm-type {self.method.norm_type} blocks do not have (their norms follow the "
+                                  f"residual add), so it would save nothing; drop layernorm")
         if granularity != "full":
             return
         method, n = self.recompute_unit()

@@ -155,7 +155,11 @@ def test_recompute_with_every_norm_type(reference, norm):
     """The other norm types (Sandwich-LN's branch norms, LNS's scaled pre-norms, DeepNorm's scaled
     shortcut), with the norms recomputed selectively and then whole blocks."""
     base = reference(norm)
-    for flags, meaning in (VARIANTS["selective-all"], VARIANTS["full-block-3"]):
+    selective = VARIANTS["selective-all"]
+    if norm in ("post", "deepnorm"):  # no norms on the sublayer inputs: layernorm is refused (below)
+        selective = (["--recompute-granularity", "selective", "--recompute-modules", "core_attn", "mlp"],
+                     dict(granularity="selective", modules=("core_attn", "mlp")))
+    for flags, meaning in (selective, VARIANTS["full-block-3"]):
         got = run(NORM_FLAGS[norm] + flags)
         assert_same_run(base, got, exact="layernorm" not in flags)
         assert got[2] == {k: STEPS * MICRO * v for k, v in expected_calls(4, 4, identity=got[3], **meaning).items()}
@@ -187,6 +191,10 @@ def test_recompute_saves_less_for_backward(single_process):
      "--recompute-num-layers is for --recompute-granularity full"),
     (["--recompute-granularity", "full", "--recompute-modules", "mlp"],
      "--recompute-modules is for --recompute-granularity selective"),
+    (["--recompute-granularity", "selective", "--recompute-modules", "layernorm", "mlp", "--norm-type", "post"],
+     "--recompute-modules layernorm recomputes the norms on the sublayer inputs, which --norm-type post blocks"),
+    (["--recompute-granularity", "selective", "--recompute-modules", "layernorm", "--norm-type", "deepnorm"],
+     "--recompute-modules layernorm recomputes the norms on the sublayer inputs, which --norm-type deepnorm"),
     (["--recompute-granularity", "full", "--recompute-num-layers", "3"],
      "--recompute-num-layers 3 must divide 4, the layers of each pipeline stage"),
     (["--recompute-granularity", "full", "--recompute-method", "block", "--recompute-num-layers", "5"],
