@@ -230,3 +230,20 @@ def test_estimate_memory_without_the_separator_gives_one_line(capsys):
     assert code == 2 and out == "" and "usage:" not in err, err
     assert err == ("error: --num-layers is not a flag of this tool; put -- before the training flags "
                    "(estimate_memory.py --world-size N -- --num-layers ...)\n")
+
+
+def test_estimate_memory_takes_the_vocabulary_the_driver_takes(dataset, tmp_path, capsys):
+    """--vocab-size of the flags, else the recipe's tokenizer where it is here (the driver's), else
+    the tool's --vocab-size; the logits' bytes follow (10 bytes a value in bf16), and the line says which."""
+    from megatron_prores.tools.estimate_memory import main
+
+    base = [str(x) for x in FLAGS[:-3]] + ["--bf16", "--data-path", str(tmp_path / "c_text_document")]
+    tok = str(dataset / "tok.model")  # 600 pieces: padded to 640
+    cases = [(["--tokenizer-model", tok, "--vocab-size", "1000"], 1000, 1024, "--vocab-size of the flags"),
+             (["--tokenizer-model", tok], 600, 640, f"the tokenizer {tok}"),
+             (["--tokenizer-model", str(tmp_path / "elsewhere.model")], 50000, 50048,
+              f"this tool's --vocab-size: the tokenizer {tmp_path / 'elsewhere.model'} is not a file or folder here")]
+    for extra, vocab, padded, source in cases:
+        r = main(["--world-size", "4", "--vocab-size", "50000", "--", *base, *extra])
+        assert r["bytes"]["logits + loss"] == 10 * S * B * padded
+        assert capsys.readouterr().out.splitlines()[-1] == f"vocabulary {vocab:,} ({source}), padded to {padded:,}"

@@ -137,14 +137,34 @@ def main(argv=None):
             raise ConfigError(f"{flag} {value} is not valid; give a positive integer ({what})")
     flags = a.flags[1:] if a.flags[:1] == ["--"] else a.flags
     flags = flags + ["--save", "<not used>"]  # recipes save (the launcher adds --save); nothing is written here
-    args, cfg, dp, num_micro = check_recipe(flags, a.world_size, a.vocab_size)
+    vocab, source = vocabulary(flags, a.vocab_size)
+    args, cfg, dp, num_micro = check_recipe(flags, a.world_size, vocab)
     r = estimate(args, cfg, dp, num_micro)
     print("precision: " + ("bf16 (--bf16)" if args.bf16 else "fp32 (no --bf16: the driver trains in fp32)"))
     for name, v in r["bytes"].items():
         print(f"{name:32s} {v / GIB:8.1f} GiB")
     print(f"parameters per GPU (worst stage)  {r['params_per_gpu'] / 1e9:.3f} B; data parallel {dp}, "
           f"{num_micro} micro batches per step; tokens per step {r['tokens_per_step']:,}")
+    print(f"vocabulary {cfg.vocab_size:,} ({source}), padded to {cfg.padded_vocab_size:,}")
     return r
+
+
+def vocabulary(flags, default: int) -> tuple:
+    """(vocabulary size, where it comes from) as the driver takes it: --vocab-size of the flags, else
+    the size of their --tokenizer-model where that is on this machine, else this tool's --vocab-size."""
+    import os
+
+    from megatron_prores.arguments import build_parser
+    from megatron_prores.tokenizer import build_tokenizer
+
+    args = build_parser().parse_args(flags)
+    if args.vocab_size:
+        return args.vocab_size, "--vocab-size of the flags"
+    path = args.tokenizer_model
+    if path and args.tokenizer_type != "NullTokenizer" and os.path.exists(path):
+        return build_tokenizer(args.tokenizer_type, path).vocab_size, f"the tokenizer {path}"
+    why = f"the tokenizer {path} is not a file or folder here" if path else "the flags give no tokenizer"
+    return default, f"this tool's --vocab-size: {why}"
 
 
 def cli():
