@@ -10,8 +10,7 @@ import sys
 
 from megatron_prores.errors import ConfigError
 from megatron_prores.text_corpus import Skipped, iter_texts
-from megatron_prores.tools import run
-from megatron_prores.tools.build_corpus import check_output
+from megatron_prores.tools import check_output, run
 
 
 def parse(argv=None):
