@@ -214,11 +214,12 @@ def driver_worker(flags, warmup, out_path):
         json.dump({"times_ms": times[warmup:], "peak_gib": peak}, f)
 
 
-def run_driver(runner, variant, shape, mb, acc, steps, warmup, extra, tmp):
-    out = os.path.join(tmp, f"driver-{os.getpid()}-{time.time_ns()}.json")
-    flags = driver_flags(variant, shape, mb, acc, warmup + steps, extra)
-    cmd = [sys.executable, os.path.abspath(__file__), "--driver-worker", json.dumps([flags, warmup, out])]
-    proc, err = runner.run(cmd, f"{variant} mb={mb} acc={acc}")
+def run_worker(runner, kind, payload, label):
+    """This script in a process of its own (``--driver-worker``/``--hf-worker``, the JSON ``payload``
+    with its output file last); its figures, or what went wrong."""
+    out = payload[-1]
+    cmd = [sys.executable, os.path.abspath(__file__), f"--{kind}-worker", json.dumps(payload)]
+    proc, err = runner.run(cmd, label)
     if err:
         return {"error": err, "oom": False}
     if proc.returncode != 0 or not os.path.exists(out):
@@ -227,6 +228,12 @@ def run_driver(runner, variant, shape, mb, acc, steps, warmup, extra, tmp):
         res = json.load(f)
     os.remove(out)
     return res
+
+
+def run_driver(runner, variant, shape, mb, acc, steps, warmup, extra, tmp):
+    out = os.path.join(tmp, f"driver-{os.getpid()}-{time.time_ns()}.json")
+    flags = driver_flags(variant, shape, mb, acc, warmup + steps, extra)
+    return run_worker(runner, "driver", [flags, warmup, out], f"{variant} mb={mb} acc={acc}")
 
 
 # ---- the Hugging Face reference ------------------------------------------------------------------
@@ -299,16 +306,7 @@ def hf_worker(shape, mb, acc, steps, warmup, out_path):
 
 def run_hf(runner, shape, mb, acc, steps, warmup, tmp):
     out = os.path.join(tmp, f"hf-{os.getpid()}-{time.time_ns()}.json")
-    cmd = [sys.executable, os.path.abspath(__file__), "--hf-worker", json.dumps([shape, mb, acc, steps, warmup, out])]
-    proc, err = runner.run(cmd, f"hf mb={mb} acc={acc}")
-    if err:
-        return {"error": err, "oom": False}
-    if proc.returncode != 0 or not os.path.exists(out):
-        return failure(proc)
-    with open(out) as f:
-        res = json.load(f)
-    os.remove(out)
-    return res
+    return run_worker(runner, "hf", [shape, mb, acc, steps, warmup, out], f"hf mb={mb} acc={acc}")
 
 
 # ---- driver of the benchmark ---------------------------------------------------------------------
