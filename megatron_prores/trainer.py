@@ -103,6 +103,7 @@ class Checkpointer:
                       f"stays the last good one", file=sys.stderr, flush=True)
             self.poll(blocking=True)
             return False
+        self.poll(blocking=True)  # a background checkpoint still in flight is finished and reported first
         if self.saver.save(it, trainer.model, trainer.optimizer, trainer.scheduler, trainer.state.state_dict(),
                            self.arch, self.export_config, self.run_flags):
             self._saved(it, t0)

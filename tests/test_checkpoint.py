@@ -116,3 +116,37 @@ def test_adam_state_fixups_apply_to_torch_adam_only():
     _restore_adam_step(Chained(), 7)
     assert torch_adam.optimizer.state[p]["step"].item() == 7.0
     assert fused.optimizer.state[p]["step"].item() == 3.0
+
+
+def test_a_background_checkpoint_finished_by_the_next_save_is_reported(single_process, monkeypatch, capsys):
+    """A background write still in flight when the next save starts is finished by that save: its
+    "saved checkpoint" line must still be printed (it was lost, and with it the only sign that the
+    checkpoint became the latest)."""
+    from types import SimpleNamespace
+
+    from megatron_prores import trainer as trainer_module
+
+    class Saver:  # megatron-core's async writer, reduced to what the Checkpointer sees
+        in_flight = 20
+
+        def poll(self, blocking=False):
+            if not blocking:
+                return None
+            done, self.in_flight = self.in_flight, None
+            return done
+
+        def save(self, iteration, *args):
+            assert self.in_flight is None, "a new save started with a checkpoint still in flight"
+            self.in_flight = iteration
+            return False
+
+    monkeypatch.setattr(trainer_module, "state_is_finite", lambda model, optimizer: True)
+    ckpt = trainer_module.Checkpointer.__new__(trainer_module.Checkpointer)
+    ckpt.args = SimpleNamespace(save="/runs/a", async_save=True)
+    ckpt.arch = ckpt.export_config = ckpt.run_flags = {}
+    ckpt.saver = Saver()
+    state = SimpleNamespace(iteration=40, state_dict=dict)
+    ckpt._save(SimpleNamespace(model=None, optimizer=None, scheduler=None, state=state), 0.0, 40)
+    out = capsys.readouterr().out
+    assert "saved checkpoint at iteration 20 to /runs/a in the background" in out
+    assert out.index("iteration 20") < out.index("writing checkpoint 40 in the background")
