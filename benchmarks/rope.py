@@ -4,9 +4,10 @@ fused one (megatron_prores.fused_rope: what runs on GPUs without TE unless --no-
     python benchmarks/rope.py                     # GPU: the 1.3B layout, bf16; CPU: a small shape, fp32
     python benchmarks/rope.py --micro-batch-size 4 --steps 50
 
-Per variant, round-robin over --rounds, each the median of --steps calls: device time per call
-(CUDA events on a GPU, wall time on a CPU) and host time per call (the time to issue the calls,
-without waiting for the GPU), and the bytes autograd saves for backward. The layout is the
+Per variant, round-robin over --rounds, each the mean of --steps calls issued back to back:
+device time per call (CUDA events around the loop on a GPU, wall time on a CPU) and host time per
+call (the time to issue the calls, without waiting for the GPU), and the bytes autograd saves for
+backward; the figures are the medians over the rounds. The layout is the
 1.3B recipe's (seq 2048, 32 query heads and 16 key/value groups of 64) at --micro-batch-size.
 Writes <out>/<device>-<date>-rope.json and prints a table.
 """
@@ -62,8 +63,8 @@ def main(argv=None):
     dq, dk = torch.randn_like(q), torch.randn_like(k)
     sync = torch.cuda.synchronize if gpu else (lambda: None)
 
-    def call(fn):
-        torch.autograd.backward((fn(q, freqs), fn(k, freqs)), (dq, dk))
+    def call(fn):  # the gradients are returned, not accumulated into q.grad/k.grad (no extra kernel)
+        torch.autograd.grad((fn(q, freqs), fn(k, freqs)), (q, k), (dq, dk))
 
     def saved_bytes(fn):
         seen = {}
@@ -85,30 +86,29 @@ def main(argv=None):
     host_us = {n: [] for n in fns}
     for _ in range(a.rounds):
         for name, fn in fns.items():
+            # a.steps calls back to back between one pair of events: the device time per call, not
+            # max(host, device) of single calls with an idle GPU between them; the host time of the
+            # same loop is the launch cost (it waits for the device only where the queue is full)
             sync()
-            times, hosts = [], []
+            if gpu:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            t0 = time.perf_counter()
             for _ in range(a.steps):
-                if gpu:
-                    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                    start.record()
-                t0 = time.perf_counter()
                 call(fn)
-                hosts.append((time.perf_counter() - t0) * 1e6)
-                if gpu:
-                    end.record()
-                    end.synchronize()
-                    times.append(start.elapsed_time(end))
-                else:
-                    times.append(hosts[-1] / 1e3)
-            dev_ms[name].append(statistics.median(times))
-            host_us[name].append(statistics.median(hosts))
+            host = (time.perf_counter() - t0) / a.steps
+            if gpu:
+                end.record()
+                end.synchronize()
+            dev_ms[name].append(start.elapsed_time(end) / a.steps if gpu else host * 1e3)
+            host_us[name].append(host * 1e6)
     rows = {n: {"device_ms": statistics.median(dev_ms[n]), "host_us": statistics.median(host_us[n]),
                 "device_ms_rounds": dev_ms[n], "host_us_rounds": host_us[n], "saved_mib": saved_bytes(fns[n]) / 2**20}
             for n in fns}
     base = rows["megatron eager"]
     tokens = s * b
     print(f"RoPE of q [{s}, {b}, {a.heads}, {d}] and k [{s}, {b}, {a.groups}, {d}], forward + backward, {dtype}, "
-          f"{device_name()}; median of {a.steps} calls, median of {a.rounds} rounds")
+          f"{device_name()}; mean of {a.steps} calls, median of {a.rounds} rounds")
     print(f"{'variant':20s} {'device ms':>10s} {'vs eager':>9s} {'host us':>9s} {'saved MiB':>10s}")
     for n, r in rows.items():
         print(f"{n:20s} {r['device_ms']:10.3f} {r['device_ms'] / base['device_ms']:9.3f} {r['host_us']:9.0f} "

@@ -322,7 +322,7 @@ def largest_micro_batch(runner, shape, args) -> int:
     total = torch.cuda.get_device_properties(0).total_memory / 2 ** 30
     peaks = {}
     for mb in (1, 2):
-        res = run_driver(runner, "prores_mid", shape, mb, 1, 2, 1, args.extra)
+        res = run_driver(runner, "prores_mid", shape, mb, 1, 2, 1, args.extra, args.out)
         print(f"  micro batch {mb}: " + (res["error"] if "error" in res else f"peak {res['peak_gib']:.2f} GiB"),
               flush=True)
         if "error" in res:
@@ -335,7 +335,7 @@ def largest_micro_batch(runner, shape, args) -> int:
     while mb < 256 and peaks[1] + (2 * mb - 1) * per_mb < 0.9 * total:
         mb *= 2
     while mb > 2:
-        res = run_driver(runner, "prores_mid", shape, mb, 1, 2, 1, args.extra)
+        res = run_driver(runner, "prores_mid", shape, mb, 1, 2, 1, args.extra, args.out)
         print(f"  micro batch {mb}: {res.get('error') or 'fits'}", flush=True)
         if "error" not in res:
             return mb

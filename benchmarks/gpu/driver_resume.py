@@ -1,9 +1,14 @@
 """The driver itself on one device: a bf16 run with ProRes + GPAS (compiled residual op, SDPA) and
-its checkpoints; the losses after each resume are compared with the uninterrupted run's, bitwise:
-- sync: the uninterrupted run's own step-SAVE_AT checkpoint (written synchronously), resumed;
-- async: a run with --async-save, killed with SIGKILL a few steps after its step-SAVE_AT
-  checkpoint was complete, resumed (the dead run's lock is taken over).
-Four processes in all.
+its checkpoints, resumed; the losses after each resume against those of the run that wrote it:
+- sync: the uninterrupted run's own step-SAVE_AT checkpoint (written synchronously), resumed; its
+  losses against the uninterrupted run's;
+- async: a run with --async-save (every SAVE_AT/2 steps), killed with SIGKILL at the first step
+  logged after its step-SAVE_AT/2 checkpoint was complete, resumed (the dead run's lock is taken
+  over); its losses against those the killed run logged after that checkpoint.
+The first loss after a resume is a forward pass of the same weights on the same batch: it must be
+the same bitwise (sync) or to every logged digit (async). Later losses follow backward passes,
+which are not deterministic on GPUs (cuDNN/flash attention, embedding gradients): on a GPU they
+must agree within LATER_RTOL and the difference is reported; on CPU bitwise. Four processes in all.
 
     python benchmarks/gpu/driver_resume.py --out DIR           # GPU: ~125M shape, 30 steps
     python benchmarks/gpu/driver_resume.py --out DIR --toy     # CPU rehearsal at toy size
@@ -18,6 +23,7 @@ import argparse
 import datetime
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -29,6 +35,8 @@ import time
 import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+LATER_RTOL = 1e-2  # GPU: relative loss difference allowed after the first step past a resume
+LOGGED = re.compile(r" iteration +(\d+)/ *\d+ \|.*?\| lm loss: ([-+.0-9Ee]+|nan|inf) \|")
 
 
 def shape_flags(toy: bool) -> list:
@@ -79,27 +87,43 @@ class Runs:
         self.log(what, out)
         return p.returncode, out, time.perf_counter() - t
 
-    def run_and_kill(self, what, flags, after: str, then_iteration: int, timeout=300):
-        """Start a run, wait for the line ``after``, then for iteration ``then_iteration`` to be
-        logged, and kill -9 the process group (no clean-up of any kind)."""
+    def run_and_kill(self, what, flags, after: str, timeout=300):
+        """Start a run, wait for the line ``after``, then for the next iteration to be logged, and
+        kill -9 the process group (no clean-up of any kind). Returns (the iteration it was killed
+        after or None, its output)."""
         p = self.launch(flags)
-        seen, t0, state = [], time.time(), 0
+        seen, t0, killed_after, armed = [], time.time(), None, False
         while time.time() - t0 < timeout:
             line = p.stdout.readline()
             if not line:
                 break
             seen.append(line)
-            if state == 0 and after in line:
-                state = 1
-            elif state == 1 and f" iteration {then_iteration:8d}/" in line:
+            if not armed:
+                armed = after in line
+            elif LOGGED.search(line):
                 os.killpg(p.pid, signal.SIGKILL)
-                state = 2
+                killed_after = int(LOGGED.search(line).group(1))
                 break
-        if state != 2:
+        if killed_after is None:
             os.killpg(p.pid, signal.SIGKILL)
         p.wait()
-        self.log(what, "".join(seen) + f"\n(killed with SIGKILL: {state == 2})")
-        return state == 2, "".join(seen)
+        self.log(what, "".join(seen) + f"\n(killed with SIGKILL after iteration {killed_after})")
+        return killed_after, "".join(seen)
+
+
+def logged_losses(out: str) -> dict:
+    """{iteration: lm loss} of a run's log lines (its printed digits)."""
+    return {int(m.group(1)): float(m.group(2)) for m in map(LOGGED.search, out.splitlines()) if m}
+
+
+def agreement(first_equal: bool, a: list, b: list, exact: bool) -> dict:
+    """How the losses ``b`` after a resume agree with the reference ``a`` (same steps, in order)."""
+    rel = [abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a[1:], b[1:])]
+    later = max(rel, default=0.0)
+    later_ok = later == 0.0 if exact else later <= LATER_RTOL
+    return {"steps": len(a), "first_loss_equal": first_equal, "later_max_relative_difference": later,
+            "later_allowed": 0.0 if exact else LATER_RTOL, "later_bitwise": a[1:] == b[1:],
+            "held": bool(a) and len(a) == len(b) and first_equal and later_ok}
 
 
 def last_error(out: str):
@@ -124,18 +148,17 @@ def weights(ckpt):
     return {k: reader.read(k) for k in reader.tensors}
 
 
-def compare(a_dir, b_dir, from_iter):
-    """Losses from ``from_iter`` on, and every checkpointed tensor, of two finished runs."""
+def compare(a_dir, b_dir, from_iter, exact: bool):
+    """Losses from ``from_iter`` on (full precision, from the checkpoints) and every checkpointed
+    tensor of two finished runs."""
     _, a = train_state(a_dir)
     _, b = train_state(b_dir)
     la, lb = a["losses"][from_iter:], b["losses"][from_iter:]
-    diffs = [abs(x - y) for x, y in zip(la, lb)]
     wa, wb = weights(a_dir), weights(b_dir)
     unequal = [k for k in wa if isinstance(wa[k], torch.Tensor) and not torch.equal(wa[k], wb.get(k))]
     max_w = max((float((wa[k].double() - wb[k].double()).abs().max()) for k in unequal), default=0.0)
-    return {"losses_after_resume_bitwise": la == lb and len(la) == len(lb) > 0,
-            "max_abs_loss_difference": max(diffs, default=None), "tensors": len(wa),
-            "tensors_not_bitwise_equal": len(unequal), "max_abs_tensor_difference": max_w}
+    return {**agreement(bool(la) and bool(lb) and la[0] == lb[0], la, lb, exact),
+            "tensors": len(wa), "tensors_not_bitwise_equal": len(unequal), "max_abs_tensor_difference": max_w}
 
 
 def main(argv=None):
@@ -151,12 +174,20 @@ def main(argv=None):
     path = os.path.join(args.out, f"{stamp}-driver-resume.json")
     runs = Runs(os.path.join(args.out, f"{stamp}-driver-resume.log"))
     work = tempfile.mkdtemp(prefix="driver-resume-")
-    base = shape_flags(args.toy) + ["--train-iters", args.iters, "--save-interval", args.save_at]
+    run = shape_flags(args.toy) + ["--train-iters", args.iters]
+    base = run + ["--save-interval", args.save_at]
     res = {"device": dev, "flags": " ".join(map(str, base)), "runs": {}, "checks": {}}
 
     def write():
         with open(path, "w") as f:
             json.dump(res, f, indent=1)
+
+    def report(mode, c):
+        print(f"{mode}: first loss after resume equal: {c['first_loss_equal']}; later losses (steps "
+              f"{c['steps']}) max relative difference {c['later_max_relative_difference']:.2e} (allowed "
+              f"{c['later_allowed']:g}, bitwise: {c['later_bitwise']})"
+              + (f"; tensors not bitwise equal {c['tensors_not_bitwise_equal']}/{c['tensors']} (max diff "
+                 f"{c['max_abs_tensor_difference']:.3g})" if "tensors" in c else ""), flush=True)
 
     def done(name, code, out, secs):
         lines = [l for l in out.splitlines() if l.startswith(" iteration ")]
@@ -179,37 +210,46 @@ def main(argv=None):
     write()
 
     ok = res["checks"]["loss_falls"]
+    exact = not torch.cuda.is_available()  # CPU kernels are deterministic: every loss bitwise
     # sync: the uninterrupted run's own step-SAVE_AT checkpoint (written synchronously), alone in a
-    # run directory of its own, resumed; async: a run that writes in the background, killed with -9
-    # a few steps after its step-SAVE_AT checkpoint was complete, resumed
+    # run directory of its own, resumed
     sync_dir = os.path.join(work, "sync")
     os.makedirs(sync_dir)
     shutil.copytree(os.path.join(full, f"iter_{args.save_at:07d}"), os.path.join(sync_dir, f"iter_{args.save_at:07d}"))
     with open(os.path.join(sync_dir, "latest_checkpointed_iteration.txt"), "w") as f:
         f.write(str(args.save_at))
-    async_dir = os.path.join(work, "async")
+    if done("sync_resumed", *runs.run("sync (resumed)", base + ["--save", sync_dir, "--load", sync_dir])):
+        c = res["checks"]["sync"] = compare(full, sync_dir, args.save_at, exact)
+        report("sync", c)
+        ok = ok and c["held"]
+    else:
+        ok = False
+    write()
+
+    # async: its own run, writing every SAVE_AT/2 steps in the background, killed after the first
+    # of them is complete; its resume against the losses it logged after that checkpoint
+    async_dir, every = os.path.join(work, "async"), max(1, args.save_at // 2)
+    flags = run + ["--save-interval", every, "--async-save", "--save", async_dir]
     t = time.perf_counter()
-    killed, out = runs.run_and_kill("async (killed)", base + ["--async-save", "--save", async_dir],
-                                    f"saved checkpoint at iteration {args.save_at}", min(args.save_at + 3, args.iters - 1))
-    res["runs"]["async_killed"] = {"killed_after_save": killed, "seconds": round(time.perf_counter() - t, 1),
+    killed_after, out = runs.run_and_kill("async (killed)", flags, f"saved checkpoint at iteration {every} ")
+    res["runs"]["async_killed"] = {"killed_after_iteration": killed_after, "seconds": round(time.perf_counter() - t, 1),
                                    "background_write_logged": "in the background" in out}
     write()
-    if not killed:
-        print("async: never saw its checkpoint complete and the next iterations; see the log", flush=True)
+    if killed_after is None:
+        print(f"async: no step was logged after its checkpoint {every} was complete (not killed); see the log",
+              flush=True)
         ok = False
-    for mode, d, extra in (("sync", sync_dir, []), ("async", async_dir, ["--async-save"])):
-        if mode == "async" and not killed:
-            continue
-        if not done(f"{mode}_resumed", *runs.run(f"{mode} (resumed)", base + extra + ["--save", d, "--load", d])):
-            ok = False
-            continue
-        c = compare(full, d, args.save_at)
-        res["checks"][mode] = c
-        print(f"{mode}: losses after resume bitwise equal: {c['losses_after_resume_bitwise']} (max diff "
-              f"{c['max_abs_loss_difference']}); tensors not bitwise equal {c['tensors_not_bitwise_equal']}"
-              f"/{c['tensors']} (max diff {c['max_abs_tensor_difference']:.3g})", flush=True)
-        ok = ok and c["losses_after_resume_bitwise"]
-        write()
+    elif done("async_resumed", *(resumed := runs.run("async (resumed)", flags + ["--load", async_dir]))):
+        before, after = logged_losses(out), logged_losses(resumed[1])
+        steps = [i for i in range(every + 1, killed_after + 1) if i in before and i in after]
+        a, b = [before[i] for i in steps], [after[i] for i in steps]
+        c = res["checks"]["async"] = agreement(bool(steps) and a[0] == b[0], a, b, exact)
+        c["compared_iterations"] = [steps[0], steps[-1]] if steps else []
+        report("async", c)
+        ok = ok and c["held"]
+    else:
+        ok = False
+    write()
     shutil.rmtree(work, ignore_errors=True)
     res["all_checks_held"] = ok
     write()
