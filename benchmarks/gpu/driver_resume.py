@@ -239,7 +239,9 @@ def main(argv=None):
         print(f"async: no step was logged after its checkpoint {every} was complete (not killed); see the log",
               flush=True)
         ok = False
-    elif done("async_resumed", *(resumed := runs.run("async (resumed)", flags + ["--load", async_dir]))):
+    # resumed only as far as the killed run got (--exit-interval: it saves and stops there)
+    elif done("async_resumed", *(resumed := runs.run("async (resumed)", flags + [
+            "--load", async_dir, "--exit-interval", killed_after]))):
         before, after = logged_losses(out), logged_losses(resumed[1])
         steps = [i for i in range(every + 1, killed_after + 1) if i in before and i in after]
         a, b = [before[i] for i in steps], [after[i] for i in steps]
