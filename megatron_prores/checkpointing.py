@@ -49,9 +49,13 @@ def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> dict:
     return {f"model{i}": _unwrap(c).sharded_state_dict() for i, c in enumerate(chunks)}
 
 
+_EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+
+
 def _ignore_exit_signals():
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+    for sig in _EXIT_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _EXIT_SIGNALS)  # blocked since its start (below)
 
 
 def _signal_proof_writer_queue() -> None:
@@ -61,12 +65,19 @@ def _signal_proof_writer_queue() -> None:
     save and keeps. SLURM signals EVERY process of a job on preemption or requeue: the manager
     would die of that SIGTERM and the save that the same signal asked for would fail with a broken
     pipe. Started here first, the manager ignores those signals (it still ends with the training).
+    It is started with them blocked, which it inherits: a signal that comes while its interpreter
+    starts, before it can ignore them, waits instead of killing it (the first save of a job that
+    was told to stop at once failed so). Here they wait too, and are handled once it runs.
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
     if getattr(filesystem_async, "_results_queue", "absent") is None:
         manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context("spawn"))
-        manager.start(_ignore_exit_signals)
+        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _EXIT_SIGNALS)
+        try:
+            manager.start(_ignore_exit_signals)
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         filesystem_async._results_queue = manager.Queue()
         filesystem_async._prores_manager = manager  # keep it alive with the module
 

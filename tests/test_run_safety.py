@@ -586,3 +586,51 @@ def test_state_is_finite_sees_every_parameter_and_moment(single_process, plant):
     elif plant == "moment":
         next(iter(opt.optimizer.state.values()))["exp_avg_sq"][0] = float("inf")
     assert state_is_finite([model], opt) is (plant is None)
+
+
+def test_the_checkpoint_writers_manager_survives_exit_signals_while_it_starts(monkeypatch):
+    """SLURM signals every process of a job. A USR1 (time limit) or TERM that reached the manager
+    process of the checkpoint writer while its interpreter was still starting killed it, and the
+    first save of the job, the one the signal asked for, failed (EOFError). Here every new child of
+    this process gets SIGUSR1 every 5 ms from the moment the manager is started."""
+    import signal
+    import threading
+    import time
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_prores import checkpointing
+
+    monkeypatch.setattr(filesystem_async, "_results_queue", None, raising=False)
+    monkeypatch.setattr(filesystem_async, "_prores_manager", None, raising=False)
+
+    def children():
+        tasks = f"/proc/{os.getpid()}/task"
+        return {int(p) for t in os.listdir(tasks) for p in open(f"{tasks}/{t}/children").read().split()}
+
+    before, stop, hits = children(), threading.Event(), []
+
+    def hit():
+        while not stop.is_set():
+            for pid in children() - before:
+                try:
+                    os.kill(pid, signal.SIGUSR1)
+                    hits.append(pid)
+                except ProcessLookupError:
+                    pass
+            time.sleep(0.005)
+
+    sender = threading.Thread(target=hit)
+    sender.start()
+    try:
+        checkpointing._signal_proof_writer_queue()
+        time.sleep(0.2)  # signals after the start too: the manager ignores them
+        queue = filesystem_async._results_queue
+        queue.put("written")
+        assert queue.get() == "written"
+    finally:
+        stop.set()
+        sender.join()
+        if filesystem_async._prores_manager is not None:
+            filesystem_async._prores_manager.shutdown()
+    assert len(hits) > 10
