@@ -719,6 +719,15 @@ def check_layout(args, cfg: ModelConfig, world: int) -> tuple:
     return dp, num_micro
 
 
+def train_iters(argv) -> int:
+    """The steps a run of these flags trains for, as the driver reads them (``=`` forms, ``@file``,
+    the last of repeated flags, --train-samples // global batch): slurm/launch.sh asks it whether a
+    run that stopped is finished."""
+    args = build_parser().parse_args(argv)
+    check_args(args, this_machine=False)
+    return args.train_iters
+
+
 def check_recipe(argv, world: int, vocab_size: int = 32000) -> tuple:
     """Parse and check a recipe's flags for a cluster of ``world`` processes, on any machine
     (no GPU or Transformer Engine needed here). Returns (args, model config, dp, microbatches)."""

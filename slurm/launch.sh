@@ -75,6 +75,9 @@ flags=("${recipe[@]}" "${data[@]}"
 
 # ---- how to start the tasks ----------------------------------------------------------------------
 if ((in_slurm)); then
+    # sbatch passes on the submitting shell's environment: a RANK/WORLD_SIZE from there (torchrun's
+    # variables, which the driver prefers) would make every task rank 0; the tasks' SLURM_* decide
+    unset RANK WORLD_SIZE LOCAL_RANK LOCAL_WORLD_SIZE
     MASTER_ADDR=$(scontrol show hostnames "${SLURM_JOB_NODELIST}" | head -n 1)
     MASTER_PORT=${MASTER_PORT:-$((20000 + SLURM_JOB_ID % 20000))}
     export MASTER_ADDR MASTER_PORT
@@ -95,18 +98,6 @@ if ((dry_run)); then
     printf '%q ' "${launch[@]}" "${flags[@]}"
     echo
     exit 0
-fi
-
-train_iters="" train_samples="" global_batch=""
-for ((i = 0; i < ${#flags[@]} - 1; i++)); do
-    case ${flags[i]} in
-        --train-iters) train_iters=${flags[i + 1]} ;;
-        --train-samples) train_samples=${flags[i + 1]} ;;
-        --global-batch-size) global_batch=${flags[i + 1]} ;;
-    esac
-done
-if [[ -z "$train_iters" && -n "$train_samples" && -n "$global_batch" ]]; then
-    train_iters=$((train_samples / global_batch)) # the driver's rule (Megatron-LM's)
 fi
 
 mkdir -p "$RUN_DIR/logs" "$ckpt"
@@ -147,9 +138,18 @@ done
 
 latest=0
 [[ -f "$ckpt/latest_checkpointed_iteration.txt" ]] && latest=$(< "$ckpt/latest_checkpointed_iteration.txt")
-if ((rc == 0 && got_usr1 && in_slurm)) && [[ -n "$train_iters" ]] && ((latest < train_iters)); then
-    echo "launch.sh: saved at iteration $latest of $train_iters; requeueing job $SLURM_JOB_ID" | tee -a "$log"
-    scontrol requeue "$SLURM_JOB_ID"
+if ((rc == 0 && got_usr1 && in_slurm)); then
+    # the length as the driver reads the flags (`=` forms, @files, --train-samples); unknown: requeue
+    # (a finished run that is requeued ends at once; an unfinished one that is not would stall)
+    train_iters=$("$PYTHON" -c 'import sys; from megatron_prores.arguments import train_iters; print(train_iters(sys.argv[1:]))' \
+        "${flags[@]}" 2> /dev/null | tail -n 1) || train_iters=""
+    [[ $train_iters =~ ^[0-9]+$ ]] || train_iters=""
+    if [[ -z "$train_iters" ]] || ((latest < train_iters)); then
+        echo "launch.sh: saved at iteration $latest of ${train_iters:-?}; requeueing job $SLURM_JOB_ID" | tee -a "$log"
+        scontrol requeue "$SLURM_JOB_ID" \
+            || echo "launch.sh: SLURM refused to requeue job $SLURM_JOB_ID (--no-requeue, or the site forbids it);" \
+                "submit the same job again to resume from iteration $latest" | tee -a "$log"
+    fi
 fi
 echo "launch.sh: training exited with code $rc (latest checkpoint: iteration $latest)" | tee -a "$log"
 exit "$rc"

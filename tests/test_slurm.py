@@ -6,12 +6,14 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
 
 import pytest
 
+from tests.conftest import finish
 from tests.slurm_cluster import Cluster, install
 from tests.test_train import assert_same_weights, train_state
 
@@ -101,6 +103,83 @@ def test_launcher_without_data_gives_one_line(tmp_path):
     r = subprocess.run(["bash", os.path.join(ROOT, "slurm", "1.3b.sbatch")], capture_output=True, text=True,
                        env={**env, "RUN_DIR": str(tmp_path), "DATA_PATH": "/d/x"}, timeout=60)
     assert r.returncode == 2 and "TOKENIZER_MODEL" in r.stderr, r.stderr
+
+
+# ---- the launcher's end of a job, with stand-ins for srun/scancel/scontrol ------------------------
+FAKE_SRUN = r"""#!/usr/bin/env bash
+# stands in for `srun ... python -m megatron_prores.train FLAGS`: records its environment, and on
+# USR1 (what scancel --signal=USR1 sends) writes the checkpoint marker FAKE_LATEST and exits 0
+save=""
+while (($#)); do [[ $1 == --save ]] && save=$2; shift; done
+echo "RANK=${RANK:-unset} WORLD_SIZE=${WORLD_SIZE:-unset}" > "$FAKE/srun.env"
+trap 'echo "$FAKE_LATEST" > "$save/latest_checkpointed_iteration.txt"; exit 0' USR1
+echo $$ > "$FAKE/srun.pid"
+while true; do sleep 0.1; done
+"""
+FAKE_SCANCEL = '#!/usr/bin/env bash\nkill -USR1 "$(cat "$FAKE/srun.pid")"\n'
+FAKE_SCONTROL = """#!/usr/bin/env bash
+case $1 in
+    show) echo node-a ;;
+    requeue) echo "$2" >> "$FAKE/requeued"; exit "${FAKE_REQUEUE_RC:-0}" ;;
+esac
+"""
+LAUNCH_FLAGS = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--seq-length", "32",
+                "--micro-batch-size", "2", "--global-batch-size", "4", "--lr", "1e-3", "--mock-data",
+                "--vocab-size", "128"]
+
+
+def time_limit_signal(tmp_path, flags, latest, **env):
+    """launch.sh in a (stand-in) SLURM job that gets the time-limit signal; its training saves
+    ``latest`` and exits 0. Returns (exit code, output, requeued job ids, the tasks' RANK line)."""
+    fake = tmp_path / "fake"
+    fake.mkdir(exist_ok=True)
+    for name, text in (("srun", FAKE_SRUN), ("scancel", FAKE_SCANCEL), ("scontrol", FAKE_SCONTROL)):
+        (fake / name).write_text(text)
+        (fake / name).chmod(0o755)
+    for stale in ("srun.pid", "requeued", "srun.env"):
+        (fake / stale).unlink(missing_ok=True)
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "FAKE": str(fake),
+           "FAKE_LATEST": str(latest), "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node-a",
+           "RUN_DIR": str(tmp_path / "run"), "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore", **env}
+    p = subprocess.Popen(["bash", os.path.join(ROOT, "slurm", "launch.sh"), "--", *flags], env=env,
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    t0 = time.time()
+    while not (fake / "srun.pid").exists():
+        assert time.time() - t0 < 60 and p.poll() is None, p.communicate()[0]
+        time.sleep(0.05)
+    p.send_signal(signal.SIGUSR1)  # --signal=B:USR1: to the batch script
+    out = finish(p, 120)[0]
+    requeued = (fake / "requeued").read_text().split() if (fake / "requeued").exists() else []
+    return p.returncode, out, requeued, (fake / "srun.env").read_text().strip()
+
+
+def test_time_limit_requeues_an_unfinished_run_whatever_form_its_length_takes(tmp_path):
+    """The length as the driver reads it: `--train-iters=N` and an @file were not seen (the run
+    ended COMPLETED at its time limit, unfinished); a finished run is not requeued."""
+    (tmp_path / "length.args").write_text("--train-iters 400  # the run's length\n")
+    for length, latest, requeue in ((["--train-iters=400"], 221, True), ([f"@{tmp_path / 'length.args'}"], 221, True),
+                                    (["--train-samples", "1600"], 221, True), (["--train-iters=400"], 400, False)):
+        code, out, requeued, _ = time_limit_signal(tmp_path, LAUNCH_FLAGS + length, latest)
+        assert code == 0, out
+        assert requeued == (["4242"] if requeue else []), (length, out)
+        if requeue:
+            assert f"saved at iteration {latest} of 400; requeueing job 4242" in out, out
+
+
+def test_a_refused_requeue_says_how_to_resume_and_the_job_ends_cleanly(tmp_path):
+    code, out, requeued, _ = time_limit_signal(tmp_path, LAUNCH_FLAGS + ["--train-iters", "400"], 221,
+                                               FAKE_REQUEUE_RC="1")
+    assert code == 0 and requeued == ["4242"], out
+    assert ("SLURM refused to requeue job 4242 (--no-requeue, or the site forbids it); submit the same job "
+            "again to resume from iteration 221") in out, out
+    assert "training exited with code 0 (latest checkpoint: iteration 221)" in out
+
+
+def test_torchruns_rank_variables_from_the_submitting_shell_do_not_reach_the_tasks(tmp_path):
+    """sbatch passes the submitter's environment on: an exported RANK=0 made every task rank 0."""
+    _, out, _, ranks = time_limit_signal(tmp_path, LAUNCH_FLAGS + ["--train-iters", "400"], 400,
+                                         RANK="0", WORLD_SIZE="2", LOCAL_RANK="0")
+    assert ranks == "RANK=unset WORLD_SIZE=unset", out
 
 
 # ---- a real SLURM ----------------------------------------------------------------------------
