@@ -7,7 +7,8 @@
 # SLURM_LOCALID), rendezvous at the first host of the allocation (scontrol show hostnames).
 # Outside SLURM: torchrun on this machine with NPROC processes (default: GPUs, else 2).
 #
-# Run directory (RUN_DIR, default runs/<job name> under the submit directory):
+# Run directory (RUN_DIR, default runs/$RUN_NAME under the submit directory; RUN_NAME is set by
+# each recipe, else the job name):
 #   RUN_DIR/checkpoints/   --save and --load: a requeued or resubmitted job resumes from here
 #   RUN_DIR/tensorboard/   --tensorboard-dir
 #   RUN_DIR/logs/<job id>-<restart>.log   the training output of each (re)start
@@ -17,6 +18,8 @@
 #                    recipe trains on mock data)
 #   TOKENIZER_MODEL  SentencePiece model of that data (needed with DATA_PATH)
 #   RUN_DIR          run directory (see above)
+#   RUN_NAME         its name under runs/ (the recipes set one each)
+#   PRORES_HOME      (read by the recipes) the checkout whose slurm/launch.sh they run
 #   EXTRA_ARGS       flags appended last (they override the recipe's: argparse keeps the last)
 #   PYTHON           interpreter (default python3); NPROC, MASTER_PORT
 #

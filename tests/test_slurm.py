@@ -182,6 +182,40 @@ def test_torchruns_rank_variables_from_the_submitting_shell_do_not_reach_the_tas
     assert ranks == "RANK=unset WORLD_SIZE=unset", out
 
 
+def test_a_recipe_finds_the_launcher_as_salloc_arrays_and_paths_with_spaces_run_it(tmp_path):
+    """sbatch runs a copy of the recipe, which finds launch.sh through the job's Command=. Under
+    salloc that is "(null)" (bash reads the file itself), a job array prints two Command= lines, and
+    the path may hold spaces and is followed by the script's arguments: exit 127 in all three."""
+    checkout = tmp_path / "my runs" / "megatron prores"
+    shutil.copytree(os.path.join(ROOT, "slurm"), checkout / "slurm")
+    recipe = checkout / "slurm" / "tiny_cpu.sbatch"
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    shutil.copy(recipe, spool / "slurm_script")  # what slurmd runs
+    fake = tmp_path / "fake"
+    fake.mkdir()
+    (fake / "scontrol").write_text('#!/usr/bin/env bash\ncase "$1 $2" in\n  "show hostnames") echo node-a ;;\n'
+                                   '  "show job") printf "%s\\n" "$FAKE_JOB" ;;\nesac\n')
+    (fake / "scontrol").chmod(0o755)
+    env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "SLURM_JOB_ID": "7",
+           "SLURM_JOB_NODELIST": "node-a", "RUN_DIR": str(tmp_path / "run"), "PYTHONWARNINGS": "ignore"}
+    env.pop("PRORES_HOME", None)
+    cases = {"sbatch, spaces and arguments": (spool / "slurm_script", f"   Command={recipe} --my-arg x"),
+             "job array": (spool / "slurm_script", f"   Command={recipe}\n   Command={recipe}"),
+             "salloc": (recipe, "   Command=(null)")}
+    for name, (script, job) in cases.items():
+        r = subprocess.run(["bash", str(script), "--dry-run"], capture_output=True, text=True,
+                           env={**env, "FAKE_JOB": job}, timeout=60)
+        assert r.returncode == 0 and "megatron_prores.train" in r.stdout, (name, r.stderr)
+    r = subprocess.run(["bash", str(spool / "slurm_script"), "--dry-run"], capture_output=True, text=True,
+                       env={**env, "FAKE_JOB": "   Command=(null)"}, timeout=60)
+    assert r.returncode == 2 and r.stderr == (f"error: launch.sh is not in {spool}; set PRORES_HOME to the "
+                                              f"megatron-prores checkout\n"), r.stderr
+    r = subprocess.run(["bash", str(spool / "slurm_script"), "--dry-run"], capture_output=True, text=True,
+                       env={**env, "FAKE_JOB": "   Command=(null)", "PRORES_HOME": str(checkout)}, timeout=60)
+    assert r.returncode == 0, r.stderr
+
+
 # ---- a real SLURM ----------------------------------------------------------------------------
 # Timing comes from the uninterrupted reference run on this machine (its start-up time and step
 # time), never from wall-clock guesses: a loaded machine makes every run slower, not the test red.
