@@ -92,8 +92,11 @@ else
     if [[ -z "${NPROC:-}" ]]; then
         NPROC=$("$PYTHON" -c "import torch; print(torch.cuda.device_count() or 2)" 2>/dev/null || echo 2)
     fi
-    MASTER_PORT=${MASTER_PORT:-29500}
-    launch=("$PYTHON" -m torch.distributed.run --nproc-per-node "$NPROC" --master-port "$MASTER_PORT"
+    # torchrun that ends with the driver's error line and exit code (no ChildFailedError traceback);
+    # a free port unless MASTER_PORT is given (a second run on this machine does not collide)
+    rendezvous=(--standalone)
+    [[ -n "${MASTER_PORT:-}" ]] && rendezvous=(--master-port "$MASTER_PORT")
+    launch=("$PYTHON" -m megatron_prores.launch --nproc-per-node "$NPROC" "${rendezvous[@]}"
             -m megatron_prores.train)
 fi
 
