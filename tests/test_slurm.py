@@ -105,6 +105,17 @@ def test_launcher_without_data_gives_one_line(tmp_path):
     assert r.returncode == 2 and "TOKENIZER_MODEL" in r.stderr, r.stderr
 
 
+def test_without_slurm_a_bad_flag_is_the_drivers_one_line_and_exit_2(tmp_path):
+    """torchrun's ChildFailedError traceback and exit 1 followed the driver's line before."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("MASTER_PORT", "RANK")}
+    r = subprocess.run(["bash", os.path.join(ROOT, "slurm", "tiny_cpu.sbatch")], capture_output=True, text=True,
+                       env={**env, "RUN_DIR": str(tmp_path), "EXTRA_ARGS": "--train-iters 0", "PYTHON": sys.executable,
+                            "PYTHONWARNINGS": "ignore"}, timeout=300)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "error: --train-iters 0 is not valid; it must be positive" in r.stdout
+    assert "Traceback" not in r.stdout + r.stderr and "ChildFailedError" not in r.stdout + r.stderr
+
+
 # ---- the launcher's end of a job, with stand-ins for srun/scancel/scontrol ------------------------
 FAKE_SRUN = r"""#!/usr/bin/env bash
 # stands in for `srun ... python -m megatron_prores.train FLAGS`: records its environment, and on
