@@ -125,10 +125,30 @@ on_usr1() {
 }
 trap on_usr1 USR1
 trap 'echo "launch.sh: TERM: the training saves and exits" | tee -a "$log"' TERM
+interrupts=0
+# shellcheck disable=SC2317  # called by the trap
+on_int() { # Ctrl-C without SLURM (the training runs in a session of its own, out of the terminal's reach)
+    interrupts=$((interrupts + 1))
+    if ((interrupts == 1)); then
+        echo "launch.sh: Ctrl-C: the training saves at the next step boundary and exits (Ctrl-C again: stop at once, without saving)" | tee -a "$log"
+        pkill -USR1 -P "$pid" 2> /dev/null || true
+    else
+        echo "launch.sh: Ctrl-C again: stopping at once, without saving" | tee -a "$log"
+        pkill -KILL -P "$pid" 2> /dev/null || true # the workers (torchrun starts each in a session of its own)
+        kill -KILL "$pid" 2> /dev/null || true
+    fi
+}
 
-# tee ignores TERM: SLURM signals every process of the job, and a dead tee would cut the
-# training's output (and its save) short with a broken pipe.
-"${launch[@]}" "${flags[@]}" > >(trap '' TERM USR1; exec tee -a "$log") 2>&1 &
+# tee ignores TERM (and Ctrl-C's INT): SLURM signals every process of the job, and a dead tee
+# would cut the training's output (and its save) short with a broken pipe.
+if ((in_slurm)); then
+    "${launch[@]}" "${flags[@]}" > >(trap '' TERM USR1 INT; exec tee -a "$log") 2>&1 &
+else
+    # its own session: a Ctrl-C reaches this script only, which asks the workers to save and exit
+    # (torchrun itself would kill them on the terminal's SIGINT, within 30 s, mid-save or not)
+    trap on_int INT
+    setsid "${launch[@]}" "${flags[@]}" > >(trap '' TERM USR1 INT; exec tee -a "$log") 2>&1 &
+fi
 pid=$!
 if ((early_usr1)); then # arrived during set-up: pass it on once the tasks can take it
     sleep 5

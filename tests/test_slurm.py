@@ -116,6 +116,41 @@ def test_without_slurm_a_bad_flag_is_the_drivers_one_line_and_exit_2(tmp_path):
     assert "Traceback" not in r.stdout + r.stderr and "ChildFailedError" not in r.stdout + r.stderr
 
 
+def test_without_slurm_ctrl_c_saves_and_exits_and_twice_stops_at_once(tmp_path):
+    """A terminal's Ctrl-C (SIGINT to the foreground process group): the tee and the launcher died
+    of it, cutting the workers' output, and torchrun killed the workers within 30 s, mid-save or
+    not. Now the first saves at the next step boundary and exits 0; a second one stops at once."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_") and k not in ("MASTER_PORT", "RANK")}
+    env.update(PYTHON=sys.executable, PYTHONWARNINGS="ignore",
+               EXTRA_ARGS="--train-iters 100000 --lr-warmup-iters 1 --eval-iters 0 --log-interval 2 --save-interval 100000")
+    for presses, code in ((1, 0), (2, 137)):
+        run_dir = tmp_path / f"run{presses}"
+        p = subprocess.Popen(["bash", os.path.join(ROOT, "slurm", "tiny_cpu.sbatch")], env={**env, "RUN_DIR": str(run_dir)},
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+        seen = []
+        for line in p.stdout:
+            seen.append(line)
+            if line.startswith(" iteration "):
+                break
+        for _ in range(presses):
+            os.killpg(p.pid, signal.SIGINT)
+            time.sleep(0.2)
+        try:
+            out = "".join(seen) + finish(p, 180)[0]
+        finally:  # what a failing launcher leaves (torchrun's workers run in sessions of their own)
+            alive = subprocess.run(["pgrep", "-f", str(run_dir)], capture_output=True, text=True).stdout.split()
+            subprocess.run(["pkill", "-KILL", "-f", str(run_dir)])
+        assert p.returncode == code, out[-3000:]
+        latest = run_dir / "checkpoints" / "latest_checkpointed_iteration.txt"
+        if presses == 1:
+            assert "launch.sh: Ctrl-C: the training saves at the next step boundary and exits" in out
+            assert "exiting at iteration" in out and latest.exists(), out[-3000:]
+            assert f"(latest checkpoint: iteration {latest.read_text().strip()})" in out
+        else:
+            assert "Ctrl-C again: stopping at once, without saving" in out and not latest.exists(), out[-3000:]
+        assert alive == [], f"processes of the run left behind: {alive}"
+
+
 # ---- the launcher's end of a job, with stand-ins for srun/scancel/scontrol ------------------------
 FAKE_SRUN = r"""#!/usr/bin/env bash
 # stands in for `srun ... python -m megatron_prores.train FLAGS`: records its environment, and on
