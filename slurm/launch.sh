@@ -150,9 +150,15 @@ else
     setsid "${launch[@]}" "${flags[@]}" > >(trap '' TERM USR1 INT; exec tee -a "$log") 2>&1 &
 fi
 pid=$!
-if ((early_usr1)); then # arrived during set-up: pass it on once the tasks can take it
-    sleep 5
-    on_usr1
+if ((early_usr1)); then
+    # the time-limit signal came during set-up: --time is hardly longer than the --signal lead. Pass
+    # it on once the tasks can take it (they have logged a step), and do not requeue: the restart
+    # would be stopped at once again, and again
+    echo "launch.sh: the time-limit signal came before training started: the job's --time is not longer than its" \
+        "--signal lead; the training saves after its first logged step, and the job is not requeued (give a longer --time)" \
+        | tee -a "$log"
+    while kill -0 "$pid" 2> /dev/null && ! grep -q " iteration " "$log"; do sleep 1; done
+    kill -0 "$pid" 2> /dev/null && on_usr1
 fi
 rc=0
 while true; do
@@ -164,7 +170,7 @@ done
 
 latest=0
 [[ -f "$ckpt/latest_checkpointed_iteration.txt" ]] && latest=$(< "$ckpt/latest_checkpointed_iteration.txt")
-if ((rc == 0 && got_usr1 && in_slurm)); then
+if ((rc == 0 && got_usr1 && in_slurm && !early_usr1)); then
     # the length as the driver reads the flags (`=` forms, @files, --train-samples); unknown: requeue
     # (a finished run that is requeued ends at once; an unfinished one that is not would stall)
     train_iters=$("$PYTHON" -c 'import sys; from megatron_prores.arguments import train_iters; print(train_iters(sys.argv[1:]))' \

@@ -160,12 +160,14 @@ while (($#)); do [[ $1 == --save ]] && save=$2; shift; done
 echo "RANK=${RANK:-unset} WORLD_SIZE=${WORLD_SIZE:-unset}" > "$FAKE/srun.env"
 trap 'echo "$FAKE_LATEST" > "$save/latest_checkpointed_iteration.txt"; exit 0' USR1
 echo $$ > "$FAKE/srun.pid"
+sleep 0.5
+echo " iteration        1/     400 | lm loss: 5.0E+00 |"
 while true; do sleep 0.1; done
 """
 FAKE_SCANCEL = '#!/usr/bin/env bash\nkill -USR1 "$(cat "$FAKE/srun.pid")"\n'
 FAKE_SCONTROL = """#!/usr/bin/env bash
 case $1 in
-    show) echo node-a ;;
+    show) echo node-a; if [[ -n "${FAKE_EARLY:-}" ]]; then touch "$FAKE/set-up"; sleep 1; fi ;;  # during set-up
     requeue) echo "$2" >> "$FAKE/requeued"; exit "${FAKE_REQUEUE_RC:-0}" ;;
 esac
 """
@@ -182,15 +184,15 @@ def time_limit_signal(tmp_path, flags, latest, **env):
     for name, text in (("srun", FAKE_SRUN), ("scancel", FAKE_SCANCEL), ("scontrol", FAKE_SCONTROL)):
         (fake / name).write_text(text)
         (fake / name).chmod(0o755)
-    for stale in ("srun.pid", "requeued", "srun.env"):
+    for stale in ("srun.pid", "requeued", "srun.env", "set-up"):
         (fake / stale).unlink(missing_ok=True)
     env = {**os.environ, "PATH": f"{fake}{os.pathsep}{os.environ['PATH']}", "FAKE": str(fake),
            "FAKE_LATEST": str(latest), "SLURM_JOB_ID": "4242", "SLURM_JOB_NODELIST": "node-a",
            "RUN_DIR": str(tmp_path / "run"), "PYTHON": sys.executable, "PYTHONWARNINGS": "ignore", **env}
     p = subprocess.Popen(["bash", os.path.join(ROOT, "slurm", "launch.sh"), "--", *flags], env=env,
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    t0 = time.time()
-    while not (fake / "srun.pid").exists():
+    t0, ready = time.time(), fake / ("set-up" if env.get("FAKE_EARLY") else "srun.pid")
+    while not ready.exists():
         assert time.time() - t0 < 60 and p.poll() is None, p.communicate()[0]
         time.sleep(0.05)
     p.send_signal(signal.SIGUSR1)  # --signal=B:USR1: to the batch script
@@ -210,6 +212,16 @@ def test_time_limit_requeues_an_unfinished_run_whatever_form_its_length_takes(tm
         assert requeued == (["4242"] if requeue else []), (length, out)
         if requeue:
             assert f"saved at iteration {latest} of 400; requeueing job 4242" in out, out
+
+
+def test_a_time_limit_signal_during_set_up_is_passed_on_after_a_step_and_not_requeued(tmp_path):
+    """--time hardly longer than the --signal lead: the signal comes while the launcher sets up.
+    It was passed on after a fixed 5 s (a task not yet started died of it: FAILED) and the job was
+    requeued, to be stopped at once again, one step per restart."""
+    code, out, requeued, _ = time_limit_signal(tmp_path, LAUNCH_FLAGS + ["--train-iters", "400"], 1, FAKE_EARLY="1")
+    assert code == 0 and requeued == [], out
+    assert "the time-limit signal came before training started" in out and "give a longer --time" in out
+    assert out.index(" iteration        1/") < out.index("asking the training to save and exit"), out
 
 
 def test_a_refused_requeue_says_how_to_resume_and_the_job_ends_cleanly(tmp_path):
