@@ -1,9 +1,11 @@
 """One live run per --save directory: ``SAVE/.lock``.
 
-The lock is a file created atomically (O_EXCL) by rank 0, holding who holds it (host, pid, SLURM
-job). While the run lives, a daemon thread refreshes the file's time every ``HEARTBEAT`` seconds.
-A lock is stale, and taken over, when its holder is gone:
-- same host and its process no longer exists (a killed run, restarted on the same node);
+The lock is a file created atomically (O_EXCL) by rank 0, holding who holds it (host, pid, its PID
+namespace, SLURM job). While the run lives, a daemon thread refreshes the file's time every
+``HEARTBEAT`` seconds. A lock is stale, and taken over, when its holder is gone:
+- same host, same PID namespace, and its process no longer exists (a killed run, restarted on the
+  same node; containers with PID namespaces of their own, e.g. Apptainer --pid, number their
+  processes apart, so a pid from another one says nothing here);
 - same SLURM job id, earlier restart count (a requeued job: SLURM ended the old processes first);
 - no heartbeat for ``STALE_AFTER`` seconds (a holder on another node that died without cleanup).
 Otherwise the new run is refused with one line naming the holder. Takeover renames the stale file
@@ -36,9 +38,24 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def _pid_namespace() -> Optional[int]:
+    """This process's PID namespace (Linux), None where it cannot be told."""
+    try:
+        return os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        return None
+
+
 def _me() -> dict:
-    return dict(host=socket.gethostname(), pid=os.getpid(), slurm_job=os.environ.get("SLURM_JOB_ID"),
+    return dict(host=socket.gethostname(), pid=os.getpid(), pidns=_pid_namespace(),
+                slurm_job=os.environ.get("SLURM_JOB_ID"),
                 slurm_restart=int(os.environ.get("SLURM_RESTART_COUNT", "0") or 0), started=time.time())
+
+
+def _same_processes(holder: dict, me: dict) -> bool:
+    """Whether the holder's pid means a process this one can see (same host and PID namespace; a
+    lock written before namespaces were recorded counts as the same)."""
+    return holder.get("host") == me["host"] and holder.get("pidns") in (None, me["pidns"])
 
 
 class RunLock:
@@ -75,7 +92,7 @@ class RunLock:
             age = time.time() - os.path.getmtime(self.path)
         except FileNotFoundError:
             return "released"
-        if holder.get("host") == me["host"] and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
+        if _same_processes(holder, me) and isinstance(holder.get("pid"), int) and not _alive(holder["pid"]):
             return f"process {holder['pid']} on this host has ended"
         if (me["slurm_job"] and holder.get("slurm_job") == me["slurm_job"]
                 and int(holder.get("slurm_restart") or 0) < me["slurm_restart"]):
@@ -135,5 +152,5 @@ class RunLock:
         self._thread.join()
         self._thread = None
         holder = self._holder()
-        if holder and holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname():
+        if holder and holder.get("pid") == os.getpid() and _same_processes(holder, _me()):
             os.remove(self.path)

@@ -450,6 +450,20 @@ def test_run_lock_stale_and_live_holders(tmp_path, monkeypatch):
     assert "no heartbeat" in lock.acquire()
     lock.release()
 
+    # a run in a container with a PID namespace of its own, on this host: its pid says nothing here
+    # (a second container run took a live run's lock over), only its heartbeat does
+    plant(host=host, pid=dead.pid, pidns=-1)
+    with pytest.raises(ConfigError, match="in use by a live run"):
+        RunLock(str(tmp_path)).acquire()
+    os.utime(tmp_path / ".lock", (old, old))
+    lock = RunLock(str(tmp_path))
+    assert "no heartbeat" in lock.acquire()
+    lock.release()
+    plant(host=host, pid=dead.pid, pidns=os.stat("/proc/self/ns/pid").st_ino)  # same namespace: gone
+    lock = RunLock(str(tmp_path))
+    assert "has ended" in lock.acquire()
+    lock.release()
+
     monkeypatch.setenv("SLURM_JOB_ID", "77")
     monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
     plant(host="other-node", pid=1, slurm_job="77", slurm_restart=0)  # this job before its requeue
