@@ -20,7 +20,8 @@
 #   RUN_DIR          run directory (see above)
 #   RUN_NAME         its name under runs/ (the recipes set one each)
 #   PRORES_HOME      (read by the recipes) the checkout whose slurm/launch.sh they run
-#   EXTRA_ARGS       flags appended last (they override the recipe's: argparse keeps the last)
+#   EXTRA_ARGS       flags appended last (they override the recipe's: argparse keeps the last);
+#                    quote a word that holds spaces: EXTRA_ARGS="@'/my runs/x.args'"
 #   PYTHON           interpreter (default python3); NPROC, MASTER_PORT
 #
 # Preemption and time limits: the recipes ask for `--signal=B:USR1@<s>` and `--requeue`. USR1
@@ -52,6 +53,15 @@ job_name=${RUN_NAME:-${SLURM_JOB_NAME:-megatron-prores}}
 RUN_DIR=${RUN_DIR:-$submit_dir/runs/$job_name}
 ckpt=$RUN_DIR/checkpoints
 
+split_words() { # split_words VAR ARRAY: $VAR's words into ARRAY, quotes as in a shell ('a b' is one word; nothing is run)
+    local text
+    text=$(printf '%s' "${!1}" | xargs printf '%s\n' 2> /dev/null) || {
+        echo "launch.sh: $1 has a quote that is not closed ($1=${!1}); close it" >&2
+        exit 2
+    }
+    mapfile -t "$2" <<< "$text"
+}
+
 # ---- data: DATA_PATH/TOKENIZER_MODEL, or the recipe's --mock-data -------------------------------
 data=()
 if [[ -n "${DATA_PATH:-}" ]]; then
@@ -59,7 +69,7 @@ if [[ -n "${DATA_PATH:-}" ]]; then
         echo "launch.sh: DATA_PATH is set but TOKENIZER_MODEL is not; set TOKENIZER_MODEL=/path/tokenizer.model" >&2
         exit 2
     fi
-    read -r -a blend <<< "$DATA_PATH"
+    split_words DATA_PATH blend
     data=(--data-path "${blend[@]}" --tokenizer-type SentencePieceTokenizer --tokenizer-model "$TOKENIZER_MODEL")
 elif [[ " ${recipe[*]} ${EXTRA_ARGS:-} " != *" --mock-data "* ]]; then
     if ((dry_run)); then
@@ -71,7 +81,7 @@ elif [[ " ${recipe[*]} ${EXTRA_ARGS:-} " != *" --mock-data "* ]]; then
 fi
 
 extra=()
-[[ -n "${EXTRA_ARGS:-}" ]] && read -r -a extra <<< "$EXTRA_ARGS"
+[[ -n "${EXTRA_ARGS:-}" ]] && split_words EXTRA_ARGS extra
 flags=("${recipe[@]}" "${data[@]}"
        --save "$ckpt" --load "$ckpt" --tensorboard-dir "$RUN_DIR/tensorboard" --exit-signal-handler
        "${extra[@]}")

@@ -151,6 +151,26 @@ def test_without_slurm_ctrl_c_saves_and_exits_and_twice_stops_at_once(tmp_path):
         assert alive == [], f"processes of the run left behind: {alive}"
 
 
+def test_launcher_words_with_spaces_are_quoted_as_in_a_shell(tmp_path):
+    """EXTRA_ARGS and DATA_PATH were split at every space: an @file or a data path in a folder with
+    a space in its name could not be given."""
+    launch = os.path.join(ROOT, "slurm", "launch.sh")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(RUN_DIR=str(tmp_path), EXTRA_ARGS="@'/my runs/x.args' --lr 1", TOKENIZER_MODEL="/t",
+               DATA_PATH="0.5 '/data/set a/x_text_document' 0.5 \"/data/b\"")
+    r = subprocess.run(["bash", launch, "--dry-run", "--", "--num-layers", "2"], capture_output=True, text=True,
+                       env=env, timeout=60)
+    assert r.returncode == 0, r.stderr
+    words = shlex.split(r.stdout)
+    assert words[words.index("--data-path") + 1:words.index("--data-path") + 5] == [
+        "0.5", "/data/set a/x_text_document", "0.5", "/data/b"]
+    assert words[-3:] == ["@/my runs/x.args", "--lr", "1"]
+    r = subprocess.run(["bash", launch, "--dry-run", "--", "--mock-data"], capture_output=True, text=True,
+                       env={**env, "EXTRA_ARGS": "--lr '1"}, timeout=60)
+    assert r.returncode == 2 and r.stderr == ("launch.sh: EXTRA_ARGS has a quote that is not closed "
+                                              "(EXTRA_ARGS=--lr '1); close it\n"), r.stderr
+
+
 # ---- the launcher's end of a job, with stand-ins for srun/scancel/scontrol ------------------------
 FAKE_SRUN = r"""#!/usr/bin/env bash
 # stands in for `srun ... python -m megatron_prores.train FLAGS`: records its environment, and on
