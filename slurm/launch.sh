@@ -116,7 +116,10 @@ if ((dry_run)); then
     exit 0
 fi
 
-mkdir -p "$RUN_DIR/logs" "$ckpt"
+if ! err=$(mkdir -p "$RUN_DIR/logs" "$ckpt" 2>&1); then
+    echo "launch.sh: cannot create the run directory $RUN_DIR (${err##*: }); set RUN_DIR to a writable place" >&2
+    exit 2
+fi
 log=$RUN_DIR/logs/${SLURM_JOB_ID:-local-$$}-${SLURM_RESTART_COUNT:-0}.log
 echo "launch.sh: run directory $RUN_DIR, log $log, restart ${SLURM_RESTART_COUNT:-0}"
 echo "launch.sh: $(printf '%q ' "${launch[@]}" "${flags[@]}")" | tee -a "$log"

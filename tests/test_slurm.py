@@ -169,6 +169,11 @@ def test_launcher_words_with_spaces_are_quoted_as_in_a_shell(tmp_path):
                        env={**env, "EXTRA_ARGS": "--lr '1"}, timeout=60)
     assert r.returncode == 2 and r.stderr == ("launch.sh: EXTRA_ARGS has a quote that is not closed "
                                               "(EXTRA_ARGS=--lr '1); close it\n"), r.stderr
+    (tmp_path / "a-file").write_text("")
+    r = subprocess.run(["bash", launch, "--", "--mock-data"], capture_output=True, text=True, timeout=60,
+                       env={**env, "EXTRA_ARGS": "", "RUN_DIR": str(tmp_path / "a-file" / "run")})
+    assert r.returncode == 2 and r.stderr == (f"launch.sh: cannot create the run directory {tmp_path}/a-file/run "
+                                              f"(Not a directory); set RUN_DIR to a writable place\n"), r.stderr
 
 
 # ---- the launcher's end of a job, with stand-ins for srun/scancel/scontrol ------------------------
