@@ -295,8 +295,8 @@ def _abandon(root: str, iteration: int) -> None:
         shutil.rmtree(iteration_dir(root, iteration) + ".tmp", ignore_errors=True)
     dist.barrier()
     raise ConfigError(f"saving checkpoint {iteration} to {root!r} failed (see the line above); "
-                      f"the previous checkpoint stays the latest: free space on that disk (or point --save "
-                      f"elsewhere) and resume with --load")
+                      f"the previous checkpoint stays the latest: remove that cause (a full disk: free space, "
+                      f"or point --save elsewhere) and resume with --load")
 
 
 def _publish(root: str, iteration: int, keep_last_n: Optional[int]) -> None:
