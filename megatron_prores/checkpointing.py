@@ -504,6 +504,7 @@ def load_checkpoint(directory: str, model, optimizer, scheduler, model_args: dic
     _load_model(model, state, directory)
     train_state = common["train_state"]
     if use_optim:
+        mcore_compat.match_groups_without_lr_bounds()  # another --lr under the schedule flags' overrides
         with torch.no_grad():  # the distributed optimizer copies into views of the parameters
             optimizer.load_state_dict(state["optimizer"])
         # the steps this Adam state has taken (older checkpoints: all steps, as they had no fresh restart)

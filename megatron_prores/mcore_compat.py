@@ -11,6 +11,13 @@ The rest of the project calls these helpers instead of testing versions itself. 
 - 0.19 builds a layer's MLP through ``MLP.as_mlp_submodule``; a ``ModuleSpec(MLP)`` still works
   there but is rewrapped with a warning per layer (48 lines for a 48-layer model): ``mlp_spec``
   gives each release the form it expects.
+- Loading an optimizer state pairs the checkpoint's parameter groups with the current ones by a
+  tuple of group settings, which in 0.19 also holds the LR bounds ``max_lr``/``min_lr`` (0.16's
+  does not): a resume with another --lr under
+  --override-opt-param-scheduler (or --use-checkpoint-opt-param-scheduler) found no group and
+  failed with a traceback. ``match_groups_without_lr_bounds`` leaves the bounds out of that tuple;
+  the driver sets them itself after a load (the flags' or the checkpoint's). This project gives every
+  group the same bounds, so leaving them out never pairs two different groups.
 And defects that every supported release has:
 - torch 2.15 added a ``strides`` field to DCP's ``TensorProperties``; megatron-core builds a meta
   copy of every saved tensor with ``torch.empty(size, **properties.__dict__)``, which then fails
@@ -110,3 +117,15 @@ def tolerate_tensor_strides() -> None:
 
     cls.load_tensors_metadata = load_tensors_metadata
     cls._prores_strides = True
+
+
+def match_groups_without_lr_bounds() -> None:
+    """Pair saved and current optimizer parameter groups without their LR bounds (see the module
+    docstring); idempotent."""
+    import importlib
+
+    for name in ("megatron.core.optimizer.optimizer", "megatron.core.optimizer.distrib_optimizer"):
+        module = importlib.import_module(name)
+        keys = getattr(module, "param_group_identifier_keys", None)
+        if keys is not None:
+            module.param_group_identifier_keys = tuple(k for k in keys if k not in ("max_lr", "min_lr"))

@@ -248,6 +248,7 @@ def _cosine_lr(lr, min_lr, step, decay):
     return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * step / decay))
 
 
+@pytest.mark.stack  # megatron-core 0.19 pairs optimizer groups by settings that hold the LR bounds
 def test_schedule_overrides_and_optimizer_switch(run_dir, tmp_path):
     """--override-opt-param-scheduler: LR from the new flags at the checkpoint's iteration;
     --use-checkpoint-opt-param-scheduler: the checkpoint's (finished) schedule; --no-load-optim:
@@ -274,6 +275,13 @@ def test_schedule_overrides_and_optimizer_switch(run_dir, tmp_path):
         if name == "no-load-optim":
             assert "--no-load-optim: the Adam state starts fresh" in out
             assert train_state(r)[1]["run_flags"]["use_distributed_optimizer"] is True
+            # the distributed optimizer's state, loaded under another --lr (its groups are paired by
+            # settings that held the LR bounds in every megatron-core release)
+            code, out = run(TINY + ["--train-iters", "5", "--use-distributed-optimizer", "--lr", "3e-3",
+                                    "--override-opt-param-scheduler", "--load", r, "--save", r], nproc=1)
+            assert code == 0, out[-3000:]
+            lr = float(re.search(r"resumed from \S+ at iteration 4 \(learning rate (\S+?),", out).group(1))
+            assert lr == pytest.approx(_cosine_lr(3e-3, 0, 4, 5), rel=1e-6, abs=1e-12), out[-2000:]
 
 
 def _main_refuses(argv, message, capsys, *unchanged):
