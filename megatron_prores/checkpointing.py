@@ -52,10 +52,24 @@ def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> dict:
 _EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-def _ignore_exit_signals():
+def _ignore_exit_signals(parent: int):
     for sig in _EXIT_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _EXIT_SIGNALS)  # blocked since its start (below)
+    _end_with_parent(parent)
+
+
+def _end_with_parent(parent: int) -> None:
+    """Deaf to TERM/INT, the manager would outlive a training process killed with -9 (forever, where no
+    SLURM job ends it): the kernel kills it when its parent dies (Linux; elsewhere it stays)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # the parent died before that
+        os._exit(0)
 
 
 def _signal_proof_writer_queue() -> None:
@@ -75,7 +89,7 @@ def _signal_proof_writer_queue() -> None:
         manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context("spawn"))
         blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _EXIT_SIGNALS)
         try:
-            manager.start(_ignore_exit_signals)
+            manager.start(_ignore_exit_signals, (os.getpid(),))
         finally:
             signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
         filesystem_async._results_queue = manager.Queue()

@@ -656,3 +656,40 @@ def test_the_checkpoint_writers_manager_survives_exit_signals_while_it_starts(mo
         if filesystem_async._prores_manager is not None:
             filesystem_async._prores_manager.shutdown()
     assert len(hits) > 10
+
+
+def test_the_checkpoint_writers_manager_ends_with_a_training_killed_by_sigkill(tmp_path):
+    """The manager ignores TERM/INT/USR1: after a kill -9 of the training it lived on (forever where
+    no SLURM job ends it), one per rank and kill."""
+    import signal
+
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import time\n"
+        "from megatron.core.dist_checkpointing.strategies import filesystem_async\n"
+        "from megatron_prores import checkpointing\n"
+        "filesystem_async._results_queue = None\n"
+        "checkpointing._signal_proof_writer_queue()\n"
+        "print(filesystem_async._prores_manager._process.pid, flush=True)\n"
+        "time.sleep(120)\n")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        manager = int(child.stdout.readline())
+        os.kill(manager, signal.SIGTERM)  # what SLURM sends every process: ignored
+        time.sleep(0.5)
+        os.kill(manager, 0)
+    finally:
+        child.kill()
+        child.wait()
+    def gone():  # ended (a zombie whose new parent has not reaped it yet counts as ended)
+        try:
+            with open(f"/proc/{manager}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
+        except FileNotFoundError:
+            return True
+
+    t0 = time.time()
+    while time.time() - t0 < 20:
+        if gone():
+            return
+        time.sleep(0.1)
+    os.kill(manager, signal.SIGKILL)
+    pytest.fail(f"the manager {manager} outlived the training process killed with -9")
