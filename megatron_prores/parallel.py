@@ -32,6 +32,18 @@ def rank_and_world():
     return rank, world, local
 
 
+def device_of(local: int, visible: int) -> int:
+    """The GPU of the task with local rank ``local`` among ``visible`` GPUs: its own when each task
+    sees only its own (SLURM's --gpus-per-task/--gpu-bind), else the one of its local rank. More
+    tasks than GPUs on a node would put two on one GPU (NCCL then fails at its first collective)."""
+    if visible > 1 and local >= visible:
+        from megatron_prores.config import ConfigError
+
+        raise ConfigError(f"this node runs a task of local rank {local} but has {visible} GPUs: start one task per "
+                          f"GPU (--ntasks-per-node {visible} under SLURM, --nproc-per-node {visible} with torchrun)")
+    return local % visible
+
+
 _layout = None
 
 
@@ -52,7 +64,7 @@ def initialize(tensor_parallel: int = 1, pipeline_parallel: int = 1,
     if not dist.is_initialized():
         rank, world, local = rank_and_world()
         if use_cuda:
-            torch.cuda.set_device(local % torch.cuda.device_count())
+            torch.cuda.set_device(device_of(local, torch.cuda.device_count()))
         # NCCL for CUDA tensors; gloo beside it for the few host-side values the driver and the
         # checkpointing reduce (loss, finite flags, exit flags): NCCL alone rejects them.
         kw = dict(backend="cpu:gloo,cuda:nccl" if use_cuda else "gloo", rank=rank, world_size=world,

@@ -693,3 +693,17 @@ def test_the_checkpoint_writers_manager_ends_with_a_training_killed_by_sigkill(t
         time.sleep(0.1)
     os.kill(manager, signal.SIGKILL)
     pytest.fail(f"the manager {manager} outlived the training process killed with -9")
+
+
+def test_more_tasks_than_gpus_on_a_node_is_one_line():
+    """Two tasks on one GPU failed in NCCL at the first collective; a task that sees only its own
+    GPU (SLURM's --gpus-per-task) takes device 0."""
+    from megatron_prores.config import ConfigError
+    from megatron_prores.parallel import device_of
+
+    assert [device_of(local, 8) for local in range(8)] == list(range(8))
+    assert device_of(5, 1) == 0
+    with pytest.raises(ConfigError) as e:
+        device_of(8, 8)
+    assert str(e.value) == ("this node runs a task of local rank 8 but has 8 GPUs: start one task per GPU "
+                            "(--ntasks-per-node 8 under SLURM, --nproc-per-node 8 with torchrun)")
