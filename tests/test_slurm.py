@@ -125,8 +125,11 @@ def test_without_slurm_ctrl_c_saves_and_exits_and_twice_stops_at_once(tmp_path):
                EXTRA_ARGS="--train-iters 100000 --lr-warmup-iters 1 --eval-iters 0 --log-interval 2 --save-interval 100000")
     for presses, code in ((1, 0), (2, 137)):
         run_dir = tmp_path / f"run{presses}"
+        # as a terminal's foreground job: SIGINT at its default (a test run in the background, e.g.
+        # under nohup, starts every child with SIGINT ignored, which bash then cannot trap)
         p = subprocess.Popen(["bash", os.path.join(ROOT, "slurm", "tiny_cpu.sbatch")], env={**env, "RUN_DIR": str(run_dir)},
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         seen = []
         for line in p.stdout:
             seen.append(line)
