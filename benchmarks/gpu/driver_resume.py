@@ -100,9 +100,9 @@ class Runs:
             seen.append(line)
             if not armed:
                 armed = after in line
-            elif LOGGED.search(line):
+            elif logged := LOGGED.search(line):
                 os.killpg(p.pid, signal.SIGKILL)
-                killed_after = int(LOGGED.search(line).group(1))
+                killed_after = int(logged.group(1))
                 break
         if killed_after is None:
             os.killpg(p.pid, signal.SIGKILL)
@@ -116,8 +116,9 @@ def logged_losses(out: str) -> dict:
     return {int(m.group(1)): float(m.group(2)) for m in map(LOGGED.search, out.splitlines()) if m}
 
 
-def agreement(first_equal: bool, a: list, b: list, exact: bool) -> dict:
+def agreement(a: list, b: list, exact: bool) -> dict:
     """How the losses ``b`` after a resume agree with the reference ``a`` (same steps, in order)."""
+    first_equal = bool(a) and bool(b) and a[0] == b[0]
     rel = [abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a[1:], b[1:])]
     later = max(rel, default=0.0)
     later_ok = later == 0.0 if exact else later <= LATER_RTOL
@@ -157,7 +158,7 @@ def compare(a_dir, b_dir, from_iter, exact: bool):
     wa, wb = weights(a_dir), weights(b_dir)
     unequal = [k for k in wa if isinstance(wa[k], torch.Tensor) and not torch.equal(wa[k], wb.get(k))]
     max_w = max((float((wa[k].double() - wb[k].double()).abs().max()) for k in unequal), default=0.0)
-    return {**agreement(bool(la) and bool(lb) and la[0] == lb[0], la, lb, exact),
+    return {**agreement(la, lb, exact),
             "tensors": len(wa), "tensors_not_bitwise_equal": len(unequal), "max_abs_tensor_difference": max_w}
 
 
@@ -245,7 +246,7 @@ def main(argv=None):
         before, after = logged_losses(out), logged_losses(resumed[1])
         steps = [i for i in range(every + 1, killed_after + 1) if i in before and i in after]
         a, b = [before[i] for i in steps], [after[i] for i in steps]
-        c = res["checks"]["async"] = agreement(bool(steps) and a[0] == b[0], a, b, exact)
+        c = res["checks"]["async"] = agreement(a, b, exact)
         c["compared_iterations"] = [steps[0], steps[-1]] if steps else []
         report("async", c)
         ok = ok and c["held"]
