@@ -293,9 +293,13 @@ class Trainer:
         if before is not None:
             self._say(f"Adam from the flags, not the checkpoint: betas {before['betas']} -> {betas}, eps "
                       f"{before['eps']:g} -> {a.adam_eps:g} (the moments are kept)")
-        if mode == "override":  # the loaded optimizer brought its groups' old LR bounds: the flags' instead
+        # megatron's scheduler takes the LR bounds from the optimizer's groups: the loaded optimizer
+        # brought the checkpoint's, a fresh one (--no-load-optim) has the flags'
+        bounds = {"override": (a.lr, a.min_lr),  # the flags'
+                  "checkpoint": (self.scheduler.max_lr, self.scheduler.min_lr)}.get(mode)  # its scheduler's
+        if bounds is not None:
             for g in self.optimizer.param_groups:
-                g["max_lr"], g["min_lr"] = a.lr, a.min_lr
+                g["max_lr"], g["min_lr"] = bounds
             self.scheduler.step(increment=0)
         lr = self.scheduler.get_lr(self.optimizer.param_groups[0])
         self._say(f"resumed from {a.load} at iteration {self.state.iteration} (learning rate {lr:.6E}"

@@ -258,6 +258,10 @@ def test_schedule_overrides_and_optimizer_switch(run_dir, tmp_path):
     for name, flags, expect in (
         ("override", ["--train-iters", "5", "--lr", "2e-3", "--override-opt-param-scheduler"], _cosine_lr(2e-3, 0, 3, 5)),
         ("checkpoint", ["--train-iters", "4", "--lr", "2e-3", "--use-checkpoint-opt-param-scheduler"], 0.0),
+        # a fresh optimizer's groups hold the flags' LR bounds: the checkpoint's schedule still rules
+        ("checkpoint-fresh-adam", ["--train-iters", "4", "--lr", "2e-3", "--min-lr", "1e-4", "--ckpt-step", "2",
+                                   "--use-checkpoint-opt-param-scheduler", "--no-load-optim"],
+         _cosine_lr(1e-3, 0, 2, 3)),
         ("no-load-optim", ["--train-iters", "4", "--use-distributed-optimizer", "--no-load-optim",
                            "--override-opt-param-scheduler"], _cosine_lr(1e-3, 0, 3, 4)),
     ):
@@ -265,10 +269,13 @@ def test_schedule_overrides_and_optimizer_switch(run_dir, tmp_path):
         shutil.copytree(run_dir, r)
         code, out = run(TINY + flags + ["--load", r, "--save", r], nproc=1)
         assert code == 0, out[-3000:]
-        lr = float(re.search(r"resumed from \S+ at iteration 3 \(learning rate (\S+?),", out).group(1))
-        assert lr == pytest.approx(expect, rel=1e-6, abs=1e-12), (name, out[-2000:])
+        at, lr = re.search(r"resumed from \S+ at iteration (\d+) \(learning rate (\S+?),", out).groups()
+        assert int(at) == (2 if "--ckpt-step" in flags else 3)
+        assert float(lr) == pytest.approx(expect, rel=1e-6, abs=1e-12), (name, out[-2000:])
         steps = re.findall(r"iteration\s+(\d+)/.*?learning rate: (\S+)", out)
-        assert [int(s[0]) for s in steps] == list(range(4, int(flags[1]) + 1)), out[-2000:]
+        assert [int(s[0]) for s in steps] == list(range(int(at) + 1, int(flags[1]) + 1)), out[-2000:]
+        if name == "checkpoint-fresh-adam":  # logged after steps 3 and 4: the checkpoint's cosine (decay 3), then its end
+            assert [float(s[1]) for s in steps] == pytest.approx([0.0, 0.0], abs=1e-12)
         if name == "override":  # logged after step i: the LR of the new cosine at i (of 5)
             assert [float(s[1]) for s in steps] == pytest.approx([_cosine_lr(2e-3, 0, i, 5) for i in (4, 5)],
                                                                  rel=1e-6, abs=1e-12)
