@@ -7,7 +7,8 @@ namespace, SLURM job). While the run lives, a daemon thread refreshes the file's
   same node; containers with PID namespaces of their own, e.g. Apptainer --pid, number their
   processes apart, so a pid from another one says nothing here);
 - same SLURM job id, earlier restart count (a requeued job: SLURM ended the old processes first);
-- no heartbeat for ``STALE_AFTER`` seconds (a holder on another node that died without cleanup).
+- no heartbeat for ``STALE_AFTER`` seconds (a holder on another node that died without cleanup);
+- empty or unreadable for ``WRITE_GRACE`` seconds (its holder died between creating and writing it).
 Otherwise the new run is refused with one line naming the holder. Takeover renames the stale file
 away first (only one of several racing runs can), then creates the lock as usual.
 """
@@ -26,6 +27,7 @@ from megatron_prores.config import ConfigError
 NAME = ".lock"
 HEARTBEAT = 15.0
 STALE_AFTER = 300.0
+WRITE_GRACE = 10.0  # an unreadable lock younger than this may be one being written
 
 
 def _alive(pid: int) -> bool:
@@ -36,6 +38,13 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def _remove(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
 
 
 def _pid_namespace() -> Optional[int]:
@@ -97,6 +106,8 @@ class RunLock:
         if (me["slurm_job"] and holder.get("slurm_job") == me["slurm_job"]
                 and int(holder.get("slurm_restart") or 0) < me["slurm_restart"]):
             return f"SLURM job {me['slurm_job']} was requeued"
+        if not holder and age > WRITE_GRACE:  # a live run writes its lock right after creating it
+            return "its lock file is empty or unreadable: its run ended while writing it"
         if age > STALE_AFTER:
             return f"no heartbeat for {age:.0f} s"
         return None
@@ -114,8 +125,9 @@ class RunLock:
                     continue  # released meanwhile
                 why = self._stale(holder)
                 if why is None:
-                    who = f"pid {holder.get('pid')} on {holder.get('host')}" + (
+                    who = (f"pid {holder.get('pid')} on {holder.get('host')}" + (
                         f", SLURM job {holder['slurm_job']}" if holder.get("slurm_job") else "")
+                           if holder else "a run starting this moment")
                     raise ConfigError(f"--save {os.path.dirname(self.path)!r} is in use by a live run ({who}); "
                                       f"wait for it to end or pick another --save (if that run is gone, "
                                       f"delete {self.path})")
@@ -130,8 +142,13 @@ class RunLock:
                 os.remove(moved)
                 note = f"took over the lock of a run that is gone ({why})"
                 continue
-            with os.fdopen(fd, "w") as f:
-                json.dump(_me(), f)
+            try:
+                with os.fdopen(fd, "w") as f:
+                    json.dump(_me(), f)
+            except OSError as e:  # e.g. a full disk: no empty lock left to block the next run
+                _remove(self.path)
+                raise ConfigError(f"cannot write the run lock {self.path} ({e.strerror or e}); free space "
+                                  f"there or pick another --save") from None
             self._thread = threading.Thread(target=self._beat, name="run-lock-heartbeat", daemon=True)
             self._thread.start()
             return note
@@ -153,4 +170,4 @@ class RunLock:
         self._thread = None
         holder = self._holder()
         if holder and holder.get("pid") == os.getpid() and _same_processes(holder, _me()):
-            os.remove(self.path)
+            _remove(self.path)  # where it cannot (a file system gone read-only), the next run takes it over

@@ -490,6 +490,44 @@ def test_run_lock_stale_and_live_holders(tmp_path, monkeypatch):
         RunLock(str(tmp_path)).acquire()
 
 
+def test_run_lock_that_cannot_be_written_or_read_or_removed(tmp_path, monkeypatch):
+    """A full disk while writing the lock: one line, and no empty lock left behind (it blocked the
+    next run as "in use by a live run (pid None on None)" for 5 minutes); an empty lock is judged
+    by its age (a live run writes it at once); a lock that cannot be removed at the end (a file
+    system gone read-only) is left for the next run to take over, without a traceback."""
+    import errno
+
+    from megatron_prores import run_lock
+    from megatron_prores.config import ConfigError
+    from megatron_prores.run_lock import WRITE_GRACE, RunLock
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(run_lock.json, "dump", full_disk)
+    with pytest.raises(ConfigError, match=r"cannot write the run lock .*\(No space left on device\); free space"):
+        RunLock(str(tmp_path)).acquire()
+    assert os.listdir(tmp_path) == []
+    monkeypatch.undo()
+
+    (tmp_path / ".lock").write_text("")  # just created by a run that is writing it now
+    with pytest.raises(ConfigError, match="in use by a live run \\(a run starting this moment\\)"):
+        RunLock(str(tmp_path)).acquire()
+    old = time.time() - WRITE_GRACE - 1
+    os.utime(tmp_path / ".lock", (old, old))  # its run ended between creating and writing it
+    lock = RunLock(str(tmp_path))
+    assert "empty or unreadable" in lock.acquire()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()
+
+    def read_only(path):
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS))
+
+    monkeypatch.setattr(run_lock.os, "remove", read_only)
+    lock.release()  # no exception
+    monkeypatch.undo()
+    assert json.loads((tmp_path / ".lock").read_text())["pid"] == os.getpid()  # left for the next run
+
+
 def test_two_runs_that_find_the_same_stale_lock_do_not_both_take_it(tmp_path, monkeypatch):
     """Run Y judges a dead run's lock stale; before Y renames it away, run X takes it over and
     writes its own. Y renamed X's fresh lock away and both ran on one --save (found by an
