@@ -51,10 +51,26 @@ def run_flags(args) -> dict:
         flags["lr_decay_iters"] = args.lr_decay_iters or args.train_iters
     else:
         flags["lr_decay_samples"] = args.lr_decay_samples or args.train_samples
+    flags["data_path"] = data_path_key(args.data_path)
     flags["use_distributed_optimizer"] = bool(args.use_distributed_optimizer)
     flags["bf16"] = bool(args.bf16)  # what the optimizer state holds (fp32 main copies or the weights)
     flags["weight_decay_groups"] = args.weight_decay_groups
     return flags
+
+
+def data_path_key(data_path):
+    """--data-path as a checkpoint records and compares it: each prefix resolved (relative to this
+    working directory; links followed), each weight as a number. The same files spelled another way
+    compare equal; another directory's files under the same relative name do not."""
+    if not data_path:
+        return data_path
+    from megatron_prores.arguments import parse_data_path
+
+    prefixes, weights = parse_data_path(data_path)
+    prefixes = [os.path.realpath(p) for p in prefixes]
+    if weights is None:
+        return prefixes
+    return [x for w, p in zip(weights, prefixes) for x in (repr(w), p)]
 
 
 def schedule_in_samples(flags: dict) -> dict:
@@ -307,6 +323,8 @@ def check_flags(saved: Optional[dict], args, iteration: int) -> str:
     now = run_flags(args)
     # a flag newer than the checkpoint: recorded as its value then (no --lr-warmup-fraction)
     saved = {**{k: v for k, v in _ADDED_LATER.items() if "lr" in saved}, **saved}
+    if saved.get("data_path"):  # recorded as typed before it was resolved
+        saved["data_path"] = data_path_key(saved["data_path"])
     changed = lambda keys: [k for k in keys if k in saved and saved[k] != now[k]]  # noqa: E731
     data = changed(DATA_FLAGS)
     if "global_batch_size" in data and args.train_samples is not None:
@@ -314,6 +332,11 @@ def check_flags(saved: Optional[dict], args, iteration: int) -> str:
                           f"{saved['global_batch_size']}; with --train-samples the training length in steps follows "
                           f"it: give {saved['global_batch_size']} again")
     if data and not args.override_data_flags:
+        if "mock_data" in data or "data_path" in data:
+            data_flags = lambda f: "--mock-data" if f.get("mock_data") else "--data-path " + " ".join(f.get("data_path") or ())  # noqa: E731
+            raise ConfigError(f"this run reads {data_flags(now)} but the checkpoint (iteration {iteration}) was trained "
+                              f"on {data_flags(saved)}, which sets the data order; give that again, or pass "
+                              f"--override-data-flags to keep the checkpoint's data position with the new data")
         k = data[0]
         raise ConfigError(f"{_flag(k)} is {now[k]!r} but the checkpoint (iteration {iteration}) was trained with "
                           f"{saved[k]!r}, which sets the data order; give {saved[k]!r} again, or pass "

@@ -429,6 +429,11 @@ class Trainer:
         self.run_flags.update(data_order=order, data_samples=a.train_iters * a.global_batch_size)
         if not saved or saved.get("data_order") in (None, order) or a.override_data_flags:
             return
+        if saved.get("data_samples") == a.train_iters * a.global_batch_size:  # same length: other files
+            raise ConfigError(
+                f"the training data under --data-path is not the checkpoint's: its samples come in another order "
+                f"(other documents or document sizes, e.g. files tokenized again); give the checkpoint's data, or "
+                f"--override-data-flags to go on from its position with this data")
         raise ConfigError(
             f"this run's length ({training_length(a)}: {a.train_iters * a.global_batch_size} samples) makes "
             f"megatron-core shuffle the training data over another number of epochs than the checkpoint's run "

@@ -193,6 +193,45 @@ def test_refused_with_one_line_and_nothing_changed(case, run_dir, tmp_path, sing
     assert not Payload.mark.exists()  # no planted code ran
 
 
+@pytest.mark.stack
+def test_the_data_path_is_compared_as_the_files_it_names(tmp_path, single_process, capsys, monkeypatch):
+    """--data-path is recorded resolved: the same files spelled another way resume (they were refused
+    as another data path); another directory's files under the same relative name are refused as
+    other data (they were refused as "another run length"); --mock-data is named as such."""
+    import numpy
+
+    from megatron_prores.train import main
+    from tests.test_driver_input_checks import write_dataset
+
+    rng = numpy.random.default_rng(0)
+    for d in ("first", "second"):  # two working directories, each with its own a/d
+        os.makedirs(tmp_path / d / "a")
+        write_dataset(str(tmp_path / d / "a" / "d"), [rng.integers(0, 64, size=40).tolist() for _ in range(300)])
+    base = [a for a in TINY if a != "--mock-data"] + ["--tokenizer-type", "NullTokenizer", "--split", "100,0,0"]
+    run = str(tmp_path / "run")
+    monkeypatch.chdir(tmp_path / "first")
+    assert main(base + ["--train-iters", "2", "--data-path", "a/d", "--save", run]) == 0
+    assert main(base + ["--train-iters", "3", "--lr-decay-iters", "2", "--save", run, "--load", run,
+                        "--data-path", str(tmp_path / "first" / "." / "a" / ".." / "a" / "d")]) == 0
+    assert "resumed from" in capsys.readouterr().out
+    monkeypatch.chdir(tmp_path / "second")
+    for data, now in ((["--data-path", "a/d"], f"--data-path {tmp_path.resolve() / 'second' / 'a' / 'd'}"),
+                      (["--mock-data"], "--mock-data")):
+        code = main(base + ["--train-iters", "4", "--lr-decay-iters", "2", "--save", run, "--load", run] + data)
+        err = capsys.readouterr().err
+        assert code == 2 and "Traceback" not in err, err[-2000:]
+        assert (f"error: this run reads {now} but the checkpoint (iteration 3) was trained on --data-path "
+                f"{tmp_path.resolve() / 'first' / 'a' / 'd'}, which sets the data order; give that again, or pass "
+                f"--override-data-flags") in err, err[-2000:]
+    # the same path, other files (tokenized again: longer documents): other data, not another length
+    monkeypatch.chdir(tmp_path / "first")
+    write_dataset(str(tmp_path / "first" / "a" / "d"), [rng.integers(0, 64, size=50).tolist() for _ in range(300)])
+    code = main(base + ["--train-iters", "3", "--lr-decay-iters", "2", "--save", run, "--load", run, "--data-path",
+                        "a/d", "--data-cache-path", str(tmp_path / "fresh-cache")])
+    err = capsys.readouterr().err
+    assert code == 2 and "error: the training data under --data-path is not the checkpoint's" in err, err[-2000:]
+
+
 def test_the_latest_checkpoint_resumes_bitwise_and_a_finished_run_does_nothing(run_dir, tmp_path):
     """Control for the refusals: --ckpt-step 2 (the way out named for a damaged latest; its RNG file
     gone, --no-load-rng) trains iteration 3 again bitwise as the uninterrupted run did; resuming the
