@@ -30,7 +30,7 @@ from megatron.core import dist_checkpointing
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from torch.distributed.checkpoint.api import CheckpointException  # a BaseException
 
-from megatron_prores import checkpoint_check, mcore_compat
+from megatron_prores import checkpoint_check, lifetime, mcore_compat
 from megatron_prores.block_styles import MIXED
 from megatron_prores.config import ConfigError
 
@@ -56,20 +56,9 @@ def _ignore_exit_signals(parent: int):
     for sig in _EXIT_SIGNALS:
         signal.signal(sig, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _EXIT_SIGNALS)  # blocked since its start (below)
-    _end_with_parent(parent)
-
-
-def _end_with_parent(parent: int) -> None:
-    """Deaf to TERM/INT, the manager would outlive a training process killed with -9 (forever, where no
-    SLURM job ends it): the kernel kills it when its parent dies (Linux; elsewhere it stays)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        return
-    if os.getppid() != parent:  # the parent died before that
-        os._exit(0)
+    # deaf to TERM/INT, it would outlive a training process killed with -9 (forever, where no SLURM
+    # job ends it)
+    lifetime.end_with_parent(parent)
 
 
 def _signal_proof_writer_queue() -> None:

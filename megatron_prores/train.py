@@ -23,9 +23,12 @@ from megatron_prores.config import ConfigError  # noqa: E402
 
 
 def main(argv=None) -> int:
+    from megatron_prores import lifetime
     from megatron_prores.arguments import parse_args
     from megatron_prores.exits import ExitPolicy
 
+    lifetime.end_forked_children_with_me()  # e.g. megatron-core's checkpoint writers
+    lifetime.end_with_launcher()
     try:
         args = parse_args(argv)
         exit_policy = ExitPolicy(args)  # before the heavy set-up: a signal during it is kept
