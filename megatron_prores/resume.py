@@ -264,8 +264,10 @@ def verify_or_hint(directory: str, iteration: int, world_size: Optional[int] = N
         else:
             checkpoint_check.verify(directory, world_size)
     except CheckpointDamaged as e:
+        rng = ("; or resume this one with --no-load-rng (the RNG states start from --seed: other dropout masks "
+               "than an uninterrupted run)") if only_rng else ""
         raise CheckpointDamaged(f"checkpoint iteration {iteration} is damaged: {e}"
-                                f"{_fallback_hint(os.path.dirname(directory), iteration, how)}") from None
+                                f"{_fallback_hint(os.path.dirname(directory), iteration, how)}{rng}") from None
 
 
 def _describe(changed: list, saved: dict, now: dict) -> str:

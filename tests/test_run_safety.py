@@ -102,7 +102,9 @@ CASES = {
     "RNG file truncated": (lambda r: _truncate(r / IT3 / "rng_rank00000.pt"), ["--load", "R", "--save", "R"],
                            "rng_rank00000.pt (RNG state) is damaged or truncated"),
     "RNG file deleted": (lambda r: os.remove(r / IT3 / "rng_rank00000.pt"), ["--load", "R", "--save", "R"],
-                         "rng_rank00000.pt is missing (written by each of the 1 processes that saved it)"),
+                         "rng_rank00000.pt is missing (written by each of the 1 processes that saved it); the newest complete "
+                         "older checkpoint is iteration 2: resume from it with --ckpt-step 2; or resume this one with "
+                         "--no-load-rng"),
     # bytes that are no pickle at all: damaged (with the way back), not a refused object
     "RNG file of random bytes": (lambda r: open(r / IT3 / "rng_rank00000.pt", "wb").write(random_bytes(0)),
                                  ["--load", "R", "--save", "R"], "rng_rank00000.pt (RNG state) is damaged or truncated "
