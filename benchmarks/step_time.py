@@ -169,6 +169,28 @@ def failure(proc) -> dict:
     return {"error": (ours or raised or lines or ["(no output)"])[-1][-300:], "oom": False}
 
 
+def host_profile(trainer, steps: int = 2, rows: int = 30) -> None:
+    """The host's side by Python function (cProfile, two more steps): which calls take the time the
+    GPU waits for when the step is host-bound (megatron-core's layers, this project's op, autograd,
+    compiled-function guards), into the log. cProfile slows Python code down, so read it as shares."""
+    import cProfile
+    import io
+    import pstats
+
+    prof = cProfile.Profile()
+    t0 = time.perf_counter()
+    prof.enable()
+    for step in range(trainer.args.train_iters - steps, trainer.args.train_iters):
+        trainer.train_step(step)
+    prof.disable()
+    wall = time.perf_counter() - t0
+    text = io.StringIO()
+    pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(rows)
+    body = text.getvalue()
+    print(f"host profile of {steps} steps (cProfile, wall {wall:.3f} s with it), by own time:\n"
+          + body[body.find("ncalls"):].rstrip(), flush=True)
+
+
 def driver_worker(flags, warmup, out_path):
     """Runs in its own process: the driver's Trainer, timing its ``train_step`` (the step the
     driver runs), synchronized so that each time covers the whole step's device work."""
@@ -210,6 +232,8 @@ def driver_worker(flags, warmup, out_path):
                   f"({100 * gpu / wall:.0f}% busy)", flush=True)
         except Exception as e:  # noqa: BLE001 - the timing above stands without the profile
             print(f"profile failed: {type(e).__name__}: {e}", flush=True)
+    if os.environ.get("STEP_TIME_PROFILE"):
+        host_profile(trainer)
     with open(out_path, "w") as f:
         json.dump({"times_ms": times[warmup:], "peak_gib": peak}, f)
 

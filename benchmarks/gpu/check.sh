@@ -15,6 +15,7 @@
 #   d. step_time.py at the 1.3B shape (megatron / prores_mid / prores_done / hf; micro batch 8 x 2, hf
 #      4 x 4: the same global batch of 16, hf at micro batch 8 needs ~89 GiB), then the 48x512
 #      shape while the budget lasts; the driver variants print a profile of two steps into the log
+#      (torch profiler: kernels and ops) and a cProfile of two more (the host's time by Python function)
 # CHECK_BUDGET (seconds, default 530) bounds the whole command.
 set -uo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/../.."
