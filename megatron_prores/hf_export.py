@@ -39,6 +39,9 @@ FOLD_TOLERANCE = 1e-4
 CALIBRATION_BATCH, CALIBRATION_TOKENS, CALIBRATION_SEED = 2, 64, 1234
 # BOS/EOS ids in config.json without a Hugging Face tokenizer: tools/train_tokenizer.py's SentencePiece ids
 DEFAULT_TOKEN_IDS = {"bos_token_id": 1, "eos_token_id": 2}
+# exported in fp32 (fp64 stays fp64) whatever the weights' dtype: the GPAS gates, fp32 in a bf16/fp16
+# model (layer.py); a gate rounded to bf16 scales the stream by a rounded value block after block
+FP32_TENSORS = (".gpas_gate",)
 # what an exported Hugging Face tokenizer must encode exactly like the training one
 PROBE_TEXTS = ("The quick brown fox jumps over the lazy dog.", " leading space", "   three leading spaces",
                "\ttab\tseparated\tcolumns", "digits 0123456789 and 3.14159, 1,000,000", "naïve café, Zürich",
@@ -137,7 +140,7 @@ class _ShardWriter:
                               f"iteration); export an earlier --iteration")
         if self.dtype is not None and t.is_floating_point():
             big = t.abs().max().item() if t.numel() else 0.0
-            t = t.to(self.dtype)
+            t = t.to(torch.promote_types(self.dtype, torch.float32) if name.endswith(FP32_TENSORS) else self.dtype)
             if not torch.isfinite(t).all():  # past float16's range (65504): the export would hold inf
                 raise ConfigError(f"{name} has values up to {big:.4g}, beyond {str(self.dtype).replace('torch.', '')}'s "
                                   f"range; export with --dtype bfloat16 or float32")
@@ -200,7 +203,10 @@ class _Model:
         self.gates = [self.layers.get(i, "gpas_gate").double() for i in range(L)] if m.gpas else []
         self.stored = reader.tensors["embedding.word_embeddings.weight"].properties.dtype
         self._check_shapes()
-        self.token_ids = dict(DEFAULT_TOKEN_IDS)  # the exported tokenizer's, when it is a Hugging Face one
+        # config.json's and generation_config.json's special token ids (_token_ids), config.json's
+        # max_position_embeddings (_max_positions)
+        self.token_ids, self.generation_ids = dict(DEFAULT_TOKEN_IDS), dict(DEFAULT_TOKEN_IDS)
+        self.max_positions = cfg.seq_length
 
     def _check_shapes(self) -> None:
         """The tensors against the model configuration the checkpoint records (a mismatch exported a
@@ -258,8 +264,8 @@ class _Model:
             norms["attn_sum_norm"] = _norm(layers, i, ("post_self_attn_layernorm.",), rms)
             norms["mlp_sum_norm"] = _norm(layers, i, ("post_mlp_layernorm.",), rms)
         w.update({f"{n}.{kind}": t for n, params in norms.items() for kind, t in params.items()})
-        if self.gates:
-            w["gpas_gate"] = self.gates[i].to(self.stored)
+        if self.gates:  # fp32 (the model's) also in a bf16 checkpoint: FP32_TENSORS
+            w["gpas_gate"] = self.gates[i].to(torch.promote_types(self.stored, torch.float32))
         return w
 
     def fold(self, i: int, w: dict, P: float) -> tuple:
@@ -287,7 +293,7 @@ class _Model:
         torch_dtype = str(self.out_dtype or self.stored).replace("torch.", "")
         base = dict(vocab_size=cfg.vocab_size, hidden_size=cfg.hidden_size, intermediate_size=cfg.ffn_size,
                     num_hidden_layers=L, num_attention_heads=cfg.num_attention_heads,
-                    num_key_value_heads=cfg.query_groups, max_position_embeddings=cfg.seq_length,
+                    num_key_value_heads=cfg.query_groups, max_position_embeddings=self.max_positions,
                     rms_norm_eps=cfg.norm_epsilon, rope_theta=float(cfg.rotary_base),
                     rope_parameters={"rope_theta": float(cfg.rotary_base), "rope_type": "default"},
                     **self.token_ids, tie_word_embeddings=cfg.tie_embeddings, torch_dtype=torch_dtype,
@@ -377,7 +383,9 @@ def export(load: str, output: str, iteration: Optional[int] = None, fold: bool =
         if tok_kind == "HuggingFaceTokenizer" and tok_path else None
     sp_tok = _training_tokenizer(tok_kind, tok_path, given=bool(tokenizer_model), vocab=cfg.vocab_size) \
         if tok_kind == "SentencePieceTokenizer" and tok_path else None
-    model.token_ids = _token_ids(hf_tok or sp_tok, tokenizer_model, common["model_config"], cfg.vocab_size)
+    model.token_ids, model.generation_ids = _token_ids(hf_tok or sp_tok, tokenizer_model, common["model_config"],
+                                                       cfg.vocab_size)
+    model.max_positions = _max_positions(common["model_config"], cfg.seq_length)
     if os.path.exists(output) and (not os.path.isdir(output) or os.listdir(output)):
         raise ConfigError(f"--output {output!r} exists and is not an empty directory; give a new directory")
     tmp = output.rstrip("/") + ".tmp"  # renamed to output when complete; removed on any failure
@@ -420,7 +428,7 @@ def export(load: str, output: str, iteration: Optional[int] = None, fold: bool =
         with open(os.path.join(tmp, "config.json"), "w") as fh:
             json.dump(config, fh, indent=2)
         with open(os.path.join(tmp, "generation_config.json"), "w") as fh:
-            json.dump(model.token_ids, fh, indent=2)
+            json.dump(model.generation_ids, fh, indent=2)
 
         tok_note = _export_tokenizer(tmp, tok_path, tok_kind, hf_tok, sp_tok)
         os.remove(os.path.join(tmp, MARK))
@@ -520,25 +528,55 @@ def _training_tokenizer(kind: str, path: str, given: bool, vocab: int):
     return tok
 
 
-def _token_ids(tok, given: Optional[str], model_config: dict, vocab: int) -> dict:
-    """BOS/EOS ids of config.json and generation_config.json: the exported tokenizer's, else (the
-    weights alone) the run's tokenizer's, else the mock data's EOD (NullTokenizer: the last id)."""
+def _max_positions(model_config: dict, seq_length: int) -> int:
+    """config.json's max_position_embeddings: the context the model was given (an imported model's,
+    e.g. 131072 for a Llama 3.1, which training on shorter sequences does not take away), or the
+    sequence length it trained on when that is longer. RoPE needs no limit, but serving stacks cap
+    prompts at it. Older checkpoints record none: the sequence length."""
+    return max(model_config.get("max_position_embeddings") or 0, seq_length)
+
+
+def _token_ids(tok, given: Optional[str], model_config: dict, vocab: int) -> tuple:
+    """(config.json's, generation_config.json's) special token ids. A tokenizer decides BOS and EOS
+    (EOS = EOD, what training taught the model to end a document with): the exported one, else (the
+    weights alone) the run's. An imported model's own ids (its config.json's and
+    generation_config.json's, recorded by the import) are kept where that tokenizer leaves them
+    open, unless --tokenizer-model names another: a pad id, several EOS ids that hold its EOD (an
+    instruct model's stop ids), all of them when there is no tokenizer. Else the mock data's EOD
+    (NullTokenizer: the last id), else DEFAULT_TOKEN_IDS."""
     from megatron_prores.tokenizer import NullTokenizer
 
+    recorded = model_config.get("hf_token_ids") if given in (None, "none") else None
+    kind = None
     if tok is None:
         kind, path = _tokenizer_source(None, model_config)
         try:
             if kind in ("SentencePieceTokenizer", "HuggingFaceTokenizer") and path:
                 tok = _training_tokenizer(kind, path, given=False, vocab=vocab)
-        except ConfigError:  # the run's tokenizer is not here: the usual Llama ids
-            return dict(DEFAULT_TOKEN_IDS)
-        if tok is None:
-            return {"bos_token_id": None, "eos_token_id": NullTokenizer(vocab).eod} if kind == "NullTokenizer" \
-                else dict(DEFAULT_TOKEN_IDS)
+        except ConfigError:  # the run's tokenizer is not here
+            pass
+    if tok is None:
+        if recorded:
+            return dict(recorded["config"]), dict(recorded["generation"])
+        ids = {"bos_token_id": None, "eos_token_id": NullTokenizer(vocab).eod} if kind == "NullTokenizer" \
+            else dict(DEFAULT_TOKEN_IDS)
+        return ids, dict(ids)
     if hasattr(tok, "sp"):  # SentencePiece: its own ids (a model may put EOS anywhere)
         bos = tok.sp.bos_id()
-        return {"bos_token_id": bos if bos >= 0 else None, "eos_token_id": tok.eod}
-    return {"bos_token_id": tok.bos, "eos_token_id": tok.eod}
+        ids = {"bos_token_id": bos if bos >= 0 else None, "eos_token_id": tok.eod}
+    else:
+        ids = {"bos_token_id": tok.bos, "eos_token_id": tok.eod}
+    if not recorded:
+        return ids, dict(ids)
+    return tuple(_with_tokenizer(recorded[f], ids) for f in ("config", "generation"))
+
+
+def _with_tokenizer(recorded: dict, ids: dict) -> dict:
+    """An imported model's ids with the tokenizer's BOS, and its EOD unless the recorded EOS is it or
+    a list that holds it."""
+    eos = recorded.get("eos_token_id")
+    keep = eos == ids["eos_token_id"] or (isinstance(eos, list) and ids["eos_token_id"] in eos)
+    return dict(recorded, bos_token_id=ids["bos_token_id"], eos_token_id=eos if keep else ids["eos_token_id"])
 
 
 def _export_tokenizer(out: str, model: Optional[str], kind: Optional[str], hf_tok=None, sp_tok=None) -> str:

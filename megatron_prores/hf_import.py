@@ -18,6 +18,10 @@ from megatron_prores.config import LLAMA3_ROPE, ConfigError, MethodConfig, Model
 
 
 DAMAGED = "is damaged or incomplete ({}); download it again"
+# LlamaConfig's max_position_embeddings when config.json leaves it out or null
+LLAMA_POSITIONS = 2048
+# the special token ids the import records for the export to write back
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def _json(path: str) -> dict:
@@ -50,6 +54,12 @@ def _llama_config(directory: str) -> dict:
             raise ConfigError(f"--input {directory!r}: config.json "
                               + (f"lacks {key!r}" if key not in c else f"has {key} {c[key]!r}, not a positive number")
                               + "; give the model's complete config.json")
+    positions = c.get("max_position_embeddings")
+    if positions is not None and (not isinstance(positions, int) or isinstance(positions, bool) or positions <= 0):
+        raise ConfigError(f"--input {directory!r}: config.json has max_position_embeddings {positions!r}, not a "
+                          f"positive number; fix config.json")
+    c["max_position_embeddings"] = _or_default(positions, LLAMA_POSITIONS)
+    c["token_ids"] = _token_ids(directory, c)
     if not isinstance(c.get("tie_word_embeddings", False), bool):
         raise ConfigError(f"--input {directory!r}: config.json has tie_word_embeddings "
                           f"{c['tie_word_embeddings']!r}, not true or false; fix config.json")
@@ -71,6 +81,28 @@ def _llama_config(directory: str) -> dict:
         if bad:
             raise ConfigError(f"--input {directory!r}: {what}; this project's model cannot hold it")
     return c
+
+
+def _token_ids(directory: str, c: dict) -> dict:
+    """{"config": ..., "generation": ...}: the BOS/EOS/pad ids of config.json and of generation_config.json
+    (what generate uses; config.json's when there is none), each key as the file has it (an id, a list
+    of EOS ids, or null; a key left out stays out: transformers' default then, as for the source)."""
+    def ids(values: dict, name: str) -> dict:
+        out = {k: values[k] for k in TOKEN_ID_KEYS if k in values}
+        for k, v in out.items():
+            if not (v is None or _is_id(v) or (isinstance(v, list) and all(map(_is_id, v)))):
+                raise ConfigError(f"--input {directory!r}: {name} has {k} {v!r}, not a token id or a list of "
+                                  f"them; fix {name}")
+        return out
+
+    config = ids(c, "config.json")
+    path = os.path.join(directory, "generation_config.json")
+    return {"config": config, "generation": ids(_json(path), "generation_config.json") if os.path.isfile(path)
+            else dict(config)}
+
+
+def _is_id(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _tensors(directory: str):
@@ -169,7 +201,7 @@ def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,
         num_attention_heads=c["num_attention_heads"], num_query_groups=c.get("num_key_value_heads"),
         ffn_hidden_size=c["intermediate_size"], vocab_size=c["vocab_size"],
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
-        seq_length=seq_length or min(_or_default(c.get("max_position_embeddings"), 4096), 4096),
+        seq_length=seq_length or min(c["max_position_embeddings"], 4096),
         norm_epsilon=_or_default(c.get("rms_norm_eps"), 1e-6), rotary_base=c["rope_theta"],
         rope_scaling_factor=c["rope_scaling_factor"], tie_embeddings=tied, method=method)
     try:
@@ -229,8 +261,11 @@ def import_llama(input_dir: str, save: str, seq_length: Optional[int] = None,
     train_state = {"consumed_samples": 0, "skipped_iters": 0, "losses": []}
     if tokenizer_model and not tokenizer_type:
         tokenizer_type = guess_tokenizer_type(tokenizer_model)
+    # the source's context and special token ids, which the model configuration does not hold: the
+    # export writes them back (hf_export._max_positions, _token_ids)
     export = dict(config_to_dict(cfg), tokenizer_type=tokenizer_type if tokenizer_model else None,
-                  tokenizer_model=os.path.abspath(tokenizer_model) if tokenizer_model else None)
+                  tokenizer_model=os.path.abspath(tokenizer_model) if tokenizer_model else None,
+                  max_position_embeddings=c["max_position_embeddings"], hf_token_ids=c["token_ids"])
     arch = model_args_for_checkpoint(cfg)
     directory = save_checkpoint(save, 0, [chunk], None, None, train_state, arch, model_config=export)
     log(f"imported {input_dir} ({cfg.num_layers} layers, hidden {h}, vocab {V}) into {directory}: "

@@ -143,6 +143,10 @@ def test_import_keeps_an_lm_head_that_differs_from_the_embedding(single_process,
     (dict(rms_norm_eps=0.0), "its config.json gives a model this project cannot build: --norm-epsilon 0.0 is not valid"),
     (dict(rope_theta=0, rope_parameters={"rope_theta": 0, "rope_type": "default"}),
      "its config.json gives a model this project cannot build: --rotary-base 0 is not valid"),
+    # the import records these for the export (a traceback, and a string id written back, before)
+    (dict(max_position_embeddings="4096"), "config.json has max_position_embeddings '4096', not a positive number; "
+                                           "fix config.json"),
+    (dict(eos_token_id="2"), "config.json has eos_token_id '2', not a token id or a list of them; fix config.json"),
 ])
 def test_import_refusals_name_config_json(single_process, tmp_path, changes, message):
     from megatron_prores.hf_import import import_llama
@@ -178,3 +182,29 @@ def test_import_reads_llama_configs_as_transformers_does(single_process, tmp_pat
     hf = mutated(tmp_path / "hf", tmp_path / "m", **changes)
     tied, head, _ = imported_head(tmp_path, hf)
     assert not tied and torch.equal(head, load_file(tmp_path / "hf" / "model.safetensors")["lm_head.weight"])
+
+
+def convert_from_hf(capsys, *args):
+    """(exit code, stderr) of megatron-prores-convert-from-hf, in this process."""
+    from megatron_prores.tools import run
+    from megatron_prores.tools.convert_from_hf import main
+
+    code = run(main, [str(a) for a in args])
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("\n") <= 1, err
+    return code, err.strip()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--save", ""], "error: --save is empty (an unset shell variable?); give the checkpoint directory to create"),
+    (["--save", "{tmp}/ck", "--make-vocab-size-divisible-by", "0"],
+     "error: --make-vocab-size-divisible-by 0 is not valid; it must be a positive integer (default 128)"),
+])
+def test_bad_import_flags_name_the_flag(tmp_path, capsys, flags, message):
+    """An empty --save failed creating '' (convert-to-hf names an empty --output); a vocabulary
+    multiple of 0 was blamed on the input's config.json."""
+    saved_llama(tmp_path / "hf")
+    capsys.readouterr()  # transformers' progress bar
+    code, err = convert_from_hf(capsys, "--input", tmp_path / "hf", *[f.format(tmp=tmp_path) for f in flags])
+    assert code == 2 and err == message, err
+    assert sorted(os.listdir(tmp_path)) == ["hf"]

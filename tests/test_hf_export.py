@@ -347,6 +347,126 @@ def test_hf_to_megatron_to_hf_is_bit_identical(tmp_path):
         assert getattr(c, key) == getattr(cfg, key), key
 
 
+def read_json(path):
+    with open(path) as f:
+        return json.load(f)
+
+
+def round_trip(source, out, seq_length=None, tokenizer_model=None):
+    """``source`` (a Hugging Face Llama directory) imported into ``out``_ck and exported to ``out``."""
+    from megatron_prores.hf_import import import_llama
+
+    import_llama(str(source), f"{out}_ck", seq_length=seq_length, tokenizer_model=tokenizer_model,
+                 log=lambda *_: None)
+    export(f"{out}_ck", str(out), progress=False, log=lambda *_: None)
+    return out
+
+
+TOKEN_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def test_round_trip_keeps_the_models_token_ids_and_context(exported, tmp_path):
+    """HF -> Megatron -> HF wrote BOS/EOS 1/2 whatever the model's ids (also for this project's own
+    NullTokenizer export: BOS null, EOS the last id) and max_position_embeddings = the import's
+    seq_length (131072 became 4096). Now both files carry the source's ids (a pad id, and several
+    EOS ids in generation_config.json as an instruct model has), and the context is the source's,
+    or the sequence length when that is longer."""
+    saved_llama(tmp_path / "hf", positions=131072, bos_token_id=198, eos_token_id=199, pad_token_id=0)
+    gen = read_json(tmp_path / "hf" / "generation_config.json")
+    (tmp_path / "hf" / "generation_config.json").write_text(json.dumps(dict(gen, eos_token_id=[199, 197])))
+    back = round_trip(tmp_path / "hf", tmp_path / "back")
+    for name in ("config.json", "generation_config.json"):
+        source, written = read_json(tmp_path / "hf" / name), read_json(back / name)
+        assert {k: written.get(k) for k in TOKEN_KEYS} == {k: source.get(k) for k in TOKEN_KEYS}, name
+    assert read_json(back / "generation_config.json")["eos_token_id"] == [199, 197]
+    assert read_json(back / "config.json")["max_position_embeddings"] == \
+        read_json(tmp_path / "hf" / "config.json")["max_position_embeddings"] == 131072
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(str(back))
+    assert (loaded.config.bos_token_id, loaded.config.eos_token_id, loaded.config.pad_token_id) == (198, 199, 0)
+    assert loaded.generation_config.eos_token_id == [199, 197] and loaded.config.max_position_embeddings == 131072
+
+    short = tmp_path / "short"  # trained on longer sequences than the source's context: that length
+    shutil.copytree(tmp_path / "hf", short)
+    (short / "config.json").write_text(json.dumps(dict(read_json(short / "config.json"), max_position_embeddings=64)))
+    assert read_json(round_trip(short, tmp_path / "longer", seq_length=128) / "config.json")[
+        "max_position_embeddings"] == 128
+
+    root, report = exported("pre")  # a NullTokenizer run (EOD = the last id), exported as a Llama
+    assert report["format"] == "LlamaForCausalLM"
+    first = read_json(root / "hf" / "config.json")
+    assert (first["bos_token_id"], first["eos_token_id"], first["max_position_embeddings"]) == (None, VOCAB - 1, 16)
+    again = round_trip(root / "hf", tmp_path / "again")
+    for name in ("config.json", "generation_config.json"):
+        written = read_json(again / name)
+        assert (written["bos_token_id"], written["eos_token_id"]) == (None, VOCAB - 1), name
+    assert read_json(again / "config.json")["max_position_embeddings"] == 16
+
+
+def test_a_tokenizer_decides_bos_and_eos_the_models_ids_fill_in(single_process, tmp_path):
+    """An imported model with its tokenizer: the tokenizer's BOS and EOS (= EOD, what training ends
+    documents with) win; the model's own ids stay where it leaves them open: its pad id, and an EOS
+    list that holds the EOD (an instruct model's stop ids). A tokenizer named at export
+    (--tokenizer-model, which may be another vocabulary): its ids alone."""
+    from tests.test_hf_tokenizer import word_level
+
+    hf = tmp_path / "hf"
+    saved_llama(hf, bos_token_id=198, eos_token_id=VOCAB - 1, pad_token_id=0)
+    gen = read_json(hf / "generation_config.json")
+    (hf / "generation_config.json").write_text(json.dumps(dict(gen, eos_token_id=[VOCAB - 1, 5])))
+    (tmp_path / "tok").mkdir()
+    tok = word_level(tmp_path / "tok" / "tokenizer.json", [f"w{i}" for i in range(VOCAB - 1)])  # "</s>": VOCAB - 1
+    back = round_trip(hf, tmp_path / "back", tokenizer_model=tok)
+    source, generation = read_json(hf / "config.json"), read_json(hf / "generation_config.json")
+    assert {k: read_json(back / "config.json").get(k) for k in TOKEN_KEYS} == \
+        {"bos_token_id": None, "eos_token_id": source["eos_token_id"], "pad_token_id": source["pad_token_id"]}
+    assert {k: read_json(back / "generation_config.json").get(k) for k in TOKEN_KEYS} == \
+        {"bos_token_id": None, "eos_token_id": generation["eos_token_id"],
+         "pad_token_id": generation.get("pad_token_id")}
+    named = tmp_path / "named"
+    export(str(tmp_path / "back_ck"), str(named), tokenizer_model=tok, progress=False, log=lambda *_: None)
+    for name in ("config.json", "generation_config.json"):
+        assert {k: read_json(named / name).get(k) for k in TOKEN_KEYS} == \
+            {"bos_token_id": None, "eos_token_id": VOCAB - 1, "pad_token_id": None}, name
+
+
+def test_bf16_checkpoint_exports_its_fp32_gpas_gates(single_process, tmp_path):
+    """GPAS gates are fp32 in a bf16 model (layer.py); the export rounded them to bf16, with --dtype
+    float32 too, which alone moved these logits by 3e-3 (relative). Now each --dtype writes them as
+    the checkpoint holds them, and transformers keeps them fp32 in a bf16 model (loaded or cast)."""
+    import dataclasses
+
+    from safetensors.torch import load_file
+
+    cfg = config("sandwich", params_dtype=torch.bfloat16)  # no fold: the gates are exported
+    cfg = cfg.replace(method=dataclasses.replace(cfg.method, gpas_gate="sublayer"))
+    chunk = trained_model(cfg)
+    with torch.no_grad():  # g in [0.5, 1): bf16 rounds it by up to 2e-3
+        for k, layer in enumerate(prores_layers(chunk)):
+            layer.gpas_gate.copy_(torch.tensor([0.7013 + 0.0011 * k, 0.6021 - 0.0017 * k]))
+    gates = [layer.gpas_gate.detach().clone() for layer in prores_layers(chunk)]
+    assert chunk.embedding.word_embeddings.weight.dtype == torch.bfloat16
+    assert all(g.dtype == torch.float32 and not torch.equal(g, g.bfloat16().float()) for g in gates)
+    save(chunk, cfg, tmp_path / "ck")
+    for dtype in (None, "float32", "bfloat16", "float16"):
+        out = tmp_path / f"hf_{dtype}"
+        export(str(tmp_path / "ck"), str(out), dtype=dtype, progress=False, log=lambda *_: None)
+        written = load_file(out / "model-00001-of-00001.safetensors")
+        assert written["model.layers.0.self_attn.q_proj.weight"].dtype == getattr(torch, dtype or "bfloat16")
+        for i, g in enumerate(gates):
+            t = written[f"model.layers.{i}.gpas_gate"]
+            assert t.dtype == torch.float32 and torch.equal(t, g), (dtype, i)
+    ref = megatron_logits(chunk.float())  # the bf16 weights in fp32, with the fp32 gates
+    model, got = hf_logits(tmp_path / "hf_None")
+    err = ((got - ref).abs().max() / ref.abs().max()).item()
+    assert err < 1e-5, err  # seen: 8.5e-7 (3.1e-3 with the gates rounded)
+    half = transformers.AutoModelForCausalLM.from_pretrained(str(tmp_path / "hf_None"), trust_remote_code=True,
+                                                             dtype=torch.bfloat16)
+    for loaded in (half, model.to(torch.bfloat16)):
+        assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+        assert all(block.gpas_gate.dtype == torch.float32 and torch.equal(block.gpas_gate, g)
+                   for block, g in zip(loaded.model.layers, gates))
+
+
 LLAMA3_SCALING = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 32.0, "low_freq_factor": 1.0,
                   "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
 

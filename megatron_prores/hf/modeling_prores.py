@@ -21,6 +21,11 @@ tokens not yet in the cache, the whole 2-D attention mask, their positions), the
 the installed output class declares. With a 2-D ``attention_mask`` (1 = token, 0 = padding, left
 padding for batched generation) a query attends to the keys before it that are not padding and the
 position of a token is the number of tokens before it (cumsum(mask) - 1).
+
+GPAS gates stay fp32 in a bf16/fp16 model, as in training (the export writes them so): loaded so
+(``_keep_in_fp32_modules_strict``; transformers 4.45 keeps them for bf16 by itself and for fp16 by
+``_keep_in_fp32_modules``, except that its ``low_cpu_mem_usage``/``device_map`` loading rounds them
+to bf16), kept so by ``.to()``/``.half()``, and the scale 1 - SiLU(g) is applied in fp32.
 """
 
 
@@ -42,6 +47,7 @@ CACHE_FIELD = "cache" if "cache" in CausalLMOutputWithPast.__dataclass_fields__ 
 # from a mapping, transformers 4 the tied names from a list (and the modules from get_*_embeddings).
 TIED_WEIGHTS = ({"lm_head.weight": "model.embed_tokens.weight"} if int(transformers.__version__.split(".")[0]) >= 5
                 else ["lm_head.weight"])
+HALF = (torch.float16, torch.bfloat16)
 
 
 class ProResNorm(nn.Module):
@@ -162,17 +168,29 @@ class ProResBlock(nn.Module):
             self.attn_sum_norm = ProResNorm(config)
             self.mlp_sum_norm = ProResNorm(config)
         if config.gpas:
-            self.gpas_gate = nn.Parameter(torch.zeros(2 if config.gpas_gate == "sublayer" else 1))
+            self.gpas_gate = nn.Parameter(torch.zeros(2 if config.gpas_gate == "sublayer" else 1,
+                                                      dtype=torch.promote_types(torch.get_default_dtype(),
+                                                                                torch.float32)))
         else:
             self.gpas_gate = None
         self.prores_value = float(config.prores_values[layer_idx])  # the ProRes value a of this block
         self.shortcut = config.deepnorm_alpha if self.style == "deepnorm" else 1.0
 
+    def _apply(self, fn, *args, **kwargs):
+        # a cast of the model to bf16/fp16 keeps the gate's fp32 value (cast, then widened, it would be rounded)
+        gate = self.gpas_gate.data if self.gpas_gate is not None else None
+        super()._apply(fn, *args, **kwargs)
+        if gate is not None and self.gpas_gate.dtype in HALF and gate.dtype not in HALF:
+            new = self.gpas_gate.data
+            self.gpas_gate.data = new.float() if gate.is_meta else gate.to(new.device)
+        return self
+
     def _gpas(self, x, sublayer):
         if self.gpas_gate is None:
             return x
         g = self.gpas_gate[sublayer if self.gpas_gate.numel() == 2 else 0]
-        return x - F.silu(g).to(x.dtype) * x.detach()
+        wide = x.to(torch.promote_types(x.dtype, g.dtype))  # fp32 for a bf16 stream: the scale is not rounded
+        return (wide - F.silu(g.to(wide.dtype)) * wide.detach()).to(x.dtype)
 
     def _sublayer(self, x, sublayer, fn):
         a = self.prores_value
@@ -198,6 +216,8 @@ class ProResPreTrainedModel(PreTrainedModel):
     config_class = ProResConfig
     base_model_prefix = "model"
     _no_split_modules = ["ProResBlock"]
+    _keep_in_fp32_modules_strict = ["gpas_gate"]  # loaded fp32 in a bf16 or fp16 model
+    _keep_in_fp32_modules = ["gpas_gate"]  # the same for fp16 in transformers 4.x
     _supports_cache_class = True  # transformers 4.x: accept and create DynamicCache instances
 
     @torch.no_grad()

@@ -4,7 +4,8 @@
 
 Writes CKPT_DIR/iter_0000000 (model only) and the latest marker; train from it with
 ``megatron-prores-train --load CKPT_DIR --save CKPT_DIR ...`` under any TP/PP layout. The tokenizer
-(HF_DIR's tokenizer.json, or --tokenizer-model) is recorded for a later convert-to-hf.
+(HF_DIR's tokenizer.json, or --tokenizer-model), the special token ids and max_position_embeddings
+are recorded for a later convert-to-hf.
 """
 
 from __future__ import annotations
@@ -32,6 +33,13 @@ def parse(argv=None):
 
 def main(argv=None):
     args = parse(argv)
+    for flag, value, what in (("--input", args.input, "the Hugging Face model directory"),
+                              ("--save", args.save, "the checkpoint directory to create")):
+        if not value.strip():
+            raise ConfigError(f"{flag} is empty (an unset shell variable?); give {what}")
+    if args.make_vocab_size_divisible_by <= 0:
+        raise ConfigError(f"--make-vocab-size-divisible-by {args.make_vocab_size_divisible_by} is not valid; it "
+                          f"must be a positive integer (default 128)")
     if args.seq_length is not None and args.seq_length <= 0:
         raise ConfigError(f"--seq-length {args.seq_length} is not valid; it must be positive (or left out: "
                           f"config.json's max_position_embeddings, at most 4096)")

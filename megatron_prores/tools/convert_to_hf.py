@@ -29,7 +29,7 @@ def parse(argv=None):
                    help="tokenizer to include: a SentencePiece .model, or a Hugging Face tokenizer.json or "
                         "directory (default: the one the run trained with); 'none': the weights alone")
     p.add_argument("--dtype", choices=["float32", "bfloat16", "float16"], default=None,
-                   help="weights dtype (default: as stored)")
+                   help="weights dtype (default: as stored; GPAS gates stay fp32)")
     p.add_argument("--max-shard-size", type=float, default=5.0, help="GB per safetensors shard")
     return p.parse_args(argv)
 
