@@ -225,7 +225,8 @@ class Trainer:
         a = self.args
         self.arch = checkpointing.model_args_for_checkpoint(self.cfg)
         self.export_config = dict(config_to_dict(self.cfg), tokenizer_type=self.tokenizer_type,  # HF export
-                                  tokenizer_model=os.path.abspath(a.tokenizer_model) if a.tokenizer_model else None)
+                                  tokenizer_model=os.path.abspath(a.tokenizer_model) if a.tokenizer_model else None,
+                                  max_position_embeddings=a.max_position_embeddings)
         self.shards = resume.optimizer_shards(self.cfg, self.model[0].ddp_config.bucket_size,
                                               a.use_distributed_optimizer)
         self.run_flags = dict(resume.run_flags(a), world_size=self.world, layout=self._layout(),
@@ -254,6 +255,7 @@ class Trainer:
         if a.ckpt_step is not None and not finetune:  # a run taken back to an older checkpoint
             self._say(resume.on_rank0(lambda: resume.check_rewind(a.load, iteration)))
             self.run_flags["rewound_to"] = iteration
+        self._inherit_export_facts(common.get("model_config") or {})
         if finetune:
             self.run_flags["finetune_step"] = iteration
             checkpointing.load_checkpoint(directory, self.model, self.optimizer, None, self.arch, common,
@@ -314,6 +316,16 @@ class Trainer:
                       + (f" ({_layout_text(saved_layout)})" if saved_layout else "")
                       + f", this run has {self.world} ({_layout_text(self._layout())}): RNG states start from "
                       f"--seed (dropout masks differ from an uninterrupted run)")
+
+    def _inherit_export_facts(self, saved: dict) -> None:
+        """What an imported model's checkpoint records for its Hugging Face export and training cannot
+        change: its BOS/EOS/pad ids and its context length (the longer of the two). The checkpoints this
+        run writes carry them on: a model trained from an import exports them as the import did."""
+        if "hf_token_ids" in saved:
+            self.export_config["hf_token_ids"] = saved["hf_token_ids"]
+        if saved.get("max_position_embeddings"):
+            self.export_config["max_position_embeddings"] = max(
+                saved["max_position_embeddings"], self.export_config.get("max_position_embeddings") or 0)
 
     def _checked_common(self, directory: str, iteration: int, finetune: bool = False,
                         how: Optional[Callable] = None, asked: Optional[int] = None) -> dict:

@@ -402,6 +402,30 @@ def test_round_trip_keeps_the_models_token_ids_and_context(exported, tmp_path):
     assert read_json(again / "config.json")["max_position_embeddings"] == 16
 
 
+def test_a_model_trained_from_an_import_exports_its_ids_and_context(single_process, tmp_path):
+    """Import -> train (--finetune into another --save, and on in the import's own --save) -> export:
+    the checkpoints the driver wrote carried neither the model's BOS/EOS/pad ids nor its context, so
+    the export wrote the mock data's EOD and --seq-length (16 for a 131072-position model)."""
+    from megatron_prores.hf_import import import_llama
+    from megatron_prores.train import main
+
+    saved_llama(tmp_path / "hf", positions=131072, bos_token_id=150, eos_token_id=151, pad_token_id=0)
+    messages = []
+    import_llama(str(tmp_path / "hf"), str(tmp_path / "ck"), seq_length=16, log=messages.append)
+    flags = messages[0].split("train from it with ")[1].split(" (any TP/PP")[0].split()
+    run = ["--seq-length", "16", "--micro-batch-size", "1", "--global-batch-size", "1", "--train-iters", "1",
+           "--lr", "1e-4", "--mock-data", "--vocab-size", str(VOCAB), "--eval-iters", "0"] + flags
+    source = read_json(tmp_path / "hf" / "config.json")
+    for name, extra in (("ft", ["--finetune", "--save", str(tmp_path / "ft")]),
+                        ("ck", ["--save", str(tmp_path / "ck")])):
+        assert main(run + extra) == 0
+        out = tmp_path / f"{name}_hf"
+        export(str(tmp_path / name), str(out), progress=False, log=lambda *_: None)
+        written = read_json(out / "config.json")
+        assert {k: written.get(k) for k in TOKEN_KEYS} == {k: source.get(k) for k in TOKEN_KEYS}, name
+        assert written["max_position_embeddings"] == 131072, name
+
+
 def test_a_tokenizer_decides_bos_and_eos_the_models_ids_fill_in(single_process, tmp_path):
     """An imported model with its tokenizer: the tokenizer's BOS and EOS (= EOD, what training ends
     documents with) win; the model's own ids stay where it leaves them open: its pad id, and an EOS
