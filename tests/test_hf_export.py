@@ -424,6 +424,10 @@ def test_a_model_trained_from_an_import_exports_its_ids_and_context(single_proce
         written = read_json(out / "config.json")
         assert {k: written.get(k) for k in TOKEN_KEYS} == {k: source.get(k) for k in TOKEN_KEYS}, name
         assert written["max_position_embeddings"] == 131072, name
+    i = run.index("--load")  # a run from scratch: its --max-position-embeddings
+    assert main(run[:i] + run[i + 2:] + ["--max-position-embeddings", "64", "--save", str(tmp_path / "new")]) == 0
+    export(str(tmp_path / "new"), str(tmp_path / "new_hf"), progress=False, log=lambda *_: None)
+    assert read_json(tmp_path / "new_hf" / "config.json")["max_position_embeddings"] == 64
 
 
 def test_a_tokenizer_decides_bos_and_eos_the_models_ids_fill_in(single_process, tmp_path):
