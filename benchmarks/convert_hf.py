@@ -23,7 +23,7 @@ import sys
 import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPES = {  # hidden, layers, heads, ffn (methods.md)
+SHAPES = {  # hidden, layers, heads, ffn (the papers' model sizes)
     "350m": (1024, 24, 16, 2736),
     "1.3b": (2048, 24, 32, 5632),
     "3b": (2560, 32, 32, 6848),

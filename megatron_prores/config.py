@@ -63,7 +63,8 @@ class MethodConfig:
     gpas_gate: str = "block"  # --gpas-gate: one gate per block, or one per sublayer
     mix_post_layers: Optional[int] = None  # --mix-post-layers, k (default floor(L/4))
     init_method: str = "normal"  # --init-method
-    # choices of the official ProRes/GPAS code (methods.md section 5); the defaults follow the papers' text
+    # choices of the official ProRes/GPAS code (dandingsky/ProRes, dandingsky/GPAS) where it differs from
+    # the papers' text; the defaults follow the text
     prores_warmup_spacing: str = "even"  # --prores-warmup-spacing: block l done at W l / L, or as the official code
     # (the next two change nothing where they do not apply, so that one preset serves every norm type)
     post_final_norm: bool = False  # --post-final-norm: Post-LN/DeepNorm get a final norm too

@@ -1,7 +1,7 @@
 """Megatron checkpoint of this project -> Hugging Face model directory, streamed layer by layer.
 
 Pre-LN and LNS models become a plain ``LlamaForCausalLM``: the ProRes values, GPAS scales and LNS
-constants are folded into the weights (methods.md section 4). The GPAS factor s = 1 - SiLU(g) on
+constants are folded into the weights. The GPAS factor s = 1 - SiLU(g) on
 the stream is carried as a running product P: a block computes x' = s(x + a F(N(x))); with the
 exported stream x/P and RMSNorm's scale invariance, o_proj (and down_proj) take a/P and P becomes
 P s. Exact up to the norm epsilon: the folded model is the trained one with epsilon eps P^2 in the
@@ -446,7 +446,7 @@ def export(load: str, output: str, iteration: Optional[int] = None, fold: bool =
               "not_folded_because": reason, "fold_error": fold_error, "prores_values": model.prores,
               "tokenizer": tok_note, "fold_product": P if do_fold else None, "bytes": writer.total}
     log(f"exported iteration {step} of {load} to {output} as {report['format']}"
-        + (f" (custom model code: {reason}; load with trust_remote_code=True)" if not do_fold else
+        + (f" (custom model code: {reason}; load the model and tokenizer with trust_remote_code=True)" if not do_fold else
            f" (ProRes values, GPAS scales and LNS constants folded into the weights; calibration logits "
            f"within {fold_error:.1e} relative)")
         + f"; {tok_note}")

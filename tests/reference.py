@@ -1,4 +1,4 @@
-"""An independent float64 reference of the model, written from ../shared/docs/methods.md.
+"""An independent float64 reference of the model, written from the papers' formulas.
 
 Plain PyTorch, batch-first, no megatron code. It reads the weights of a megatron model by name
 (undoing megatron's storage layouts: QKV interleaved per query group, fc1 = [gate; up]) and

@@ -8,7 +8,7 @@ from megatron_prores.block_styles import NORM_TYPES, STYLES, gpas_norm_types, st
 from megatron_prores.config import MethodConfig
 
 # style: (norm on the sublayer input, norm on the sublayer output, norm on the sum,
-#         pre-norm output x 1/sqrt(l), DeepNorm shortcut/init) -- methods.md's placements
+#         pre-norm output x 1/sqrt(l), DeepNorm shortcut/init) -- the papers' placements
 PUBLISHED = {
     "pre": (True, False, False, False, False),  # x + F(LN(x))
     "lns": (True, False, False, True, False),  # x + F(LN(x) / sqrt(l))

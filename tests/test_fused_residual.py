@@ -12,7 +12,7 @@ S, B, H = 6, 3, 16
 
 
 def reference(r, f, bias, mask, keep, a, g, c, post):
-    """y = x - SiLU(g) * stopgrad(x) applied where each style puts GPAS (methods.md)."""
+    """y = x - SiLU(g) * stopgrad(x) applied where each style puts GPAS (the GPAS paper)."""
     branch = f if bias is None else f + bias
     if mask is not None:
         branch = branch * mask / keep

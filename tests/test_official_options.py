@@ -1,4 +1,4 @@
-"""Options that select the official ProRes / GPAS code's choices (methods.md section 5), each
+"""Options that select the official ProRes / GPAS code's choices (dandingsky/ProRes, dandingsky/GPAS), each
 against its formula written out here; the defaults (the papers' text) stay as they were."""
 
 import math

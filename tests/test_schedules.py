@@ -1,4 +1,4 @@
-"""Each ProRes schedule equals its formula (methods.md, Table 5) at chosen steps."""
+"""Each ProRes schedule equals its formula (the ProRes paper, Table 5) at chosen steps."""
 
 import math
 
@@ -13,7 +13,7 @@ def clip01(x):
     return min(max(x, 0.0), 1.0)
 
 
-# Formulas written out from methods.md with T derived from the total warmup W.
+# Formulas written out from the ProRes paper with T derived from the total warmup W.
 FORMULAS = {
     "none": lambda t, l: 1.0,
     "linear": lambda t, l: min(t / (25 * l), 1),

@@ -92,7 +92,7 @@ def test_dry_run_flags_are_accepted_and_the_comments_are_true(recipe, tmp_path):
     assert gib == round(total) and total < 70, (gib, total)  # fits an 80 GB H100 with room
     assert args.bf16 and args.use_distributed_optimizer and args.train_iters * tokens >= 50e9 * 0.999
     L = args.num_layers
-    assert args.prores_warmup_steps == (500 if L >= 96 else 1000) * L  # T per block (methods.md)
+    assert args.prores_warmup_steps == (500 if L >= 96 else 1000) * L  # T per block (the ProRes paper)
 
 
 def test_launcher_without_data_gives_one_line(tmp_path):

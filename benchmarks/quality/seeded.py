@@ -22,7 +22,7 @@ import run as R
 POST = {"cpu": None, "toy": None}
 PILOT_DEPTHS = {"cpu": (24, 12, 6), "toy": (2,)}  # deepest first
 PRE_LR = {"cpu": 2e-3, "toy": 2e-3}    # every other CPU experiment
-# DeepNorm runs at half the Pre-LN LR, as the ProRes paper's DeepNorm runs do (methods.md). Changed after the
+# DeepNorm runs at half the Pre-LN LR, as the ProRes paper's DeepNorm runs do. Changed after the
 # first DeepNorm runs (2026-11-28, LR 2e-3: 3 of 3 seeds of both configs on the unigram plateau, val 6.715/6.716).
 LR_BY_EXP = {"cpu": {"cpu-deepnorm": 1e-3}, "toy": {}}
 PILOT_LRS = [2.5e-4, 5e-4, 1e-3, 2e-3, 4e-3]
