@@ -177,6 +177,28 @@ def require_readers(sources: Sequence[Source]) -> None:
                          f"{s.compression or 'plain'} JSONL; {fix}")
 
 
+def check_not_plain_text(sources: Sequence[Source]) -> None:
+    """A one-line ConfigError for a file read as JSONL only because its name has no known suffix (a
+    .txt given by name) whose text does not begin with a JSON object: plain text, each line of which
+    would be a bad line (and --skip-bad-lines would skip them all)."""
+    for s in sources:
+        name = os.path.basename(s.path).lower()
+        if s.compression:
+            name = os.path.splitext(name)[0]
+        if s.kind != "jsonl" or name.endswith(JSONL_SUFFIXES):
+            continue
+        try:
+            with open(s.path, "rb") as raw, (_open_compressed(s, raw) if s.compression else raw) as f:
+                head = f.read(1 << 16)
+        except _decompress_errors():
+            continue  # reading it says what is wrong
+        head = head.removeprefix(b"\xef\xbb\xbf").lstrip()
+        if head and not head.startswith(b"{"):
+            raise _error(f"--input {s.path!r} is not JSONL (it does not begin with a JSON object: plain text?); "
+                         f"preprocess_data reads JSONL (one object per line, e.g. {{\"text\": \"...\"}}) and Parquet: "
+                         f"write the documents as JSONL first")
+
+
 def _pyarrow_parquet(path: str):
     try:
         import pyarrow.parquet as pq

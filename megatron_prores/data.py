@@ -18,23 +18,30 @@ from megatron_prores.config import ConfigError
 
 
 class _TokenizerForDataset:
-    """What GPTDatasetConfig reads of a tokenizer."""
+    """What GPTDatasetConfig reads of a tokenizer. ``data``: the digest of the files read (from
+    check_prefix): megatron-core keys its cache of document, sample and shuffle indices by the files'
+    paths and the flags, and these identifiers are the one free part of that key, so indices cached
+    for the files a re-preprocessed prefix replaced (or for other files at that path) are not read."""
 
-    def __init__(self, tok):
+    def __init__(self, tok, data: Optional[str] = None):
         self.vocab_size = tok.vocab_size
         self.eod = tok.eod
         self.pad = -1
         self.unique_identifiers = {"class": type(tok).__name__}
+        if data is not None:
+            self.unique_identifiers["data"] = data
 
 
 IDX_MAGIC = b"MMIDIDX\x00\x00"  # megatron-core's .idx: magic, version 1, dtype code, #sequences, #documents + 1
 
 
-def check_prefix(prefix: str, flag: str = "--data-path", vocab_size: Optional[int] = None) -> None:
+def check_prefix(prefix: str, flag: str = "--data-path", vocab_size: Optional[int] = None) -> str:
     """A clear error for a missing, empty or broken .bin/.idx pair, found before megatron-core opens it
     (its IndexedDataset, failing half way, adds 'Exception ignored in ... __del__' noise); with
     ``vocab_size``, also for token ids the model has no embedding for (data made with another
-    tokenizer: an index error mid-run on the CPU, a device assert on a GPU)."""
+    tokenizer: an index error mid-run on the CPU, a device assert on a GPU). Returns a digest of the
+    .idx header and document lengths: all that megatron-core's GPTDataset indices are made from."""
+    import hashlib
     import struct
 
     from megatron.core.datasets.indexed_dataset import DType, IndexedDataset
@@ -95,6 +102,7 @@ def check_prefix(prefix: str, flag: str = "--data-path", vocab_size: Optional[in
             raise ConfigError(f"{flag} {prefix!r} holds token id {top:,} but the model's vocabulary has {vocab_size:,} "
                               f"ids: it was tokenized with another tokenizer; give the --tokenizer-model it was made "
                               f"with (or re-run tools/preprocess_data.py with this one)")
+    return hashlib.sha256(head + lengths.tobytes()).hexdigest()[:16]
 
 
 def largest_token(path: str, dtype, chunks: int = 8, chunk_bytes: int = 256 << 10) -> int:
@@ -108,22 +116,76 @@ def largest_token(path: str, dtype, chunks: int = 8, chunk_bytes: int = 256 << 1
     return max(int(tokens[s:s + per].max()) for s in starts)
 
 
-def _check_splits(prefixes, split_matrix, num_samples, split) -> None:
-    """A split that must yield samples needs documents (megatron-core would loop forever)."""
+_SPLIT_NAMES = ("training", "validation", "test")
+
+
+def _split_tokens(lengths, bounds) -> int:
+    """The tokens of the documents megatron-core puts in the split of ``bounds`` (a row of its
+    split matrix; None: no share), with its rounding."""
+    if bounds is None:
+        return 0
+    n = float(len(lengths))
+    return int(lengths[int(round(bounds[0] * n)):int(round(bounds[1] * n))].sum(dtype=numpy.int64))
+
+
+def _split_matrix(split: str, num_samples) -> list:
+    """megatron-core's split matrix of ``split``, without the splits the run reads no sample of: it
+    builds every split with a share, each of at least one sample (the test split too, which the
+    driver never reads)."""
+    from megatron.core.datasets.blended_megatron_dataset_config import (convert_split_vector_to_split_matrix,
+                                                                         parse_and_normalize_split)
+
+    matrix = convert_split_vector_to_split_matrix(parse_and_normalize_split(split))
+    return [bounds if want else None for bounds, want in zip(matrix, num_samples)]
+
+
+def _check_splits(prefixes, split: str, num_samples) -> None:
+    """Every split the run reads has tokens in every file (megatron-core loops forever over the
+    epochs of one without: it adds epochs until their tokens cover the samples asked for). The fix
+    named is the smallest validation share that gives every split tokens, checked the same way."""
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    names = ("training", "validation", "test")
-    for prefix in prefixes:
-        docs = len(IndexedDataset(prefix, mmap=True).document_indices) - 1
-        for name, want, bounds in zip(names, num_samples, split_matrix):
-            if not want:
-                continue
-            got = 0 if bounds is None else int(round(bounds[1] * docs)) - int(round(bounds[0] * docs))
-            if got <= 0:
-                raise ConfigError(
-                    f"--split {split} leaves the {name} split of {prefix!r} ({docs} documents) with no "
-                    f"document; give more data or that split a larger share (e.g. --split 90,10,0)"
-                )
+    indexed = {p: IndexedDataset(p, mmap=True) for p in prefixes}  # alive while their lengths are read
+    lengths = {p: d.sequence_lengths for p, d in indexed.items()}
+
+    def empty(matrix):
+        return next(((name, p) for p in prefixes for name, bounds in zip(_SPLIT_NAMES, matrix)
+                     if bounds is not None and not _split_tokens(lengths[p], bounds)), None)
+
+    found = empty(_split_matrix(split, num_samples))
+    if found is None:
+        return
+    name, prefix = found
+    fix = next((f"{100 - s},{s},0" for s in range(1 if num_samples[1] else 0, 100)
+                if empty(_split_matrix(f"{100 - s},{s},0", num_samples)) is None), None)
+    docs = len(lengths[prefix])
+    no_eval = ", or --eval-iters 0 to train without validation" if num_samples[1] else ""
+    raise ConfigError(
+        f"--split {split} leaves the {name} split of {prefix!r} ({docs} document{'s' if docs != 1 else ''}) "
+        f"without a token; " + (f"give --split {fix}{no_eval}" if fix else
+                                f"give more documents, or --split 100,0,0 with a held-out --valid-data-path{no_eval}"))
+
+
+def _cache_error(e: BaseException, cache_path: Optional[str], prefixes) -> Optional[ConfigError]:
+    """An OSError of megatron-core's index cache (raised as is, or wrapped by its builder under
+    torch.distributed) as one line: a read-only data directory (the cache defaults to the folder
+    PREFIX/cache), a full disk, or a cache file another node's rank 0 wrote where this rank cannot
+    see it. None for other errors."""
+    import errno
+
+    while e is not None and not isinstance(e, OSError):
+        e = e.__cause__ or e.__context__
+    roots = [os.path.abspath(r) for r in ([cache_path] if cache_path else prefixes)]
+    if e is None or not e.filename or not any(os.path.abspath(e.filename) == r or
+                                              os.path.abspath(e.filename).startswith(r + os.sep) for r in roots):
+        return None
+    where = os.path.dirname(e.filename) if e.filename.endswith((".npy", ".txt")) else e.filename
+    shared = "a writable directory that every node sees"
+    if e.errno == errno.ENOENT:
+        return ConfigError(f"cannot read the index cache {e.filename} ({e.strerror}): rank 0 builds it where every "
+                           f"rank reads it; give --data-cache-path DIR, {shared}")
+    return ConfigError(f"cannot write the index cache under {where} ({e.strerror}); give --data-cache-path DIR, "
+                       f"{shared}" + ("" if cache_path else " (by default it is PREFIX/cache, beside the data)"))
 
 
 def build_datasets(tokenizer, num_samples: List[int], *, data_path: Optional[List[str]], split: str,
@@ -131,33 +193,36 @@ def build_datasets(tokenizer, num_samples: List[int], *, data_path: Optional[Lis
                    eod_mask_loss: bool = False, vocab_size: Optional[int] = None):
     """(train, valid, test) megatron-core datasets of at least ``num_samples`` samples each, from
     ``data_path`` (--data-path: PREFIX or WEIGHT PREFIX ...) split by ``split`` (--split), or
-    megatron-core's mock dataset with ``mock`` (--mock-data). ``eod_mask_loss`` (--eod-mask-loss):
-    no loss where the input token is the end-of-document token (megatron-core's rule). ``vocab_size``:
-    the model's, which every token id of the files must be below."""
+    megatron-core's mock dataset with ``mock`` (--mock-data); None for a split of no share or of 0
+    samples asked (not built). ``eod_mask_loss`` (--eod-mask-loss): no loss where the input token is
+    the end-of-document token (megatron-core's rule). ``vocab_size``: the model's, which every token
+    id of the files must be below."""
+    import hashlib
+
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
-    blend = None
+    blend, digest = None, None
     if not mock:
         prefixes, weights = parse_data_path(data_path)
-        for prefix in prefixes:
-            check_prefix(prefix, vocab_size=vocab_size)
+        digests = [check_prefix(prefix, vocab_size=vocab_size) for prefix in prefixes]
+        digest = hashlib.sha256(" ".join(digests).encode()).hexdigest()[:16] if len(digests) > 1 else digests[0]
         blend = (prefixes, weights)
+        _check_splits(prefixes, split, num_samples)
     config = GPTDatasetConfig(
         random_seed=seed,
         sequence_length=seq_length,
         blend=blend,
         split=split,
         path_to_cache=cache_path,
-        tokenizer=_TokenizerForDataset(tokenizer),
+        tokenizer=_TokenizerForDataset(tokenizer, digest),
         reset_position_ids=False,
         reset_attention_mask=False,
         eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,
         mmap_bin_files=True,
     )
-    if blend is not None:
-        _check_splits(blend[0], config.split_matrix, num_samples, split)
+    config.split_matrix = _split_matrix(config.split, num_samples)
     cls = MockGPTDataset if mock else GPTDataset
     builder = BlendedMegatronDatasetBuilder(cls, num_samples, lambda: True, config)
     try:
@@ -165,9 +230,10 @@ def build_datasets(tokenizer, num_samples: List[int], *, data_path: Optional[Lis
     except (AssertionError, ValueError) as e:
         raise ConfigError(f"cannot build the datasets from --data-path/--split: {e}") from None
     except Exception as e:  # e.g. an index for 10^11 samples: out of memory
-        raise ConfigError(f"cannot build the datasets for {num_samples[0]:,} training and {num_samples[1]:,} validation "
-                          f"samples (--train-iters/--eval-iters x --global-batch-size): {type(e).__name__}: "
-                          f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
+        raise _cache_error(e, cache_path, blend[0] if blend else []) or ConfigError(
+            f"cannot build the datasets for {num_samples[0]:,} training and {num_samples[1]:,} validation samples "
+            f"(--train-iters/--eval-iters x --global-batch-size): {type(e).__name__}: "
+            f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}") from None
 
 
 def validation_sets(valid_data_path: Optional[List[str]]) -> List[tuple]:
@@ -194,16 +260,17 @@ def build_validation_set(tokenizer, prefix: str, num_samples: int, *, seq_length
     from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
 
-    check_prefix(prefix, "--valid-data-path", vocab_size)
+    digest = check_prefix(prefix, "--valid-data-path", vocab_size)
     config = GPTDatasetConfig(
         random_seed=seed, sequence_length=seq_length, blend_per_split=[None, ([prefix], None), None],
-        path_to_cache=cache_path, tokenizer=_TokenizerForDataset(tokenizer), reset_position_ids=False,
+        path_to_cache=cache_path, tokenizer=_TokenizerForDataset(tokenizer, digest), reset_position_ids=False,
         reset_attention_mask=False, eod_mask_loss=eod_mask_loss, create_attention_mask=False, mmap_bin_files=True)
     builder = BlendedMegatronDatasetBuilder(GPTDataset, [0, num_samples, 0], lambda: True, config)
     try:
         return builder.build()[1]
     except Exception as e:
-        raise ConfigError(f"cannot build the validation set from --valid-data-path {prefix!r}: {e}") from None
+        raise _cache_error(e, cache_path, [prefix]) or ConfigError(
+            f"cannot build the validation set from --valid-data-path {prefix!r}: {e}") from None
 
 
 def order_fingerprint(dataset, head: int = 4096) -> str:

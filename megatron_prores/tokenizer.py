@@ -20,11 +20,11 @@ TOKENIZER_TYPES = ("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokeni
 
 class SentencePieceTokenizer:
     def __init__(self, model_path: str):
+        fix = "give the .model written by tools/train_tokenizer.py"
+        if model_path and os.path.exists(model_path) and guess_tokenizer_type(model_path) == "HuggingFaceTokenizer":
+            fix = "a Hugging Face tokenizer.json or tokenizer directory takes --tokenizer-type HuggingFaceTokenizer"
         if not model_path or not os.path.isfile(model_path):
-            raise ConfigError(
-                f"--tokenizer-model {model_path!r} is not a file; give the .model written by "
-                f"tools/train_tokenizer.py"
-            )
+            raise ConfigError(f"--tokenizer-model {model_path!r} is not a file; {fix}")
         import sentencepiece
 
         self.model_path = model_path
@@ -32,7 +32,8 @@ class SentencePieceTokenizer:
         try:
             self.sp.Load(model_path)
         except (OSError, RuntimeError) as e:
-            raise ConfigError(f"--tokenizer-model {model_path!r} is not a SentencePiece model ({e})") from None
+            raise ConfigError(f"--tokenizer-model {model_path!r} is not a SentencePiece model ({_first_line(e)}); "
+                              f"{fix}") from None
         if self.sp.eos_id() < 0:
             raise ConfigError(f"--tokenizer-model {model_path!r} has no EOS piece to end documents with")
 
@@ -214,6 +215,16 @@ class NullTokenizer:
 
     def detokenize(self, ids: List[int]) -> str:
         return " ".join(str(i) for i in ids)
+
+
+def model_vocab_size(tokenizer_size: int, vocab_size: Optional[int]) -> int:
+    """The model's vocabulary, as the driver takes it: --vocab-size, else the tokenizer's size; a
+    --vocab-size below the tokenizer's is refused (its top ids would have no embedding)."""
+    vocab = vocab_size or tokenizer_size
+    if tokenizer_size > vocab:
+        raise ConfigError(f"the tokenizer has {tokenizer_size} tokens but --vocab-size is {vocab}; "
+                          f"raise --vocab-size or drop it to use the tokenizer's")
+    return vocab
 
 
 def build_tokenizer(tokenizer_type: str, tokenizer_model: str = None, vocab_size: int = None):

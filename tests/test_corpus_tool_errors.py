@@ -160,3 +160,43 @@ def test_train_tokenizer_disk_full_leaves_no_tmp(text_file, tmp_path):
     assert_error(out, f"--model-prefix '{tmp_path}/tok': cannot write {tmp_path}/tok.model.tmp (File too large); "
                       f"check the free space and permissions there or give another --model-prefix")
     assert sorted(os.listdir(tmp_path)) == ["t.txt"]
+
+
+def test_long_lines_are_cut_into_pieces_sentencepiece_keeps():
+    """SentencePiece drops a line of over 64 KiB (its max_sentence_length) without a word: the pieces,
+    joined, are the line; each within the limit, cut before a space where the piece's second half has
+    one, else between characters (never inside a multi-byte character)."""
+    from megatron_prores.tools.train_tokenizer import MAX_LINE_BYTES, pieces
+
+    assert MAX_LINE_BYTES == 1 << 16
+    words = " ".join(f"w{i % 97}" for i in range(40))
+    cjk = "日本語のテキスト" * 5  # 3 bytes a character, no space
+    for line, limit in ((words, 16), (cjk, 16), (cjk, 17), (words + " " + cjk + "😀" * 9, 20), ("short", 16)):
+        parts = pieces(line, limit)
+        assert "".join(parts) == line and all(0 < len(p.encode()) <= limit for p in parts), (line, parts)
+    assert pieces(words, 16)[:3] == ["w0 w1 w2 w3 w4", " w5 w6 w7 w8 w9", " w10 w11 w12 w13"]
+    assert all(p.startswith(" ") for p in pieces(words, 16)[1:])
+    assert pieces(cjk, 16) == pieces(cjk, 17) == [cjk[i:i + 5] for i in range(0, len(cjk), 5)]  # 15 bytes each
+    big = "x" * (3 * MAX_LINE_BYTES)
+    assert pieces(big) == ["x" * MAX_LINE_BYTES] * 3
+
+
+def test_train_tokenizer_trains_on_a_corpus_of_one_long_line(tmp_path):
+    """One document of 200 kB without a newline (minified text): trained on, not 'give more text'."""
+    import random
+
+    import sentencepiece as spm
+
+    rng = random.Random(0)
+    vocabulary = ["".join(rng.choice("abcdefghij") for _ in range(rng.randint(2, 7))) for _ in range(300)]
+    text = " ".join(rng.choice(vocabulary) for _ in range(40000))
+    assert len(text.encode()) > 3 * (1 << 16)
+    (tmp_path / "c.jsonl").write_text(json.dumps({"text": text}) + "\n")
+    out = tool("train_tokenizer", "--input", tmp_path / "c.jsonl", "--model-prefix", tmp_path / "tok",
+               "--vocab-size", 64, "--no-byte-fallback")
+    assert out.returncode == 0, out.stderr
+    assert "(1 line over 64 KiB cut into pieces)" in out.stdout, out.stdout
+    sp = spm.SentencePieceProcessor(model_file=str(tmp_path / "tok.model"))
+    learned = [sp.IdToPiece(i).replace("\u2581", " ") for i in range(3, sp.GetPieceSize())]
+    assert sp.GetPieceSize() == 64 and all(p in " " + text for p in learned), learned
+    assert max(map(len, learned)) > 2  # merges learned from the text

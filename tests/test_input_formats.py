@@ -252,6 +252,61 @@ def test_input_errors_are_one_line(toks, tmp_path, capsys):
     assert not [p for p in os.listdir(tmp_path) if p.startswith("out")]
 
 
+NOT_JSONL = ("is not JSONL (it does not begin with a JSON object: plain text?); preprocess_data reads JSONL (one "
+             "object per line, e.g. {\"text\": \"...\"}) and Parquet: write the documents as JSONL first")
+HF_TYPE = "a Hugging Face tokenizer.json or tokenizer directory takes --tokenizer-type HuggingFaceTokenizer"
+MIXUPS = {  # what was given -> (flags, the error line); D: the test's folder, HF: a tokenizer.json, HF_FLAGS: its flags
+    "plain text": (["--input", "D/notes.txt", "HF_FLAGS"], "error: --input 'D/notes.txt' " + NOT_JSONL),
+    "plain text, gzip, --skip-bad-lines": (["--input", "D/notes.txt.gz", "HF_FLAGS", "--skip-bad-lines"],
+                                           "error: --input 'D/notes.txt.gz' " + NOT_JSONL),
+    "Megatron-LM's GPT-2 BPE flags": (
+        ["--input", "D/a.jsonl", "--vocab-file", "gpt2-vocab.json", "--merge-file", "gpt2-merges.txt"],
+        "error: unrecognized arguments: --vocab-file gpt2-vocab.json --merge-file gpt2-merges.txt (GPT-2 BPE files "
+        "are not read: give --tokenizer-type HuggingFaceTokenizer --tokenizer-model tokenizer.json (or its "
+        "directory))"),
+    "a tokenizer.json as a SentencePiece model": (["--input", "D/a.jsonl", "--tokenizer-model", "HF"],
+                                                  "error: --tokenizer-model 'HF' is not a SentencePiece model ("),
+    "a tokenizer directory as a SentencePiece model": (["--input", "D/a.jsonl", "--tokenizer-model", "HF_DIR"],
+                                                       "error: --tokenizer-model 'HF_DIR' is not a file; " + HF_TYPE),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MIXUPS))
+def test_a_plain_text_input_megatron_flags_or_a_tokenizer_of_the_other_type_name_the_fix(toks, tmp_path, capsys,
+                                                                                         case):
+    """A plain text file given by name (read as JSONL: its every line a bad line, which --skip-bad-lines
+    would all skip), Megatron-LM's GPT-2 BPE flags (argparse's usage before), a Hugging Face tokenizer
+    with the default --tokenizer-type: one line naming what to give; nothing written."""
+    text = "The first line of plain text.\nThe second one.\n"
+    (tmp_path / "notes.txt").write_text(text)
+    (tmp_path / "notes.txt.gz").write_bytes(gzip.compress(text.encode()))
+    (tmp_path / "a.jsonl").write_bytes(jsonl_bytes(DOCS[:20]))
+    hf = toks["hf"][-1]
+
+    def named(text):
+        return text.replace("HF_DIR", os.path.dirname(hf)).replace("HF", hf).replace("D/", f"{tmp_path}/")
+
+    flags, message = MIXUPS[case]
+    flags = [a for f in flags for a in (toks["hf"] if f == "HF_FLAGS" else [named(f)])]
+    err = one_error_line(capsys, preprocess("--output-prefix", tmp_path / "out", *flags))
+    assert err.startswith(named(message)), err
+    assert "tokenizer" not in case or err.endswith(HF_TYPE), err
+    assert not [p for p in os.listdir(tmp_path) if p.startswith("out")]
+
+
+def test_a_tokenizer_of_neither_kind_and_jsonl_of_another_name(toks, tmp_path, capsys):
+    """A --tokenizer-model that is no tokenizer: the SentencePiece fix; JSONL named .txt is read as JSONL."""
+    (tmp_path / "a.jsonl").write_bytes(jsonl_bytes(DOCS[:20]))
+    (tmp_path / "notes.txt").write_text("plain text\n")
+    err = one_error_line(capsys, preprocess("--output-prefix", tmp_path / "out", "--input", tmp_path / "a.jsonl",
+                                            "--tokenizer-model", tmp_path / "notes.txt"))
+    assert err.endswith("give the .model written by tools/train_tokenizer.py"), err
+    (tmp_path / "docs.txt").write_bytes(jsonl_bytes(DOCS[:20]))
+    assert preprocess("--output-prefix", tmp_path / "out", "--input", tmp_path / "docs.txt", *toks["hf"]) == 0
+    assert preprocess("--output-prefix", tmp_path / "ref", "--input", tmp_path / "a.jsonl", *toks["hf"]) == 0
+    assert output(tmp_path / "out") == output(tmp_path / "ref")
+
+
 @pytest.mark.parametrize("module,name", [("pyarrow", "a.parquet"), ("zstandard", "a.jsonl.zst")])
 def test_a_missing_extra_is_one_line(toks, tmp_path, capsys, monkeypatch, module, name):
     write_parquet(tmp_path / "a.parquet", ["x"])

@@ -247,3 +247,36 @@ def test_estimate_memory_takes_the_vocabulary_the_driver_takes(dataset, tmp_path
         r = main(["--world-size", "4", "--vocab-size", "50000", "--", *base, *extra])
         assert r["bytes"]["logits + loss"] == 10 * S * B * padded
         assert capsys.readouterr().out.splitlines()[-1] == f"vocabulary {vocab:,} ({source}), padded to {padded:,}"
+
+
+def test_estimate_memory_gives_mock_data_its_vocabulary(capsys):
+    """--mock-data without --vocab-size: the tool's --vocab-size (README), not the driver's refusal."""
+    from megatron_prores.tools.estimate_memory import main
+
+    mock = [str(x) for x in FLAGS[:-2]] + ["--bf16"]
+    assert mock[-2:] == ["--mock-data", "--bf16"]
+    for tool_flags, vocab in (([], 32000), (["--vocab-size", "1000"], 1000)):
+        r = main(["--world-size", "4", *tool_flags, "--", *mock])
+        padded = -(-vocab // 128) * 128  # --make-vocab-size-divisible-by 128
+        assert r["bytes"]["logits + loss"] == 10 * S * B * padded
+        assert capsys.readouterr().out.splitlines()[-1] == (f"vocabulary {vocab:,} (this tool's --vocab-size: the "
+                                                            f"flags give no tokenizer), padded to {padded:,}")
+
+
+def test_estimate_memory_refuses_a_vocabulary_below_the_tokenizers(tmp_path, capsys):
+    """A --vocab-size below the recipe's tokenizer's size: the driver's refusal (the top ids would have no
+    embedding), not an estimate."""
+    import sentencepiece as spm
+
+    from megatron_prores.tools.estimate_memory import main
+
+    spm.SentencePieceTrainer.train(sentence_iterator=iter([f"word{i} and text {i * 7}" for i in range(300)]),
+                                   model_prefix=str(tmp_path / "tok"), vocab_size=200, model_type="bpe",
+                                   minloglevel=2, num_threads=1)
+    recipe = [str(x) for x in FLAGS[:-3]] + ["--bf16", "--data-path", str(tmp_path / "d"),
+                                             "--tokenizer-model", str(tmp_path / "tok.model")]
+    err = one_error_line(capsys, run(main, ["--world-size", "4", "--", *recipe, "--vocab-size", "100"]))
+    assert err == ("error: the tokenizer has 200 tokens but --vocab-size is 100; raise --vocab-size or drop it to use "
+                   "the tokenizer's")
+    r = main(["--world-size", "4", "--", *recipe, "--vocab-size", "200"])
+    assert r["bytes"]["logits + loss"] == 10 * S * B * 256  # 200 padded to 256

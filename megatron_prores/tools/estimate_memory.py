@@ -138,6 +138,7 @@ def main(argv=None):
     flags = a.flags[1:] if a.flags[:1] == ["--"] else a.flags
     flags = flags + ["--save", "<not used>"]  # recipes save (the launcher adds --save); nothing is written here
     vocab, source = vocabulary(flags, a.vocab_size)
+    flags = flags + ["--vocab-size", str(vocab)]  # the size found, which --mock-data needs stated
     args, cfg, dp, num_micro = check_recipe(flags, a.world_size, vocab)
     r = estimate(args, cfg, dp, num_micro)
     print("precision: " + ("bf16 (--bf16)" if args.bf16 else "fp32 (no --bf16: the driver trains in fp32)"))
@@ -151,18 +152,20 @@ def main(argv=None):
 
 def vocabulary(flags, default: int) -> tuple:
     """(vocabulary size, where it comes from) as the driver takes it: --vocab-size of the flags, else
-    the size of their --tokenizer-model where that is on this machine, else this tool's --vocab-size."""
+    the size of their --tokenizer-model where that is on this machine, else this tool's --vocab-size;
+    a --vocab-size below that tokenizer's size is refused, as the driver refuses it."""
     import os
 
     from megatron_prores.arguments import build_parser
-    from megatron_prores.tokenizer import build_tokenizer
+    from megatron_prores.tokenizer import build_tokenizer, model_vocab_size
 
     args = build_parser().parse_args(flags)
-    if args.vocab_size:
-        return args.vocab_size, "--vocab-size of the flags"
     path = args.tokenizer_model
     if path and args.tokenizer_type != "NullTokenizer" and os.path.exists(path):
-        return build_tokenizer(args.tokenizer_type, path).vocab_size, f"the tokenizer {path}"
+        vocab = model_vocab_size(build_tokenizer(args.tokenizer_type, path).vocab_size, args.vocab_size)
+        return vocab, "--vocab-size of the flags" if args.vocab_size else f"the tokenizer {path}"
+    if args.vocab_size:
+        return args.vocab_size, "--vocab-size of the flags"
     why = f"the tokenizer {path} is not a file or folder here" if path else "the flags give no tokenizer"
     return default, f"this tool's --vocab-size: {why}"
 

@@ -22,6 +22,7 @@ import argparse
 import collections
 import contextlib
 import os
+import shutil
 import signal
 import struct
 import sys
@@ -29,8 +30,8 @@ import threading
 import time
 
 from megatron_prores.errors import ConfigError
-from megatron_prores.corpus_readers import (UNIT_BYTES, check_parquet, count_rows, encode_unit, expand, init_worker,
-                                            require_readers, tokenizer_spec, units)
+from megatron_prores.corpus_readers import (UNIT_BYTES, check_not_plain_text, check_parquet, count_rows, encode_unit,
+                                            expand, init_worker, require_readers, tokenizer_spec, units)
 from megatron_prores.text_corpus import BadLine, Skipped
 from megatron_prores.tools import run
 from megatron_prores.worker_pool import OrderedWorkers, WorkerDied
@@ -38,8 +39,21 @@ from megatron_prores.worker_pool import OrderedWorkers, WorkerDied
 CHUNK = 32  # the fewest documents worth a worker of their own
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line, not argparse's usage; for a flag this tool does not have, the driver's hint of what
+        to give instead of Megatron-LM's (--vocab-file/--merge-file: a tokenizer.json)."""
+        if message.startswith("unrecognized arguments:"):
+            from megatron_prores.arguments import _MEGATRON_ONLY  # the driver's hints (imports torch: only here)
+
+            hints = {h for word in message.split()[2:] for flag, h in _MEGATRON_ONLY.items()
+                     if word.split("=")[0] == flag}
+            message += "".join(f" ({h})" for h in sorted(hints))
+        raise ConfigError(message)
+
+
 def parse(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = _Parser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--input", nargs="+", required=True,
                    help="JSONL (.jsonl, .jsonl.gz, .jsonl.zst) or Parquet (.parquet) files, directories of them or "
                         "globs (quote them); other file names are read as JSONL")
@@ -176,8 +190,19 @@ class _Output:
             f.write(numpy.arange(lengths.size + 1, dtype=numpy.int64).tobytes())
 
     def publish(self) -> None:
+        """Rename both files into place, and remove the indices megatron-core cached for the files
+        replaced in its default cache, the folder PREFIX/cache (the driver keys its cache by the
+        .idx's contents too, so that none is read for other files: this is tidying)."""
         os.replace(self.prefix + ".bin.tmp", self.prefix + ".bin")
         os.replace(self.prefix + ".idx.tmp", self.prefix + ".idx")
+        cache = os.path.join(self.prefix, "cache")
+        if os.path.isdir(cache):
+            shutil.rmtree(cache, ignore_errors=True)
+            if os.path.lexists(cache):
+                print(f"note: could not remove {cache}, the index cache of the files replaced; the driver does not "
+                      f"read it (delete it to free the space)", file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError):
+                os.rmdir(self.prefix)  # empty now: megatron-core made it for its cache
 
     def discard(self) -> None:
         with contextlib.suppress(OSError):  # a full disk fails the close's flush too
@@ -265,6 +290,7 @@ def main(argv=None):
     sources = expand(_inputs(args))
     _check_not_inputs(args.output_prefix, args.json_keys, sources)
     require_readers(sources)
+    check_not_plain_text(sources)
     for s in sources:
         if s.kind == "parquet":  # its columns are checked before any output is written
             check_parquet(s, args.json_keys)

@@ -12,6 +12,8 @@ from megatron_prores.errors import ConfigError
 from megatron_prores.text_corpus import Skipped, iter_texts
 from megatron_prores.tools import check_output, run
 
+MAX_LINE_BYTES = 1 << 16  # SentencePiece's max_sentence_length: it leaves longer lines out without a word
+
 
 def parse(argv=None):
     p = argparse.ArgumentParser(description=__doc__)
@@ -28,7 +30,8 @@ def parse(argv=None):
     p.add_argument("--character-coverage", type=float, default=0.9995,
                    help="share of the characters the vocabulary covers, 0.98 to 1.0 (rarer ones: byte fallback)")
     p.add_argument("--max-sentences", type=int, default=2_000_000,
-                   help="lines sampled for training (input is split into lines): more than 100, or 0 for all")
+                   help="lines sampled for training (input is split into lines, lines over 64 KiB into pieces): "
+                        "more than 100, or 0 for all")
     p.add_argument("--skip-bad-lines", action="store_true",
                    help="skip JSONL lines that are not UTF-8, not JSON or not an object (counted at the end) "
                         "instead of stopping at the first")
@@ -49,8 +52,13 @@ def main(argv=None):
                           f"or 0 to train on all lines")
     check_output("--model-prefix", args.model_prefix, "tok", suffixes=(".model", ".vocab"))
     skipped = Skipped() if args.skip_bad_lines else None
-    lines = [line for text in iter_texts(args.input, args.json_keys, skipped)
-             for line in text.splitlines() if line.strip()]
+    lines, cut = [], 0
+    for text in iter_texts(args.input, args.json_keys, skipped):
+        for line in text.splitlines():
+            if line.strip():
+                parts = pieces(line)
+                cut += len(parts) > 1
+                lines += [p for p in parts if p.strip()]
     if not lines:
         raise ConfigError(f"--input {' '.join(args.input)} holds no text"
                           + (f" ({skipped.summary()})" if skipped and skipped.count else ""))
@@ -63,7 +71,7 @@ def main(argv=None):
             shuffle_input_sentence=True, split_digits=True,
             allow_whitespace_only_pieces=True, remove_extra_whitespaces=False,
             normalization_rule_name="identity", unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
-            max_sentence_length=1 << 16, num_threads=os.cpu_count() or 1,
+            max_sentence_length=MAX_LINE_BYTES, num_threads=os.cpu_count() or 1,
             minloglevel=2,
         )
     except RuntimeError as e:
@@ -72,10 +80,32 @@ def main(argv=None):
     sp = spm.SentencePieceProcessor(model_proto=model.getvalue())
     vocab = "".join(f"{sp.IdToPiece(i)}\t{sp.GetScore(i)}\n" for i in range(sp.GetPieceSize()))
     write_files(args.model_prefix, {".model": model.getvalue(), ".vocab": vocab.encode("utf-8")})
-    print(f"trained a {args.model_type} tokenizer of {sp.GetPieceSize()} pieces on {len(lines)} lines: "
+    long = f" ({cut} line{'s' if cut != 1 else ''} over 64 KiB cut into pieces)" if cut else ""
+    print(f"trained a {args.model_type} tokenizer of {sp.GetPieceSize()} pieces on {len(lines)} lines{long}: "
           f"{args.model_prefix}.model (eos id {sp.eos_id()})")
     if skipped and skipped.count:
         print(skipped.summary())
+
+
+def pieces(line: str, limit: int = MAX_LINE_BYTES) -> list:
+    """``line`` in pieces of at most ``limit`` UTF-8 bytes, which SentencePiece trains on (it drops a
+    longer line): each cut before a space or tab in the second half of a piece, else between two
+    characters (text without spaces); the pieces joined are the line."""
+    if len(line) * 4 <= limit:  # no character takes more than 4 bytes
+        return [line]
+    data = line.encode("utf-8")
+    out, start = [], 0
+    while len(data) - start > limit:
+        cut = max(data.rfind(b" ", start + limit // 2, start + limit + 1),
+                  data.rfind(b"\t", start + limit // 2, start + limit + 1))
+        if cut < 0:
+            cut = start + limit
+            while data[cut] & 0xC0 == 0x80:  # a continuation byte: back to the start of its character
+                cut -= 1
+        out.append(data[start:cut].decode("utf-8"))
+        start = cut
+    out.append(data[start:].decode("utf-8"))
+    return out
 
 
 def write_files(prefix: str, contents: dict) -> None:
