@@ -157,15 +157,12 @@ class Trainer:
     def _configure(self) -> None:
         """Checks that need no process group or model: tokenizer, model config, layout, --save."""
         from megatron_prores.arguments import check_layout, model_config
-        from megatron_prores.tokenizer import build_tokenizer
+        from megatron_prores.tokenizer import build_tokenizer, model_vocab_size
 
         a = self.args
         self.tokenizer_type = "NullTokenizer" if a.mock_data and not a.tokenizer_model else a.tokenizer_type
         self.tokenizer = build_tokenizer(self.tokenizer_type, a.tokenizer_model, a.vocab_size)
-        vocab = a.vocab_size or self.tokenizer.vocab_size
-        if self.tokenizer.vocab_size > vocab:
-            raise ConfigError(f"the tokenizer has {self.tokenizer.vocab_size} tokens but --vocab-size is {vocab}; "
-                              f"raise --vocab-size or drop it to use the tokenizer's")
+        vocab = model_vocab_size(self.tokenizer.vocab_size, a.vocab_size)
         self.cfg = model_config(a, vocab)
         self.cfg.validate()
         self.world = int(os.environ.get("WORLD_SIZE", os.environ.get("SLURM_NTASKS", "1")))
