@@ -36,6 +36,7 @@ import datetime
 import json
 import os
 import platform
+import random
 import re
 import shlex
 import socket
@@ -61,6 +62,11 @@ TARGETS = [  # (what, variant, baseline, kind, bound): kind "time" compares step
     ("(3)/(1) step time", "prores_done", "megatron", "time", 1.005),
     ("(2) tokens/s over (4)", "prores_mid", "hf", "speedup", 1.5),
 ]
+
+
+# a driver variant that failed while torch.distributed started (its store, NCCL's bootstrap)
+DIST_START = re.compile(r"torch\.distributed could not start|HashStore|init_process_group|ncclUniqueId|"
+                        r"ProcessGroupNCCL.*(Error|error)")
 
 
 def free_port() -> int:
@@ -133,24 +139,29 @@ class Runner:
     def __init__(self, log_path, budget_s=None, timeout_s=900):
         self.log_path, self.timeout_s = log_path, timeout_s
         self.deadline = None if budget_s is None else time.monotonic() + budget_s
-        self.env = {k: v for k, v in os.environ.items() if k not in ("MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
+        self.durations = []  # seconds of each finished variant process: what the next one will need
+        self.env = {k: v for k, v in os.environ.items() if k not in ("MASTER_ADDR", "MASTER_PORT", "RANK", "WORLD_SIZE", "LOCAL_RANK")}
         self.env.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")  # same for every variant
 
     def left(self):
         return None if self.deadline is None else self.deadline - time.monotonic()
 
-    def run(self, cmd, what):
+    def run(self, cmd, what, env=None):
         left = self.left()
-        if left is not None and left < 30:
-            return None, "time budget used up"
+        need = max(30.0, 0.9 * statistics.median(self.durations)) if self.durations else 30.0
+        if left is not None and left < need:  # a variant cut off by the budget measures nothing
+            return None, f"time budget used up ({max(left, 0):.0f} s left, a variant takes ~{need:.0f} s)"
         timeout = self.timeout_s if left is None else min(self.timeout_s, left - 10)
+        t0 = time.monotonic()
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=self.env)
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env={**self.env, **(env or {})})
         except subprocess.TimeoutExpired as e:
             self._log(what, " ".join(cmd), (e.stdout or b"").decode(errors="replace") if isinstance(e.stdout, bytes)
                       else (e.stdout or ""), "")
             return None, f"timed out after {timeout:.0f} s"
         self._log(what, " ".join(cmd), proc.stdout, proc.stderr)
+        if proc.returncode == 0:
+            self.durations.append(time.monotonic() - t0)
         return proc, None
 
     def _log(self, what, cmd, out, err):
@@ -198,8 +209,8 @@ def driver_worker(flags, warmup, out_path):
     from megatron_prores.metrics import peak_memory_gib
     from megatron_prores.trainer import Trainer
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", str(free_port()))
+    # no MASTER_ADDR: one process starts torch.distributed on an in-process store, as the driver
+    # does for a user's single-GPU run (a port picked here could be taken before the store binds it)
     trainer = Trainer(parse_args(flags))
     times = []
     for step in range(trainer.args.train_iters):
@@ -244,6 +255,10 @@ def run_worker(runner, kind, payload, label):
     out = payload[-1]
     cmd = [sys.executable, os.path.abspath(__file__), f"--{kind}-worker", json.dumps(payload)]
     proc, err = runner.run(cmd, label)
+    if not err and proc.returncode != 0 and kind == "driver" and DIST_START.search(proc.stdout + proc.stderr):
+        # torch.distributed did not start on the in-process store: once more on a TCP store
+        print("  torch.distributed did not start on the in-process store: again on a TCP store", flush=True)
+        proc, err = runner.run(cmd, label + " (TCP store)", env={"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     if err:
         return {"error": err, "oom": False}
     if proc.returncode != 0 or not os.path.exists(out):
@@ -388,8 +403,24 @@ def summarize(rows, shape, fpt, peak, measured):
         else:
             value = rows[a]["tokens_per_s"] / rows[b]["tokens_per_s"]
         ok = value >= bound if kind == "speedup" else value <= bound
-        checks.append({"what": what, "value": value, "target": bound, "met": ok})
+        check = {"what": what, "value": value, "target": bound, "met": ok}
+        if kind != "memory":
+            lo, hi = ratio_interval(rows[a]["times_ms"], rows[b]["times_ms"], invert=kind == "speedup")
+            check.update(interval_95=[lo, hi], resolved=not lo <= bound <= hi)
+        checks.append(check)
     return checks
+
+
+def ratio_interval(a_ms, b_ms, invert=False, draws=2000):
+    """95% bootstrap interval of median(a) / median(b) (b over a with ``invert``, a speed ratio)
+    from the timed steps: how far a ratio of two medians can move by the steps' own noise alone."""
+    rng, ratios = random.Random(0), []
+    for _ in range(draws):
+        ra = statistics.median(rng.choices(a_ms, k=len(a_ms)))
+        rb = statistics.median(rng.choices(b_ms, k=len(b_ms)))
+        ratios.append(rb / ra if invert else ra / rb)
+    ratios.sort()
+    return ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]
 
 
 def print_table(results):
@@ -408,8 +439,12 @@ def print_table(results):
                       f"{r['tflops']:>9.2f} {100 * r['mfu']:>6.1f}% {r['peak_gib']:>9.2f}")
         for c in shp["ratios"]:
             cmp = ">=" if "over" in c["what"] else "<="
+            noise = ""
+            if "interval_95" in c:
+                lo, hi = c["interval_95"]
+                noise = f"; 95% interval {lo:.4f}-{hi:.4f}" + ("" if c["resolved"] else ": the target is inside it")
             print(f"  {c['what']:<24} {c['value']:.4f}  (target {cmp} {c['target']}: "
-                  f"{'met' if c['met'] else 'NOT met'})")
+                  f"{'met' if c['met'] else 'NOT met'}{noise})")
 
 
 def main(argv=None):
