@@ -14,15 +14,34 @@ import torch.distributed as dist
 
 from megatron_prores.config import ConfigError
 
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0, "B200": 2250.0}
+# Datasheet dense (no sparsity) bf16 peak per GPU, TFLOP/s, matched in order against the CUDA device
+# name: the PCIe/NVL variants and GB200 come before the names they contain ("NVIDIA H100 PCIe" is
+# not an SXM H100; "NVIDIA GB200" contains "B200").
+PEAK_BF16_TFLOPS = {"H100 PCIe": 756.0, "H100 NVL": 835.0, "H200 NVL": 835.0, "H100": 989.0, "H200": 989.0,
+                    "A100": 312.0, "GB200": 2500.0, "B200": 2250.0}
 
 
 def flops_per_token(cfg) -> float:
-    """Training FLOPs per token (forward + backward = 3x forward) of the dense GPT."""
+    """Model FLOPs per trained token: forward + backward = 3x the forward matmul FLOPs (2 per
+    multiply-add), as PaLM's MFU, llm-foundry and the Megatron-LM paper (Narayanan et al. 2021)
+    count them (Megatron-LM's current code halves the causal attention term; this does not).
+
+    Per layer: the Q, K, V projections (K and V of ``query_groups`` heads: GQA-aware), the output
+    projection, the MLP (three h x ffn matrices with SwiGLU, two without) and the attention scores
+    QK^T and their product with V, counted over the full s x s square (causal masking not halved);
+    then the logit layer over the padded vocabulary (the rows the output matmul computes, as
+    Megatron-LM's padded_vocab_size). Not counted: the embedding lookup, norms, softmax, RoPE,
+    ProRes/GPAS and other elementwise work, and activation recompute (model FLOPs, not hardware
+    FLOPs: recompute does not change this number)."""
     L, h, s = cfg.num_layers, cfg.hidden_size, cfg.seq_length
-    kv = cfg.query_groups * (h // cfg.num_attention_heads)
-    per_layer = 2 * h * (h + 2 * kv) + 2 * h * h + 2 * 3 * h * cfg.ffn_size + 2 * 2 * s * h
-    return 3 * (L * per_layer + 2 * h * cfg.vocab_size)
+    d = h // cfg.num_attention_heads  # head size (kv_channels)
+    q, kv = cfg.num_attention_heads * d, cfg.query_groups * d
+    mlp_matrices = 3 if cfg.swiglu else 2
+    per_layer = (2 * h * (q + 2 * kv)  # QKV projection
+                 + 2 * q * h  # output projection
+                 + 2 * mlp_matrices * h * cfg.ffn_size  # MLP
+                 + 2 * 2 * s * q)  # QK^T and AV, the full s x s square
+    return 3 * (L * per_layer + 2 * h * cfg.padded_vocab_size)
 
 
 def peak_memory_gib() -> float:
