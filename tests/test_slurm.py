@@ -95,6 +95,130 @@ def test_dry_run_flags_are_accepted_and_the_comments_are_true(recipe, tmp_path):
     assert args.prores_warmup_steps == (500 if L >= 96 else 1000) * L  # T per block (the ProRes paper)
 
 
+# ---- fidelity: what a recipe launches against the ProRes paper's published setup, written out ---------------
+# (hidden, layers, heads, ffn, LR, ProRes T per block): the ProRes paper's "Published model shapes" table, its
+# depth scaling (the 71M width at 24..120 layers, LR 2e-3) and its warmup rule (T = 1000; 500 at 96 and 120 layers)
+PUBLISHED = {
+    "71m": (512, 12, 8, 1368, 2e-3, 1000),
+    "130m": (768, 12, 12, 2048, 2e-3, 1000),
+    "350m": (1024, 24, 16, 2736, 1e-3, 1000),
+    "1.3b": (2048, 24, 32, 5632, 6e-4, 1000),
+    "3b": (2560, 32, 32, 6848, 6e-4, 1000),
+    "7b": (4096, 32, 32, 11008, 3e-4, 1000),
+    "depth_24": (512, 24, 8, 1368, 2e-3, 1000),
+    "depth_48": (512, 48, 8, 1368, 2e-3, 1000),
+    "depth_72": (512, 72, 8, 1368, 2e-3, 1000),
+    "depth_96": (512, 96, 8, 1368, 2e-3, 500),
+    "depth_120": (512, 120, 8, 1368, 2e-3, 500),
+}
+PUBLISHED_TOKENS = 50e9  # per run
+PUBLISHED_SEQ, PUBLISHED_BATCH = 1024, 512  # tokens per sequence, sequences per step
+PUBLISHED_LR_WARMUP = 2000  # steps; WSD: linear decay to 0 over the last 10%
+PUBLISHED_VOCAB = 32000  # "32k vocab" (the memory comments assume it)
+
+
+def recipe_command(name, tmp_path, extra=""):
+    """The driver's parsed flags and model config of ``slurm/NAME.sbatch`` as submitted (its world size)."""
+    from megatron_prores.arguments import check_recipe
+
+    recipe = os.path.join(ROOT, "slurm", f"{name}.sbatch")
+    r = dry_run(recipe, DATA_PATH="/data/c4_text_document", TOKENIZER_MODEL="/data/tok.model",
+                RUN_DIR=str(tmp_path / "run"), EXTRA_ARGS=extra)
+    assert r.returncode == 0, r.stderr
+    words = shlex.split(r.stdout)
+    text = open(recipe).read()
+    world = sbatch_option(text, "nodes") * sbatch_option(text, "ntasks-per-node")
+    args, cfg, _, _ = check_recipe(words[words.index("megatron_prores.train") + 1:], world)
+    return args, cfg, text
+
+
+def wsd_lr(step, lr, iters, warmup, decay):
+    """The published LR at 0-based step ``step``: linear warmup from 0, constant, linear decay to 0 at ``iters``."""
+    if step <= warmup:
+        return lr * step / warmup
+    return lr if step <= iters - decay else lr * (iters - step) / decay
+
+
+def scheduler_lr(args, step):
+    """The LR megatron-core's OptimizerParamScheduler gives step ``step``, built as the driver builds it."""
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+    from megatron_prores.arguments import schedule_samples
+
+    class Groups:  # all the scheduler touches of an optimizer
+        param_groups = [{"lr": 0.0, "weight_decay": 0.0}]
+
+    g, lengths = args.global_batch_size, schedule_samples(args)
+    s = OptimizerParamScheduler(
+        Groups(), init_lr=args.lr_warmup_init, max_lr=args.lr, min_lr=args.min_lr, lr_warmup_steps=lengths["warmup"],
+        lr_decay_steps=lengths["decay"], lr_decay_style=args.lr_decay_style, start_wd=args.weight_decay,
+        end_wd=args.weight_decay, wd_incr_steps=args.train_iters * g, wd_incr_style="constant",
+        wsd_decay_steps=lengths["wsd"], lr_wsd_decay_style=args.lr_wsd_decay_style)
+    s.num_steps = step * g
+    return s.get_lr(Groups.param_groups[0])
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED), ids=str)
+def test_recipe_is_the_published_setup(name, tmp_path):
+    """Every number the ProRes paper gives for the run, checked on the flags the recipe launches, and the LR and
+    ProRes value of given steps against the published formulas (through megatron-core's scheduler and the
+    driver's schedule code, so a flag meaning another thing than the recipe assumes fails here)."""
+    hidden, layers, heads, ffn, lr, T = PUBLISHED[name]
+    args, cfg, text = recipe_command(name, tmp_path)
+    m = cfg.method
+    # shape (Llama-style: RMSNorm, SwiGLU, RoPE, no biases, 32k vocabulary)
+    assert (cfg.hidden_size, cfg.num_layers, cfg.num_attention_heads, cfg.ffn_size) == (hidden, layers, heads, ffn)
+    assert cfg.query_groups == heads and cfg.normalization == "RMSNorm" and cfg.swiglu and not cfg.add_bias_linear
+    assert cfg.padded_vocab_size == PUBLISHED_VOCAB and not cfg.tie_embeddings
+    assert cfg.hidden_dropout == cfg.attention_dropout == 0.0
+    # data and length
+    assert (args.seq_length, args.global_batch_size) == (PUBLISHED_SEQ, PUBLISHED_BATCH)
+    tokens = PUBLISHED_SEQ * PUBLISHED_BATCH
+    assert abs(args.train_iters * tokens - PUBLISHED_TOKENS) < tokens  # 50B tokens, to the step
+    # optimizer: AdamW (0.9, 0.95), weight decay 0.1, clip 1.0, bf16
+    assert (args.adam_beta1, args.adam_beta2, args.weight_decay, args.clip_grad) == (0.9, 0.95, 0.1, 1.0)
+    assert args.bf16
+    # LR: WSD, 2000 warmup steps, linear decay to 0 over the last 10%
+    assert args.lr == lr and args.min_lr == 0 and args.lr_warmup_init == 0
+    assert (args.lr_decay_style, args.lr_wsd_decay_style, args.lr_warmup_iters) == ("WSD", "linear", PUBLISHED_LR_WARMUP)
+    assert args.lr_decay_iters in (None, args.train_iters)
+    n, decay = args.train_iters, round(0.1 * args.train_iters)
+    assert args.lr_wsd_decay_iters == decay
+    for step in (0, 1, 1000, PUBLISHED_LR_WARMUP, PUBLISHED_LR_WARMUP + 1, n // 2, n - decay, n - decay + 1,
+                 n - decay // 2, n - 1, n):
+        assert scheduler_lr(args, step) == pytest.approx(wsd_lr(step, lr, n, PUBLISHED_LR_WARMUP, decay), rel=1e-9,
+                                                         abs=1e-15), step
+    # Pre-LN + ProRes linear: a(l, t) = min(t / (T l), 1); normal init, std 0.02 (no depth-scaled output projections)
+    assert (m.norm_type, m.prores_schedule, m.prores_warmup_spacing, m.gpas) == ("pre", "linear", "even", False)
+    assert (m.init_method, cfg.init_method_std) == ("normal", 0.02)
+    for l in (1, 2, layers // 2, layers):
+        for t in (0, 1, T // 2, T, T * l - 1, T * l, T * layers, n - 1):
+            assert m.prores_value(t, l, layers) == pytest.approx(min(t / (T * l), 1.0), rel=1e-12, abs=0), (l, t)
+        assert m.prores_final_step(l, layers) == T * l
+    # the recipe's comment says the same
+    assert f"T = {T} (W = {T * layers // 1000}k)" in text and "50B tokens" in text
+    assert f"{hidden}, {layers} layers, {heads} heads, ffn {ffn}" in text or \
+        f"hidden {hidden}, {heads} heads, ffn {ffn}) at {layers} layers" in text
+
+
+@pytest.mark.parametrize("name", sorted(PUBLISHED), ids=str)
+def test_recipe_post_ln_and_deepnorm_overrides_are_the_published_ones(name, tmp_path):
+    """The recipe's EXTRA_ARGS for Post-LN/DeepNorm "as published": half the LR and 10% LR warmup (the paper),
+    for both norm types; and the 7B GPAS note's gate clip 0.01 (the published 7B gate clip)."""
+    _, _, _, _, lr, _ = PUBLISHED[name]
+    text = open(os.path.join(ROOT, "slurm", f"{name}.sbatch")).read()
+    extra = re.search(r'EXTRA_ARGS="(--norm-type post [^"]*)"', text).group(1)
+    for norm in ("post", "deepnorm"):
+        args, cfg, _ = recipe_command(name, tmp_path, extra.replace("--norm-type post", f"--norm-type {norm}"))
+        assert cfg.method.norm_type == norm
+        assert args.lr == pytest.approx(lr / 2, rel=1e-12)
+        assert args.lr_warmup_iters == round(0.1 * args.train_iters)
+        assert args.lr_wsd_decay_iters == round(0.1 * args.train_iters)  # the decay is unchanged
+    if name == "7b":
+        gpas = re.search(r'EXTRA_ARGS="(--gpas [^"]*)"', text).group(1)
+        args, cfg, _ = recipe_command(name, tmp_path, gpas)
+        assert cfg.method.gpas and args.clip_gate_grad == 0.01
+
+
 def test_launcher_without_data_gives_one_line(tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("DATA_PATH", "SLURM_JOB_ID")}
     r = subprocess.run(["bash", os.path.join(ROOT, "slurm", "1.3b.sbatch")], capture_output=True, text=True,
