@@ -14,12 +14,15 @@ and the marker happen only after every rank's writer has finished. ProRes values
 
 from __future__ import annotations
 
+import atexit
 import multiprocessing
 import multiprocessing.managers
 import os
 import random
 import shutil
 import signal
+import threading
+import time
 from typing import List, Optional
 
 import numpy
@@ -52,13 +55,11 @@ def model_sharded_state_dict(chunks: List[torch.nn.Module]) -> dict:
 _EXIT_SIGNALS = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
 
 
-def _ignore_exit_signals(parent: int):
-    for sig in _EXIT_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, _EXIT_SIGNALS)  # blocked since its start (below)
-    # deaf to TERM/INT, it would outlive a training process killed with -9 (forever, where no SLURM
-    # job ends it)
-    lifetime.end_with_parent(parent)
+_queue_lock = threading.Lock()
+_starting: list = []  # the manager whose start is under way (its process exists, it does not serve yet)
+# what the writers put on the queue (torch.distributed.checkpoint's WriteResults): the manager
+# imports torch to unpickle them, which paused the first save for seconds, unless it did at start
+_WRITER_RESULTS = ("torch.distributed.checkpoint.filesystem",)
 
 
 def _signal_proof_writer_queue() -> None:
@@ -70,19 +71,63 @@ def _signal_proof_writer_queue() -> None:
     pipe. Started here first, the manager ignores those signals (it still ends with the training).
     It is started with them blocked, which it inherits: a signal that comes while its interpreter
     starts, before it can ignore them, waits instead of killing it (the first save of a job that
-    was told to stop at once failed so). Here they wait too, and are handled once it runs.
+    was told to stop at once failed so). Here they wait too, and are handled once it runs. Deaf to
+    TERM/INT, it ends with the training process (a kill -9 of it included) through
+    ``lifetime.deaf_helper``.
     """
     from megatron.core.dist_checkpointing.strategies import filesystem_async
 
-    if getattr(filesystem_async, "_results_queue", "absent") is None:
-        manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context("spawn"))
-        blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _EXIT_SIGNALS)
+    with _queue_lock:  # started by start_writer_queue's thread, or here by the first save
+        if getattr(filesystem_async, "_results_queue", "absent") is None:
+            manager = multiprocessing.managers.SyncManager(ctx=multiprocessing.get_context("spawn"))
+            blocked = signal.pthread_sigmask(signal.SIG_BLOCK, _EXIT_SIGNALS)
+            _starting.append(manager)
+            try:
+                manager.start(lifetime.deaf_helper, (os.getpid(), _EXIT_SIGNALS, _WRITER_RESULTS))
+            finally:
+                _starting.remove(manager)
+                signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
+            filesystem_async._results_queue = manager.Queue()
+            filesystem_async._prores_manager = manager  # keep it alive with the module
+
+
+def start_writer_queue() -> None:
+    """Start the checkpoint writer's queue manager now, in the background. It is a new interpreter
+    that takes seconds to start, and the first save of every run paused training for it (10-13 s
+    on the H200 machine, 4-5 s on CPU, whatever the model's size). The thread that starts it stays,
+    idle, as long as the process: the manager ends when the thread that started it ends
+    (PR_SET_PDEATHSIG). Should the start fail here, the first save starts it and reports why."""
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    if getattr(filesystem_async, "_results_queue", "absent") is not None:  # running, or not this megatron-core
+        return
+
+    settled = threading.Event()  # the start is over: the manager serves, or it failed
+
+    def run():
         try:
-            manager.start(_ignore_exit_signals, (os.getpid(),))
+            _signal_proof_writer_queue()
+        except Exception:  # noqa: BLE001 - the first save tries again in the main thread
+            return
         finally:
-            signal.pthread_sigmask(signal.SIG_SETMASK, blocked)
-        filesystem_async._results_queue = manager.Queue()
-        filesystem_async._prores_manager = manager  # keep it alive with the module
+            settled.set()
+        threading.Event().wait()
+
+    atexit.register(_end_unfinished_start, settled)  # runs before multiprocessing's own exit hook
+    threading.Thread(target=run, name="checkpoint-writer-queue", daemon=True).start()
+
+
+def _end_unfinished_start(settled: threading.Event, patience: float = 30.0) -> None:
+    """At exit, a manager still starting (a run that ended within seconds, e.g. on a bad flag) is
+    killed: multiprocessing's exit hook would otherwise wait for it forever, since the stop that
+    ends a manager is set up only once its start is complete."""
+    deadline = time.monotonic() + patience
+    while not settled.is_set() and time.monotonic() < deadline:
+        for manager in list(_starting):
+            process = getattr(manager, "_process", None)
+            if process is not None and process.pid is not None:
+                process.kill()
+        settled.wait(0.1)
 
 
 def _save_strategy():

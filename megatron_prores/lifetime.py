@@ -36,6 +36,21 @@ def end_with_parent(parent: int) -> None:
         os._exit(0)
 
 
+def deaf_helper(parent: int, signals, preload=()) -> None:
+    """Initializer of a helper process the training starts (the checkpoint writer's queue manager):
+    it ignores ``signals``, which the training handles (SLURM signals every process of a job), ends
+    with ``parent``, and imports the modules ``preload`` names (what it will unpickle) before it
+    serves. A light module on purpose: a spawned helper imports it first."""
+    import importlib
+
+    for sig in signals:
+        signal.signal(sig, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, signals)  # blocked since its start
+    end_with_parent(parent)
+    for name in preload:
+        importlib.import_module(name)
+
+
 _forker = {"pid": None, "main_thread": False}
 _installed = []
 

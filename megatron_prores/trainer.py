@@ -171,6 +171,10 @@ class Trainer:
                            ("--data-cache-path", a.data_cache_path)):
             if path:
                 _check_writable_dir(flag, path)
+        if a.save:  # its start overlaps the model's build instead of pausing the first save
+            from megatron_prores.checkpointing import start_writer_queue
+
+            start_writer_queue()
 
     def _build_model(self) -> None:
         """Process groups, model chunks (one per virtual pipeline stage) in DDP, optimizer."""

@@ -781,6 +781,113 @@ def test_the_checkpoint_writers_manager_ends_with_a_training_killed_by_sigkill(t
     pytest.fail(f"the manager {manager} outlived the training process killed with -9")
 
 
+def _maps_torch(pid: int) -> bool:
+    with open(f"/proc/{pid}/maps") as f:
+        return "libtorch" in f.read()
+
+
+@pytest.mark.stack  # megatron-core's writer queue (filesystem_async) differs between releases
+def test_the_writers_manager_starts_in_the_background_ready_for_the_first_save(tmp_path):
+    """The first save of every run paused training while megatron-core's queue manager started (a
+    new interpreter) and then, at the first result a writer put on the queue, imported torch to
+    unpickle it: 10-13 s on the H200 machine, 4-5 s on CPU, once per run and rank. Now the driver
+    starts it while the model is built: start_writer_queue returns at once, the manager comes up in
+    the background with torch.distributed.checkpoint already imported (before any result reaches
+    it), stays up after the start (the thread that started it stays), takes a writer's result, and
+    still ends with a training killed with -9."""
+    import signal
+
+    child = subprocess.Popen([sys.executable, "-c", (
+        "import time, threading\n"
+        "from megatron.core.dist_checkpointing.strategies import filesystem_async\n"
+        "from megatron_prores import checkpointing\n"
+        "filesystem_async._results_queue = None\n"
+        "t0 = time.monotonic()\n"
+        "checkpointing.start_writer_queue()\n"
+        "print(f'returned {time.monotonic() - t0:.3f}', flush=True)\n"
+        "while filesystem_async._results_queue is None and time.monotonic() - t0 < 120:\n"
+        "    time.sleep(0.05)\n"
+        "manager = filesystem_async._prores_manager\n"
+        "print('pid', manager._process.pid, flush=True)\n"
+        "input()\n"  # the test looks at the manager before any result reaches it
+        "time.sleep(1.0)\n"
+        "from torch.distributed.checkpoint.metadata import MetadataIndex\n"
+        "from torch.distributed.checkpoint.storage import WriteResult\n"
+        "from torch.distributed.checkpoint.filesystem import _StorageInfo\n"
+        "r = WriteResult(index=MetadataIndex('w'), size_in_bytes=4, storage_data=_StorageInfo('f', 0, 4))\n"
+        "filesystem_async._results_queue.put((0, [r]))\n"
+        "print('got', filesystem_async._results_queue.get()[1][0].size_in_bytes, flush=True)\n"
+        "time.sleep(120)\n")], stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        returned = float(child.stdout.readline().split()[1])
+        assert returned < 0.5, returned  # the manager's start (seconds) is not waited for
+        line = child.stdout.readline()
+        assert line.startswith("pid"), line
+        manager = int(line.split()[1])
+        assert _maps_torch(manager)  # imported at its start, not at the first save's result
+        child.stdin.write("\n")
+        child.stdin.flush()
+        assert child.stdout.readline().split() == ["got", "4"]  # alive after its start, serving
+        os.kill(manager, signal.SIGTERM)  # what SLURM sends every process: ignored
+        time.sleep(0.3)
+        os.kill(manager, 0)
+    finally:
+        child.kill()
+        child.wait()
+    t0 = time.time()
+    while time.time() - t0 < 20:
+        try:
+            with open(f"/proc/{manager}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except FileNotFoundError:
+            return
+        time.sleep(0.1)
+    os.kill(manager, signal.SIGKILL)
+    pytest.fail(f"the manager {manager} outlived the training process killed with -9")
+
+
+def test_a_run_that_ends_while_the_writers_manager_starts_exits_at_once():
+    """A run that ends within seconds of its start (a bad flag, a missing --load) while the manager
+    is still starting: multiprocessing's exit hook waited for that manager forever (the run hung
+    instead of printing its error and exiting); the unfinished start is ended instead."""
+    from tests.conftest import run_tree
+
+    code = ("import os\n"
+            "from megatron.core.dist_checkpointing.strategies import filesystem_async\n"
+            "from megatron_prores import checkpointing\n"
+            "filesystem_async._results_queue = None\n"
+            "checkpointing.start_writer_queue()\n"
+            "raise SystemExit(2)\n")
+    for _ in range(3):  # the exit meets the start at different points of it
+        t0 = time.monotonic()
+        r = run_tree([sys.executable, "-c", code], 120)
+        assert r.returncode == 2 and time.monotonic() - t0 < 60, (r.returncode, r.stderr[-2000:])
+
+
+def test_the_driver_starts_the_writers_manager_before_its_first_save(tmp_path):
+    """A Trainer with --save starts the manager while it builds (it is up before the first step);
+    without --save it starts none."""
+    from megatron_prores import checkpointing
+
+    started = []
+    real = checkpointing.start_writer_queue
+    try:
+        checkpointing.start_writer_queue = lambda: started.append(True)
+        flags = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4", "--seq-length", "16",
+                 "--max-position-embeddings", "16", "--micro-batch-size", "2", "--global-batch-size", "2",
+                 "--vocab-size", "128", "--mock-data", "--lr", "1e-3", "--train-iters", "1", "--eval-iters", "0"]
+        from megatron_prores.arguments import parse_args
+        from megatron_prores.trainer import Trainer
+
+        Trainer(parse_args(flags)).close()
+        assert started == []
+        Trainer(parse_args(flags + ["--save", str(tmp_path / "ckpt")])).close()
+        assert started == [True]
+    finally:
+        checkpointing.start_writer_queue = real
+
+
 def test_more_tasks_than_gpus_on_a_node_is_one_line():
     """Two tasks on one GPU failed in NCCL at the first collective; a task that sees only its own
     GPU (SLURM's --gpus-per-task) takes device 0."""

@@ -127,6 +127,21 @@ def agreement(a: list, b: list, exact: bool) -> dict:
             "held": bool(a) and len(a) == len(b) and first_equal and later_ok}
 
 
+SAVE_PAUSE = re.compile(r"saved checkpoint at iteration (\d+) to \S+ in ([\d.]+)s|"
+                        r"writing checkpoint (\d+) in the background \(training paused ([\d.]+)s\)")
+
+
+def save_pauses(out: str) -> list:
+    """[[iteration, seconds training waited for the save]] of a run's log, in order: the first save
+    of a run used to wait seconds for megatron-core's writer queue to start."""
+    found = []
+    for m in map(SAVE_PAUSE.search, out.splitlines()):
+        if m:
+            it, secs = (m.group(1), m.group(2)) if m.group(1) else (m.group(3), m.group(4))
+            found.append([int(it), float(secs)])
+    return found
+
+
 def last_error(out: str):
     """The driver's one-line error, else the last '...Error: ...' line of a traceback."""
     lines = [l.split("]: ", 1)[-1].strip() for l in out.splitlines()]
@@ -193,9 +208,10 @@ def main(argv=None):
     def done(name, code, out, secs):
         lines = [l for l in out.splitlines() if l.startswith(" iteration ")]
         res["runs"][name] = {"exit": code, "seconds": round(secs, 1), "last_lines": lines[-2:],
-                             "error": last_error(out) if code else None}
-        print(f"{name}: exit {code} in {secs:.0f} s" + (f" ({res['runs'][name]['error']})" if code else ""),
-              flush=True)
+                             "error": last_error(out) if code else None, "save_pauses": save_pauses(out)}
+        pauses = ", ".join(f"{it}: {t:.2f} s" for it, t in res["runs"][name]["save_pauses"])
+        print(f"{name}: exit {code} in {secs:.0f} s" + (f" ({res['runs'][name]['error']})" if code else "")
+              + (f"; training waited for its saves {pauses}" if pauses else ""), flush=True)
         write()
         return code == 0
 
@@ -234,7 +250,8 @@ def main(argv=None):
     t = time.perf_counter()
     killed_after, out = runs.run_and_kill("async (killed)", flags, f"saved checkpoint at iteration {every} ")
     res["runs"]["async_killed"] = {"killed_after_iteration": killed_after, "seconds": round(time.perf_counter() - t, 1),
-                                   "background_write_logged": "in the background" in out}
+                                   "background_write_logged": "in the background" in out,
+                                   "save_pauses": save_pauses(out)}
     write()
     if killed_after is None:
         print(f"async: no step was logged after its checkpoint {every} was complete (not killed); see the log",
