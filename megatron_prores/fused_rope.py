@@ -12,9 +12,11 @@ s = sin(freqs) (megatron's layout: freqs = cat(theta, theta) per position):
     backward: dt1 = dy1 * c1 + dy2 * s2,   dt2 = dy2 * c2 - dy1 * s1  (the transpose)
 
 Each direction is one compiled function (one generated kernel on GPUs, as megatron-core's own
-bias-dropout-add is compiled), called from an autograd.Function that saves only ``freqs``: no
-activation is kept for backward. The math runs in fp32 and rounds once to the input's dtype (TE's
-kernel does the same; megatron's eager path rounds cos, sin and each product to bf16 first). The
+bias-dropout-add is compiled) of the input and the cos and sin tables of ``freqs``, which are
+computed once per angle tensor and shared by every layer (``tables``); the autograd.Function
+saves only those shared tables: no activation is kept for backward. The math runs in fp32 and
+rounds once to the input's dtype (TE's kernel does the same; megatron's eager path rounds cos,
+sin and each product to bf16 first). The
 part of a head beyond ``freqs``' width (``--rotary-percent`` < 1) passes through unchanged.
 Interleaved RoPE is not a layout this model has (megatron-core refuses it with the fusion without
 TE >= 2.3); packed (thd) sequences, MLA and mscale != 1 take megatron-core's eager path before
@@ -28,21 +30,46 @@ import torch
 from megatron_prores.compiled import kernel
 
 
-def _forward(t: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    rot, half = freqs.shape[-1], freqs.shape[-1] // 2
-    w = torch.promote_types(t.dtype, torch.float32)  # fp32 math (fp64 for fp64 tensors)
-    x, f = t[..., :rot].to(w), freqs.to(w)
-    c, s = torch.cos(f), torch.sin(f)
+_tables: dict = {}
+_TABLES_KEPT = 8
+_last = [None]  # (angle tensor, its version, dtype, tables) of the last call
+
+
+def tables(freqs: torch.Tensor, dtype: torch.dtype):
+    """cos and sin of the angles ``freqs`` in ``dtype``, computed once per angle tensor and shared
+    by every call that rotates by it: every layer's queries and keys (megatron-core computes the
+    angles once per sequence length and keeps them). Computing them inside each call cost each
+    element of every query and key a precise cos and sin: on the H200 (2026-11-30) the kernel took
+    about 5x its memory-bound time. The angle tensor is held with its tables, so its memory cannot
+    be reused by other angles under the same key; an in-place change of it (its version) is a new
+    key."""
+    last = _last[0]
+    if last is not None and last[0] is freqs and last[1] == freqs._version and last[2] == dtype:
+        return last[3]  # the same angle tensor as the call before: no key to build (host time)
+    key = (freqs.untyped_storage().data_ptr(), freqs.storage_offset(), tuple(freqs.shape), tuple(freqs.stride()),
+           freqs.dtype, freqs.device, freqs._version, dtype)
+    hit = _tables.get(key)
+    if hit is None:
+        f = freqs.detach().to(dtype)
+        hit = (freqs, (torch.cos(f), torch.sin(f)))
+        while len(_tables) >= _TABLES_KEPT:
+            _tables.pop(next(iter(_tables)))  # the oldest
+        _tables[key] = hit
+    _last[0] = (freqs, freqs._version, dtype, hit[1])
+    return hit[1]
+
+
+def _forward(t: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    rot, half = c.shape[-1], c.shape[-1] // 2
+    x = t[..., :rot].to(c.dtype)  # fp32 math (fp64 for fp64 tensors)
     y = torch.cat((x[..., :half] * c[..., :half] - x[..., half:] * s[..., :half],
                    x[..., half:] * c[..., half:] + x[..., :half] * s[..., half:]), dim=-1).to(t.dtype)
     return y if rot == t.shape[-1] else torch.cat((y, t[..., rot:]), dim=-1)
 
 
-def _backward(g: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    rot, half = freqs.shape[-1], freqs.shape[-1] // 2
-    w = torch.promote_types(g.dtype, torch.float32)
-    d, f = g[..., :rot].to(w), freqs.to(w)
-    c, s = torch.cos(f), torch.sin(f)
+def _backward(g: torch.Tensor, c: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    rot, half = c.shape[-1], c.shape[-1] // 2
+    d = g[..., :rot].to(c.dtype)
     dt = torch.cat((d[..., :half] * c[..., :half] + d[..., half:] * s[..., half:],
                     d[..., half:] * c[..., half:] - d[..., :half] * s[..., :half]), dim=-1).to(g.dtype)
     return dt if rot == g.shape[-1] else torch.cat((dt, g[..., rot:]), dim=-1)
@@ -50,21 +77,22 @@ def _backward(g: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
 
 class _RoPE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, t, freqs, compiled):
+    def forward(ctx, t, c, s, compiled):
         ctx.compiled = compiled
-        ctx.save_for_backward(freqs)
-        return kernel(_forward, compiled)(t, freqs)
+        ctx.save_for_backward(c, s)  # the shared tables: nothing per call
+        return kernel(_forward, compiled)(t, c, s)
 
     @staticmethod
     def backward(ctx, g):
-        (freqs,) = ctx.saved_tensors
-        return kernel(_backward, ctx.compiled)(g, freqs), None, None
+        c, s = ctx.saved_tensors
+        return kernel(_backward, ctx.compiled)(g, c, s), None, None, None
 
 
 def rope(t: torch.Tensor, freqs: torch.Tensor, compiled: bool = True) -> torch.Tensor:
     """RoPE of ``t`` [s, b, heads, dim] by ``freqs`` [s, 1 or b, 1, rot] (fp32 angles, rot <= dim,
     megatron's non-interleaved layout)."""
-    return _RoPE.apply(t, freqs.detach(), compiled)
+    c, s = tables(freqs.detach() if freqs.requires_grad else freqs, torch.promote_types(t.dtype, torch.float32))
+    return _RoPE.apply(t, c, s, compiled)
 
 
 def fused_apply_rotary_pos_emb(t: torch.Tensor, freqs: torch.Tensor, transpose_output_memory: bool = False,

@@ -95,15 +95,40 @@ def test_strided_key_view(compiled):
 
 
 def test_keeps_no_activation_for_backward():
-    """Only the angles are saved (megatron's eager RoPE saves cos and sin casts; this saves freqs)."""
+    """Only the cos and sin tables of the angles are saved, one pair shared by every call with the
+    same angles (every layer's queries and keys): nothing per call (megatron's eager RoPE saves cos
+    and sin casts per call)."""
     from megatron_prores.fused_rope import rope
 
     freqs = angles(D)
-    t = inputs(torch.float32).requires_grad_()
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda x: saved.append(x) or x, lambda x: x):
-        rope(t, freqs, compiled=False)
-    assert len(saved) == 1 and saved[0].data_ptr() == freqs.data_ptr()
+        for seed in (0, 1, 2):  # three "layers"
+            rope(inputs(torch.float32, seed).requires_grad_(), freqs, compiled=False)
+    assert len(saved) == 6 and len({x.untyped_storage().data_ptr() for x in saved}) == 2
+    assert saved[0].shape == freqs.shape and saved[0].dtype == torch.float32
+    torch.testing.assert_close(saved[0], torch.cos(freqs.double()).float(), rtol=0, atol=1e-7)
+    torch.testing.assert_close(saved[1], torch.sin(freqs.double()).float(), rtol=0, atol=1e-7)
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_tables_follow_the_angles(compiled):
+    """The tables are computed once per angle tensor, and never stale: other angles (another
+    theta, another length, a copy at another address), the same angles changed in place, and the
+    tensors' precision each rotate by their own angles (float64 reference)."""
+    from megatron_prores import fused_rope
+    from megatron_prores.fused_rope import rope
+
+    t = inputs(torch.float32)
+    for freqs in (angles(D), angles(D, theta=500.0), angles(D).clone(), angles(D, positions=2 * S)[:S]):
+        torch.testing.assert_close(rope(t, freqs, compiled=compiled).double(), rotation64(t, freqs), rtol=0, atol=2e-6)
+    freqs = angles(D)
+    rope(t, freqs, compiled=compiled)
+    freqs.mul_(0.5)  # in place: the same memory, new angles
+    torch.testing.assert_close(rope(t, freqs, compiled=compiled).double(), rotation64(t, freqs), rtol=0, atol=2e-6)
+    t64 = inputs(torch.float64)  # float64 tables for float64 tensors, beside the float32 ones
+    torch.testing.assert_close(rope(t64, freqs, compiled=compiled), rotation64(t64, freqs), rtol=0, atol=1e-12)
+    assert len(fused_rope._tables) <= fused_rope._TABLES_KEPT
 
 
 @pytest.mark.stack  # megatron-core's RoPE hook and its config check differ between releases

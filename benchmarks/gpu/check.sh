@@ -11,14 +11,16 @@
 #   b. tests/test_gpu.py (Transformer Engine tests skip: TE cannot be brought to the device)
 #   c. driver_resume.py: the driver at ~125M, bf16, ProRes+GPAS; its sync step-20 checkpoint resumed,
 #      and an --async-save run killed with -9 after step 20, resumed; losses vs the uninterrupted run
+#   r. rope.py: megatron-core's eager RoPE against the fused one (shared cos/sin tables since
+#      2026-11-30), forward + backward, 1.3B layout
 #   d. step_time.py at the 1.3B shape (megatron / prores_mid / prores_done / hf; micro batch 8 x 2, hf
 #      4 x 4: the same global batch of 16, hf at micro batch 8 needs ~89 GiB), then the 48x512
 #      shape while the budget lasts (a variant starts only when the time left covers it); the driver
 #      variants print a profile of two steps into the log (torch profiler: kernels and ops) and a
 #      cProfile of two more (the host's time by Python function); each target ratio comes with a 95%
-#      bootstrap interval from the timed steps (run benchmarks/rope.py by hand: it ran on 2026-11-30)
+#      bootstrap interval from the timed steps
 # CHECK_BUDGET (seconds, default 530) bounds the whole command. CHECK_STAGES picks stages (default
-# "env tests driver-resume step-time"); STEP_TIME_ARGS adds step_time.py flags, which override the
+# "env tests driver-resume rope step-time"); STEP_TIME_ARGS adds step_time.py flags, which override the
 # ones above, e.g. a check spent on one ratio, once the other stages have passed on a GPU:
 #   CHECK_STAGES="env step-time" STEP_TIME_ARGS="--shapes 1.3b --variants megatron prores_done --rounds 4"
 set -uo pipefail
@@ -48,10 +50,10 @@ else
     toy=(); shapes=(1.3b 48x512); st=(--micro-batch-size 8 --accumulation 2 --hf-micro-batch-size 4 --steps 20 --warmup 3)
     python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null || { say "error: no CUDA device here (TOY=1 for a CPU rehearsal)"; exit 1; }
 fi
-stages=${CHECK_STAGES:-env tests driver-resume step-time}
+stages=${CHECK_STAGES:-env tests driver-resume rope step-time}
 for name in $stages; do
-    [[ " env tests driver-resume step-time " == *" $name "* ]] \
-        || { say "error: CHECK_STAGES holds '$name'; the stages are: env tests driver-resume step-time"; exit 1; }
+    [[ " env tests driver-resume rope step-time " == *" $name "* ]] \
+        || { say "error: CHECK_STAGES holds '$name'; the stages are: env tests driver-resume rope step-time"; exit 1; }
 done
 status=0
 stage() {  # stage NAME SECONDS CMD...: run with a time limit, keep going whatever it returns
@@ -69,6 +71,7 @@ stage() {  # stage NAME SECONDS CMD...: run with a time limit, keep going whatev
 stage env 60 python3 benchmarks/gpu/env_probe.py --out "$out" "${toy[@]}"
 stage tests 200 python3 -m pytest -q -p no:cacheprovider -rs tests/test_gpu.py --junitxml="$out/gpu-tests.xml"
 stage driver-resume 200 python3 benchmarks/gpu/driver_resume.py --out "$out" "${toy[@]}"
+stage rope 60 python3 benchmarks/rope.py --out /tmp/rope-results  # its table goes to check.log
 export STEP_TIME_PROFILE=1
 stage step-time 600 python3 benchmarks/step_time.py --out "$out" --budget $(( $(left) - 15 )) \
     --shapes "${shapes[@]}" "${st[@]}" ${STEP_TIME_ARGS:-}
