@@ -765,16 +765,21 @@ def test_the_checkpoint_writers_manager_ends_with_a_training_killed_by_sigkill(t
     finally:
         child.kill()
         child.wait()
-    def gone():  # ended (a zombie whose new parent has not reaped it yet counts as ended)
-        try:
-            with open(f"/proc/{manager}/stat") as f:
-                return f.read().rsplit(")", 1)[1].split()[0] == "Z"
-        except FileNotFoundError:
-            return True
+    _assert_ends(manager)
+
+
+def _assert_ends(manager: int, within: float = 20.0) -> None:
+    """The writer's manager ``manager`` ends within seconds of its training's kill -9 (a zombie
+    whose new parent has not reaped it yet counts as ended)."""
+    import signal
 
     t0 = time.time()
-    while time.time() - t0 < 20:
-        if gone():
+    while time.time() - t0 < within:
+        try:
+            with open(f"/proc/{manager}/stat") as f:
+                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
+                    return
+        except FileNotFoundError:
             return
         time.sleep(0.1)
     os.kill(manager, signal.SIGKILL)
@@ -834,17 +839,7 @@ def test_the_writers_manager_starts_in_the_background_ready_for_the_first_save(t
     finally:
         child.kill()
         child.wait()
-    t0 = time.time()
-    while time.time() - t0 < 20:
-        try:
-            with open(f"/proc/{manager}/stat") as f:
-                if f.read().rsplit(")", 1)[1].split()[0] == "Z":
-                    return
-        except FileNotFoundError:
-            return
-        time.sleep(0.1)
-    os.kill(manager, signal.SIGKILL)
-    pytest.fail(f"the manager {manager} outlived the training process killed with -9")
+    _assert_ends(manager)
 
 
 def test_a_run_that_ends_while_the_writers_manager_starts_exits_at_once():
