@@ -42,19 +42,23 @@ def tables(freqs: torch.Tensor, dtype: torch.dtype):
     element of every query and key a precise cos and sin: on the H200 (2026-11-30) the kernel took
     about 5x its memory-bound time. The angle tensor is held with its tables, so its memory cannot
     be reused by other angles under the same key; an in-place change of it (its version) is a new
-    key."""
+    key. An inference tensor (made under torch.inference_mode) has no version counter: its tables
+    are computed per call, not kept."""
+    if freqs.is_inference():
+        f = freqs.to(dtype)
+        return torch.cos(f), torch.sin(f)
     last = _last[0]
     if last is not None and last[0] is freqs and last[1] == freqs._version and last[2] == dtype:
         return last[3]  # the same angle tensor as the call before: no key to build (host time)
     key = (freqs.untyped_storage().data_ptr(), freqs.storage_offset(), tuple(freqs.shape), tuple(freqs.stride()),
            freqs.dtype, freqs.device, freqs._version, dtype)
-    hit = _tables.get(key)
+    hit = _tables.pop(key, None)  # put back last: the least recently used goes first
     if hit is None:
         f = freqs.detach().to(dtype)
         hit = (freqs, (torch.cos(f), torch.sin(f)))
         while len(_tables) >= _TABLES_KEPT:
-            _tables.pop(next(iter(_tables)))  # the oldest
-        _tables[key] = hit
+            _tables.pop(next(iter(_tables)))  # the least recently used
+    _tables[key] = hit
     _last[0] = (freqs, freqs._version, dtype, hit[1])
     return hit[1]
 

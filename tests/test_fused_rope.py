@@ -131,6 +131,40 @@ def test_tables_follow_the_angles(compiled):
     assert len(fused_rope._tables) <= fused_rope._TABLES_KEPT
 
 
+def test_tables_keep_the_angles_in_use():
+    """At most _TABLES_KEPT pairs are kept, the least recently used going first: angles used again
+    (a model chunk's cached angles, between others made per forward) stay."""
+    from megatron_prores import fused_rope
+
+    fused_rope._tables.clear()
+    kept = fused_rope._TABLES_KEPT
+    many = [angles(D, theta=100.0 + i) for i in range(kept + 1)]
+    first = fused_rope.tables(many[0], torch.float32)
+    for f in many[1:kept]:
+        fused_rope.tables(f, torch.float32)
+    assert fused_rope.tables(many[0], torch.float32) is first  # used again: now the most recent
+    fused_rope.tables(many[kept], torch.float32)  # one more: the least recently used (many[1]) goes
+    held = [h for h, _ in fused_rope._tables.values()]
+    assert len(held) == kept and any(h is many[0] for h in held) and not any(h is many[1] for h in held)
+
+
+def test_inference_mode_angles():
+    """Under torch.inference_mode (megatron-core's inference engines generate under it), the angles
+    megatron-core computes there are inference tensors, which have no version counter: reading it
+    raised RuntimeError at the first layer. They rotate by their own angles every time (an inference
+    tensor can change in place without a trace, so its tables are not kept)."""
+    from megatron_prores import fused_rope
+    from megatron_prores.fused_rope import rope
+
+    t = inputs(torch.float32)
+    with torch.inference_mode():
+        freqs = angles(D)
+        torch.testing.assert_close(rope(t, freqs, compiled=False).double(), rotation64(t, freqs), rtol=0, atol=2e-6)
+        freqs.mul_(0.5)  # in place, untracked
+        torch.testing.assert_close(rope(t, freqs, compiled=False).double(), rotation64(t, freqs), rtol=0, atol=2e-6)
+    assert not any(held.is_inference() for held, _ in fused_rope._tables.values())
+
+
 @pytest.mark.stack  # megatron-core's RoPE hook and its config check differ between releases
 def test_megatron_core_layers_route_to_it(single_process, monkeypatch):
     """With apply_rope_fusion on (as on GPUs), megatron-core's attention calls the installed fused
