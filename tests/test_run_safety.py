@@ -747,7 +747,6 @@ def test_the_checkpoint_writers_manager_survives_exit_signals_while_it_starts(mo
 def test_the_checkpoint_writers_manager_ends_with_a_training_killed_by_sigkill(tmp_path):
     """The manager ignores TERM/INT/USR1: after a kill -9 of the training it lived on (forever where
     no SLURM job ends it), one per rank and kill."""
-    import signal
 
     child = subprocess.Popen([sys.executable, "-c", (
         "import time\n"
@@ -759,13 +758,20 @@ def test_the_checkpoint_writers_manager_ends_with_a_training_killed_by_sigkill(t
         "time.sleep(120)\n")], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         manager = int(child.stdout.readline())
-        os.kill(manager, signal.SIGTERM)  # what SLURM sends every process: ignored
-        time.sleep(0.5)
-        os.kill(manager, 0)
+        _assert_ignores_term(manager)
     finally:
         child.kill()
         child.wait()
     _assert_ends(manager)
+
+
+def _assert_ignores_term(manager: int) -> None:
+    """The writer's manager lives on after SIGTERM, what SLURM sends every process of a job."""
+    import signal
+
+    os.kill(manager, signal.SIGTERM)
+    time.sleep(0.5)
+    os.kill(manager, 0)  # ProcessLookupError if it died
 
 
 def _assert_ends(manager: int, within: float = 20.0) -> None:
@@ -800,7 +806,6 @@ def test_the_writers_manager_starts_in_the_background_ready_for_the_first_save(t
     the background with torch.distributed.checkpoint already imported (before any result reaches
     it), stays up after the start (the thread that started it stays), takes a writer's result, and
     still ends with a training killed with -9."""
-    import signal
 
     child = subprocess.Popen([sys.executable, "-c", (
         "import time, threading\n"
@@ -833,9 +838,7 @@ def test_the_writers_manager_starts_in_the_background_ready_for_the_first_save(t
         child.stdin.write("\n")
         child.stdin.flush()
         assert child.stdout.readline().split() == ["got", "4"]  # alive after its start, serving
-        os.kill(manager, signal.SIGTERM)  # what SLURM sends every process: ignored
-        time.sleep(0.3)
-        os.kill(manager, 0)
+        _assert_ignores_term(manager)
     finally:
         child.kill()
         child.wait()
